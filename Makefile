@@ -1,0 +1,46 @@
+# medseg: `make train` trains the default UNet; `make test` runs the test suite. `make help` lists all.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+MODEL ?= unet
+DATA ?= synthetic
+ARGS ?=
+PYTEST_ARGS ?=
+CONFIGS := -c configs/default.yaml -c configs/model/$(MODEL).yaml -c configs/data/$(DATA).yaml
+PIP_QUIET := --quiet --disable-pip-version-check
+
+.DEFAULT_GOAL := help
+.PHONY: help install data train test test-slow lint clean
+
+help: ## list the targets
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install $(PIP_QUIET) --upgrade pip
+	$(BIN)/pip install $(PIP_QUIET) -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.installed ## create .venv and install medseg with its dev tools (once)
+
+data/synthetic/classes.json: | $(VENV)/.installed
+	$(BIN)/medseg data synth --output data/synthetic
+
+data: data/synthetic/classes.json ## generate the default phantom data set in data/synthetic
+
+train: install data ## train MODEL (configs/model/*.yaml) on DATA (configs/data/*.yaml); ARGS= adds CLI flags
+	$(BIN)/medseg fit $(CONFIGS) $(ARGS)
+
+test: install ## run the test suite (CPU, a few minutes)
+	$(BIN)/pytest -q $(PYTEST_ARGS)
+
+test-slow: install ## run only the slow checks
+	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
+
+lint: install ## check style with ruff
+	$(BIN)/ruff check pipeline tests benchmarks
+	$(BIN)/ruff format --check pipeline tests benchmarks
+
+clean: ## remove generated data, runs and caches (keeps .venv)
+	rm -rf data/synthetic runs .pytest_cache .ruff_cache
