@@ -1,0 +1,183 @@
+"""Building blocks shared by every network: conv-norm-act units, plain and residual blocks,
+and one factory each for activation, normalisation and weight initialisation.
+
+Every factory takes a lower-case name and raises a ``ValueError`` listing the valid names, so a
+typo in a YAML config fails at construction with a message that says how to fix it.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+from torch import Tensor, nn
+
+ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
+    "relu": lambda: nn.ReLU(inplace=True),
+    "leaky_relu": lambda: nn.LeakyReLU(0.01, inplace=True),
+    "elu": lambda: nn.ELU(inplace=True),
+    "gelu": nn.GELU,
+    "sigmoid": nn.Sigmoid,
+    "tanh": nn.Tanh,
+}
+NORMS = ("batch", "instance", "group", "none")
+INITS = ("kaiming", "xavier", "default")
+BLOCKS = ("plain", "residual")
+
+
+def _check(kind: str, name: str, valid: tuple[str, ...] | list[str]) -> None:
+    if name not in valid:
+        raise ValueError(f"unknown {kind} {name!r}; valid: {', '.join(valid)}")
+
+
+def make_act(name: str) -> nn.Module:
+    """Activation module by name (one of ``ACTIVATIONS``)."""
+    _check("activation", name, list(ACTIVATIONS))
+    return ACTIVATIONS[name]()
+
+
+def make_norm(name: str | None, channels: int) -> nn.Module:
+    """Normalisation over ``channels`` feature maps: batch, instance (affine), group or none.
+
+    Group norm uses 8 groups, or the largest divisor of ``channels`` below 8.
+    """
+    name = "none" if name is None else name
+    _check("norm", name, NORMS)
+    if name == "batch":
+        return nn.BatchNorm2d(channels)
+    if name == "instance":
+        return nn.InstanceNorm2d(channels, affine=True)
+    if name == "group":
+        groups = max(g for g in range(1, 9) if channels % g == 0)
+        return nn.GroupNorm(groups, channels)
+    return nn.Identity()
+
+
+def check_names(norm: str | None, act: str, init: str, block: str = "plain") -> None:
+    """Validate the knob names of a network before anything is built."""
+    _check("norm", "none" if norm is None else norm, NORMS)
+    _check("activation", act, list(ACTIVATIONS))
+    _check("init", init, INITS)
+    _check("block", block, BLOCKS)
+
+
+def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
+    """Initialise every conv and linear weight under ``module`` in place.
+
+    Args:
+        module: the modules to initialise (recursively).
+        scheme: ``kaiming`` (He et al. 2015, normal, fan-in, std = sqrt(2 / fan_in) for ReLU;
+            the leaky-ReLU gain for ``leaky_relu``), ``xavier`` (Glorot & Bengio 2010, normal,
+            std = sqrt(2 / (fan_in + fan_out))) or ``default`` (PyTorch's own, left untouched).
+        act: the network's activation, which picks the He gain.
+
+    Biases are zeroed; normalisation layers start as the identity (weight 1, bias 0).
+    """
+    _check("init", scheme, INITS)
+    if scheme == "default":
+        return
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+            if scheme == "kaiming":
+                slope = 0.01 if act == "leaky_relu" else 0.0
+                nonlinearity = "leaky_relu" if act == "leaky_relu" else "relu"
+                nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
+            else:
+                nn.init.xavier_normal_(m.weight, gain=1.0)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)) and m.weight is not None:
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+def expected_std(weight_shape: tuple[int, ...], scheme: str, transposed: bool = False) -> float:
+    """The standard deviation ``init_weights`` targets for a conv weight of this shape (ReLU gain)."""
+    receptive = math.prod(weight_shape[2:])
+    fan_in = weight_shape[1] * receptive
+    fan_out = weight_shape[0] * receptive
+    if transposed:  # ConvTranspose2d weights are (in, out, kh, kw)
+        fan_in, fan_out = fan_out, fan_in
+    if scheme == "kaiming":
+        return math.sqrt(2.0 / fan_in)
+    if scheme == "xavier":
+        return math.sqrt(2.0 / (fan_in + fan_out))
+    raise ValueError(f"no closed-form std for init {scheme!r}")
+
+
+class ConvNormAct(nn.Sequential):
+    """Conv2d -> norm -> activation (-> dropout): the unit the gradient monitor calls a layer.
+
+    Shapes: (B, in_channels, H, W) -> (B, out_channels, H', W') with H' = ceil(H / stride) for
+    odd kernels. The conv has no bias when a norm follows (the norm's shift replaces it).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int = 3,
+        stride: int = 1,
+        norm: str | None = "batch",
+        act: str | None = "relu",
+        dropout: float = 0.0,
+    ) -> None:
+        has_norm = norm not in (None, "none")
+        layers: dict[str, nn.Module] = {
+            "conv": nn.Conv2d(
+                in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=not has_norm
+            )
+        }
+        if has_norm:
+            layers["norm"] = make_norm(norm, out_channels)
+        if act is not None:
+            layers["act"] = make_act(act)
+        if dropout > 0:
+            layers["drop"] = nn.Dropout2d(dropout)
+        super().__init__()
+        for name, layer in layers.items():
+            self.add_module(name, layer)
+
+
+class PlainBlock(nn.Sequential):
+    """Two 3x3 conv-norm-act units, as in the original U-Net. (B,Cin,H,W) -> (B,Cout,H,W)."""
+
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str | None, act: str, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.conv1 = ConvNormAct(in_channels, out_channels, norm=norm, act=act, dropout=dropout)
+        self.conv2 = ConvNormAct(out_channels, out_channels, norm=norm, act=act)
+
+
+class ResidualBlock(nn.Module):
+    """Two 3x3 conv-norm units with an identity short skip (He et al. 2016), act after the sum.
+
+    A 1x1 conv-norm projection replaces the identity where the channel count changes.
+    (B,Cin,H,W) -> (B,Cout,H,W).
+    """
+
+    def __init__(
+        self, in_channels: int, out_channels: int, norm: str | None, act: str, dropout: float = 0.0
+    ) -> None:
+        super().__init__()
+        self.conv1 = ConvNormAct(in_channels, out_channels, norm=norm, act=act, dropout=dropout)
+        self.conv2 = ConvNormAct(out_channels, out_channels, norm=norm, act=None)
+        self.shortcut = (
+            nn.Identity()
+            if in_channels == out_channels
+            else ConvNormAct(in_channels, out_channels, kernel_size=1, norm=norm, act=None)
+        )
+        self.act = make_act(act)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.act(self.conv2(self.conv1(x)) + self.shortcut(x))
+
+
+def make_block(
+    kind: str, in_channels: int, out_channels: int, norm: str | None, act: str, dropout: float = 0.0
+) -> nn.Module:
+    """A ``plain`` or ``residual`` block; see ``PlainBlock`` and ``ResidualBlock``."""
+    _check("block", kind, BLOCKS)
+    cls = PlainBlock if kind == "plain" else ResidualBlock
+    return cls(in_channels, out_channels, norm=norm, act=act, dropout=dropout)
