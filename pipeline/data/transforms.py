@@ -1,0 +1,108 @@
+"""Albumentations pipelines built from the data config (the project's only albumentations import).
+
+Geometric transforms (flips, rotation, scaling, elastic, cropping) go through one ``A.Compose``
+called as ``t(image=..., mask=...)``, so the mask moves with the image (nearest-neighbour for the
+mask). Intensity transforms touch the image only and expect the [0, 1] range that
+``pipeline.data.normalization.to_unit`` produces.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at import
+
+import albumentations as A
+import cv2
+
+
+@dataclass(frozen=True)
+class Augmentation:
+    """Training augmentation settings; each ``*_p`` is the probability of that transform.
+
+    Args:
+        enabled: False turns all training augmentation off (cropping to ``patch_size`` stays).
+        flip_p: probability of each of the horizontal and the vertical flip.
+        affine_p: probability of a random rotation + isotropic scaling.
+        rotate_limit: rotation range +-degrees.
+        scale_range: scaling factor range (zoom out < 1 < zoom in).
+        elastic_p, elastic_alpha, elastic_sigma: elastic deformation (displacement scale in px,
+            smoothing sigma in px).
+        brightness_contrast_p, brightness_limit, contrast_limit: additive brightness and
+            multiplicative contrast change, as fractions of the [0, 1] range.
+        gamma_p, gamma_range: gamma correction x**g, g drawn from ``gamma_range``.
+        noise_p, noise_std: additive Gaussian noise, std drawn from ``noise_std`` (unit range).
+    """
+
+    enabled: bool = True
+    flip_p: float = 0.5
+    affine_p: float = 0.5
+    rotate_limit: float = 20.0
+    scale_range: tuple[float, float] = (0.85, 1.2)
+    elastic_p: float = 0.2
+    elastic_alpha: float = 30.0
+    elastic_sigma: float = 5.0
+    brightness_contrast_p: float = 0.3
+    brightness_limit: float = 0.15
+    contrast_limit: float = 0.15
+    gamma_p: float = 0.3
+    gamma_range: tuple[float, float] = (0.75, 1.33)
+    noise_p: float = 0.2
+    noise_std: tuple[float, float] = (0.01, 0.04)
+
+    def __post_init__(self) -> None:
+        for name, value in vars(self).items():
+            if name.endswith("_p") and not 0.0 <= value <= 1.0:
+                raise ValueError(f"augmentation.{name} is a probability in [0, 1], got {value}")
+
+
+def _crop(patch_size: tuple[int, int] | None) -> list[A.BasicTransform]:
+    if patch_size is None:
+        return []
+    h, w = patch_size
+    return [
+        A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
+        A.RandomCrop(height=h, width=w),
+    ]
+
+
+def build_train_transform(aug: Augmentation, patch_size: tuple[int, int] | None = None) -> A.Compose:
+    """Random geometric and intensity transforms, then a random ``patch_size`` crop if given.
+
+    Input/output: image (H, W, C) float32 in [0, 1], mask (H, W) uint8.
+    """
+    if not aug.enabled:
+        return A.Compose(_crop(patch_size))
+    geometric = [
+        A.HorizontalFlip(p=aug.flip_p),
+        A.VerticalFlip(p=aug.flip_p),
+        A.Affine(
+            rotate=(-aug.rotate_limit, aug.rotate_limit),
+            scale=aug.scale_range,
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=aug.affine_p,
+        ),
+        A.ElasticTransform(
+            alpha=aug.elastic_alpha,
+            sigma=aug.elastic_sigma,
+            border_mode=cv2.BORDER_REFLECT_101,
+            p=aug.elastic_p,
+        ),
+    ]
+    intensity = [
+        # gamma first: it needs non-negative input, which brightness and noise do not keep
+        A.RandomGamma(gamma_limit=(aug.gamma_range[0] * 100, aug.gamma_range[1] * 100), p=aug.gamma_p),
+        A.RandomBrightnessContrast(
+            brightness_limit=aug.brightness_limit,
+            contrast_limit=aug.contrast_limit,
+            p=aug.brightness_contrast_p,
+        ),
+        A.GaussNoise(std_range=aug.noise_std, p=aug.noise_p),
+    ]
+    return A.Compose([*geometric, *_crop(patch_size), *intensity])
+
+
+def build_eval_transform() -> A.Compose:
+    """Evaluation sees whole images, unchanged."""
+    return A.Compose([])
