@@ -1,0 +1,142 @@
+"""The ``medseg`` command.
+
+Training and evaluation are LightningCLI subcommands (configs compose left to right, the last wins)::
+
+    medseg fit -c configs/default.yaml -c configs/model/unet.yaml -c configs/data/synthetic.yaml
+    medseg validate -c <run>/config.yaml --ckpt_path <run>/checkpoints/best.ckpt
+    medseg fit ... --print_config          # the full config, to start a new file
+
+Other subcommands: ``medseg data synth`` (the default phantom data set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from pipeline.data.datamodule import SegmentationDataModule
+from pipeline.data.io import DataError
+from pipeline.module import SegmentationModule
+from pipeline.tracking import RunConfig, RunSummary, build_loggers, knob_tags, variant_name
+
+log = logging.getLogger("pipeline")
+
+
+def flatten(config: dict, prefix: str = "") -> dict:
+    """Nested dict -> ``{"a.b.c": value}``."""
+    flat = {}
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{name}."))
+        else:
+            flat[name] = value
+    return flat
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` to the run directory and the flat config to every logger."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        config = flatten(self.config.as_dict())
+        for logger in trainer.loggers:
+            logger.log_hyperparams(config)
+
+
+class MedsegCLI(LightningCLI):
+    """LightningCLI that names the run, creates its directory and sets up loggers and precision."""
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_class_arguments(RunConfig, "run")
+        parser.link_arguments("data.in_channels", "model.net.init_args.in_channels", apply_on="instantiate")
+        parser.link_arguments("data.num_classes", "model.net.init_args.out_channels", apply_on="instantiate")
+        parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
+        parser.link_arguments("data.patch_size", "model.patch_size")
+
+    def instantiate_trainer(self, **kwargs) -> object:
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        run: RunConfig = config["run"]
+        seed = config.get("seed_everything")
+        knobs = getattr(self.model.net, "knobs", {})
+        name = run.name or f"{variant_name(knobs)}-s{seed}"
+        run_dir = Path(run.root) / run.experiment / name
+        trainer_config = config["trainer"]
+        if trainer_config.get("precision") is None:
+            kwargs["precision"] = self._default_precision(trainer_config.get("accelerator"))
+        kwargs["default_root_dir"] = str(run_dir)
+        callbacks = list(trainer_config.get("callbacks") or [])
+        if trainer_config.get("enable_progress_bar") is not False and not any(
+            isinstance(c, ProgressBar) for c in callbacks
+        ):
+            callbacks.append(RichProgressBar())
+        if self.subcommand == "fit":
+            run_dir.mkdir(parents=True, exist_ok=True)
+            if trainer_config.get("logger") is not False:
+                kwargs["logger"] = build_loggers(run_dir, run, name, knob_tags(knobs))
+            for callback in callbacks:
+                if isinstance(callback, ModelCheckpoint):
+                    callback.dirpath = str(run_dir / "checkpoints")
+            callbacks.append(RunSummary(run_dir, name, run.experiment, seed))
+        kwargs["callbacks"] = callbacks
+        params = sum(p.numel() for p in self.model.parameters())
+        log.info("run %s -> %s (%s parameters, %s)", name, run_dir, f"{params:,}", knobs)
+        return super().instantiate_trainer(**kwargs)
+
+    @staticmethod
+    def _default_precision(accelerator: str | None) -> str:
+        """bf16 mixed precision on a CUDA GPU that supports it, fp16 mixed on older GPUs, fp32 on CPU."""
+        if accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
+            return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+        return "32-true"
+
+
+def run_lightning(args: Sequence[str] | None) -> None:
+    """Run a LightningCLI subcommand; ``args`` None reads ``sys.argv``."""
+    MedsegCLI(
+        SegmentationModule,
+        SegmentationDataModule,
+        save_config_callback=SaveAndLogConfig,
+        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+        seed_everything_default=0,
+        args=None if args is None else list(args),
+        auto_configure_optimizers=False,
+    )
+
+
+def data_command(args: Sequence[str]) -> None:
+    parser = argparse.ArgumentParser(prog="medseg data", description="Data set tools.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    synth = sub.add_parser("synth", help="generate the procedural phantom data set")
+    synth.add_argument("--output", default="data/synthetic", help="output folder (default: %(default)s)")
+    synth.add_argument("--num-images", type=int, default=240, help="number of images (default: %(default)s)")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    opts = parser.parse_args(args)
+    if opts.action == "synth":
+        from pipeline.data.synthetic import generate_dataset
+
+        out = generate_dataset(opts.output, opts.num_images, opts.size, opts.seed)
+        print(f"wrote {opts.num_images} phantoms ({opts.size}x{opts.size}) to {out}")
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": data_command}
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    words = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        if words and words[0] in COMMANDS:
+            COMMANDS[words[0]](words[1:])
+        else:
+            run_lightning(None if argv is None else words)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)

@@ -1,0 +1,126 @@
+"""Per-class segmentation metrics, accumulated per image and synchronised across processes.
+
+For every image and class the metric keeps the confusion counts (TP, FP, FN, TN) and, optionally,
+the 95th-percentile Hausdorff distance (MONAI's ``compute_hausdorff_distance``, in pixels).
+From those: Dice, IoU, precision, recall (sensitivity), specificity and accuracy.
+
+How empty images count (the convention of MONAI's ``ignore_empty=True`` and of nnU-Net):
+- Dice, IoU, recall and HD95 are undefined for an image whose ground truth lacks the class; that
+  image is left out of the class's mean. A false positive there still lowers precision and
+  specificity.
+- Precision is undefined (left out) where the prediction lacks the class.
+- A class mean over no defined images is NaN; the foreground mean (``dice``, ``iou``, ...) is the
+  mean over foreground classes with a defined value.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+
+import torch
+from monai.metrics import compute_hausdorff_distance
+from torch import Tensor
+from torchmetrics import Metric
+
+METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
+
+
+def confusion_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """(B, H, W) label maps -> (B, C, C) counts, rows = ground truth, columns = prediction."""
+    b = pred.shape[0]
+    idx = target.reshape(b, -1).long() * num_classes + pred.reshape(b, -1).long()
+    offset = torch.arange(b, device=pred.device)[:, None] * num_classes**2
+    counts = torch.bincount((idx + offset).reshape(-1), minlength=b * num_classes**2)
+    return counts.reshape(b, num_classes, num_classes)
+
+
+def scores_from_confusion(confusion: Tensor) -> dict[str, Tensor]:
+    """(N, C, C) confusion -> per-image, per-class scores, each (N, C) float64 with NaN where undefined."""
+    confusion = confusion.double()
+    tp = confusion.diagonal(dim1=1, dim2=2)
+    gt = confusion.sum(dim=2)
+    pr = confusion.sum(dim=1)
+    total = confusion.sum(dim=(1, 2))[:, None]
+    fp, fn = pr - tp, gt - tp
+    tn = total - tp - fp - fn
+    nan = torch.tensor(float("nan"), dtype=torch.float64, device=confusion.device)
+
+    def ratio(num: Tensor, den: Tensor, defined: Tensor) -> Tensor:
+        return torch.where(defined, num / den.clamp_min(1), nan)
+
+    has_gt = gt > 0
+    return {
+        "dice": ratio(2 * tp, 2 * tp + fp + fn, has_gt),
+        "iou": ratio(tp, tp + fp + fn, has_gt),
+        "precision": ratio(tp, tp + fp, pr > 0),
+        "recall": ratio(tp, gt, has_gt),
+        "specificity": ratio(tn, tn + fp, (tn + fp) > 0),
+        "accuracy": ratio(tp + tn, total.expand_as(tp), total > 0),
+    }
+
+
+def hd95_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
+    """(B, H, W) label maps -> (B, C) HD95 in pixels; NaN where either mask lacks the class."""
+    onehot_pred = torch.nn.functional.one_hot(pred.long(), num_classes).movedim(-1, 1)
+    onehot_gt = torch.nn.functional.one_hot(target.long(), num_classes).movedim(-1, 1)
+    with warnings.catch_warnings():  # MONAI warns for every empty mask; those become NaN below
+        warnings.simplefilter("ignore")
+        hd = compute_hausdorff_distance(onehot_pred, onehot_gt, include_background=True, percentile=95)
+    present = (onehot_pred.flatten(2).any(-1)) & (onehot_gt.flatten(2).any(-1))
+    return torch.where(present, hd.to(torch.float64), torch.nan)
+
+
+def nanmean(x: Tensor, dim: int | None = None) -> Tensor:
+    """Mean ignoring NaN; NaN where nothing is defined."""
+    return x.nanmean() if dim is None else x.nanmean(dim=dim)
+
+
+class SegmentationMetrics(Metric):
+    """Dice, IoU, precision, recall, specificity, accuracy and HD95 per class and foreground mean.
+
+    Args:
+        class_names: names in index order, background first.
+        hd95: also compute the 95th-percentile Hausdorff distance (CPU cost: distance transforms).
+
+    ``compute()`` returns ``{"dice": ..., "dice_<class>": ..., "iou": ..., ...}`` as 0-d tensors;
+    the unsuffixed keys are means over foreground classes.
+    """
+
+    full_state_update = False
+
+    def __init__(self, class_names: Sequence[str], hd95: bool = True) -> None:
+        super().__init__()
+        self.class_names = list(class_names)
+        self.num_classes = len(self.class_names)
+        self.hd95 = hd95
+        self.add_state("confusion", default=[], dist_reduce_fx="cat")
+        self.add_state("hausdorff", default=[], dist_reduce_fx="cat")
+
+    def update(self, pred: Tensor, target: Tensor) -> None:
+        """``pred``, ``target``: (B, H, W) class indices."""
+        self.confusion.append(confusion_per_image(pred, target, self.num_classes))
+        if self.hd95:
+            self.hausdorff.append(hd95_per_image(pred.cpu(), target.cpu(), self.num_classes).to(pred.device))
+
+    def per_image(self) -> dict[str, Tensor]:
+        """Per-image, per-class scores: each (N, C)."""
+        confusion = torch.cat(self.confusion) if isinstance(self.confusion, list) else self.confusion
+        scores = scores_from_confusion(confusion)
+        if self.hd95:
+            scores["hd95"] = torch.cat(self.hausdorff) if isinstance(self.hausdorff, list) else self.hausdorff
+        return scores
+
+    def total_confusion(self) -> Tensor:
+        """(C, C) counts over all images, rows = ground truth."""
+        confusion = torch.cat(self.confusion) if isinstance(self.confusion, list) else self.confusion
+        return confusion.sum(0)
+
+    def compute(self) -> dict[str, Tensor]:
+        out: dict[str, Tensor] = {}
+        for name, values in self.per_image().items():
+            per_class = nanmean(values, dim=0)
+            out[name] = nanmean(per_class[1:])
+            for c, class_name in enumerate(self.class_names[1:], start=1):
+                out[f"{name}_{class_name}"] = per_class[c]
+        return {k: v.float() for k, v in out.items()}

@@ -1,0 +1,170 @@
+"""SegmentationModule: an injected network and loss, metrics per stage, AdamW + warmup-cosine."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import pytorch_lightning as pl
+import torch
+from monai.inferers import sliding_window_inference
+from monai.losses import DiceCELoss
+from torch import Tensor, nn
+from torchmetrics import MaxMetric
+
+from pipeline.metrics import SegmentationMetrics
+from pipeline.models import net_spec
+
+CHECKPOINT_KEY = "medseg"
+
+
+class SegmentationModule(pl.LightningModule):
+    """Trains any network mapping (B, C_in, H, W) images to (B, num_classes, H, W) logits.
+
+    Args:
+        net: the network (``pipeline.models``), built from the config and injected.
+        loss: a loss on (logits, mask (B, 1, H, W)); default Dice + cross-entropy (MONAI's
+            ``DiceCELoss``, background excluded from the Dice term, batch Dice).
+        class_names: class names, background first (linked from the data module).
+        lr: peak learning rate of AdamW.
+        weight_decay: AdamW weight decay.
+        warmup_epochs: linear warm-up length (fractions allowed); cosine decay to
+            ``lr * min_lr_ratio`` afterwards, stepped every optimiser step.
+        min_lr_ratio: final learning rate as a fraction of ``lr``.
+        patch_size: training patch (H, W) (linked from the data module); larger validation and
+            test images go through Gaussian-weighted sliding-window inference with this window.
+        sw_overlap: sliding-window overlap fraction.
+        hd95: compute HD95 in validation and test (CPU cost: distance transforms).
+        channels_last: use the channels-last memory format on CUDA (faster convolutions).
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        loss: nn.Module | None = None,
+        class_names: Sequence[str] = ("background", "foreground"),
+        lr: float = 1e-3,
+        weight_decay: float = 1e-4,
+        warmup_epochs: float = 1.0,
+        min_lr_ratio: float = 0.01,
+        patch_size: tuple[int, int] | None = None,
+        sw_overlap: float = 0.5,
+        hd95: bool = True,
+        channels_last: bool = True,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters(ignore=["net", "loss"])
+        self.net = net
+        self.loss = loss or DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+        self.class_names = list(class_names)
+        self.patch_size = tuple(patch_size) if patch_size else None
+        self.val_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
+        self.test_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
+        self.val_dice_best = MaxMetric()
+        self._channels_last = False
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C_in, H, W) -> logits (B, num_classes, H, W)."""
+        return self.net(x)
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions."""
+        if not (self.hparams.channels_last and x.is_cuda):
+            return x
+        if not self._channels_last:
+            self.net.to(memory_format=torch.channels_last)  # in place: optimiser references stay valid
+            self._channels_last = True
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def predict_logits(self, x: Tensor) -> Tensor:
+        """Whole-image logits; sliding-window inference where the image exceeds ``patch_size``."""
+        x = self._prepare(x)
+        if self.patch_size and any(s > p for s, p in zip(x.shape[-2:], self.patch_size, strict=True)):
+            return sliding_window_inference(
+                x,
+                self.patch_size,
+                sw_batch_size=4,
+                predictor=self.net,
+                overlap=self.hparams.sw_overlap,
+                mode="gaussian",
+            )
+        return self.net(x)
+
+    def training_step(self, batch: dict, batch_idx: int) -> Tensor:
+        logits = self.net(self._prepare(batch["image"]))
+        loss = self.loss(logits, batch["mask"][:, None])
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        return loss
+
+    def _eval_step(self, batch: dict, stage: str, metrics: SegmentationMetrics) -> Tensor:
+        logits = self.predict_logits(batch["image"])
+        loss = self.loss(logits, batch["mask"][:, None])
+        self.log(
+            f"{stage}/loss",
+            loss,
+            on_epoch=True,
+            prog_bar=stage == "val",
+            batch_size=len(logits),
+            sync_dist=True,
+        )
+        metrics.update(logits.argmax(1), batch["mask"])
+        return logits
+
+    def validation_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "val", self.val_metrics)
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        self._eval_step(batch, "test", self.test_metrics)
+
+    def _log_metrics(self, stage: str, metrics: SegmentationMetrics) -> dict[str, Tensor]:
+        values = metrics.compute()
+        self.log(f"{stage}/dice", values["dice"], prog_bar=True)
+        self.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "dice"})
+        return values
+
+    def on_validation_epoch_end(self) -> None:
+        values = self._log_metrics("val", self.val_metrics)
+        self.val_metrics.reset()
+        if not self.trainer.sanity_checking and not torch.isnan(values["dice"]):
+            self.val_dice_best.update(values["dice"])
+            self.log("val/dice_best", self.val_dice_best.compute())
+
+    def on_test_epoch_end(self) -> None:
+        self._log_metrics("test", self.test_metrics)
+
+    def on_test_epoch_start(self) -> None:
+        self.test_metrics.reset()
+
+    def configure_optimizers(self) -> dict:
+        decay, no_decay = [], []
+        for p in self.net.parameters():
+            (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm weights
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": no_decay, "weight_decay": 0.0},
+            ],
+            lr=self.hparams.lr,
+        )
+        total = max(1, self.trainer.estimated_stepping_batches)
+        epochs = max(1, self.trainer.max_epochs or 1)
+        warmup = min(total - 1, int(self.hparams.warmup_epochs * total / epochs))
+        floor = self.hparams.min_lr_ratio
+
+        def schedule(step: int) -> float:
+            if step < warmup:
+                return (step + 1) / (warmup + 1)
+            progress = (step - warmup) / max(1, total - warmup)
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store what inference needs, as plain types, beside the weights."""
+        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer else None
+        checkpoint[CHECKPOINT_KEY] = {
+            "net": net_spec(self.net),
+            "class_names": self.class_names,
+            "preprocessing": datamodule.preprocessing() if hasattr(datamodule, "preprocessing") else None,
+        }
