@@ -1,0 +1,58 @@
+"""Shared fixtures: tiny generated data sets in temporary folders, CPU only, no network."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("CUDA_VISIBLE_DEVICES", "")
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+
+@pytest.fixture(scope="session")
+def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 phantoms of 64x64 in the image/mask folder layout (read-only: copy before changing)."""
+    from pipeline.data.synthetic import generate_dataset
+
+    return generate_dataset(tmp_path_factory.mktemp("phantoms"), num_images=12, size=64, seed=0)
+
+
+def fit_args(data_root: Path, runs: Path, *extra: str) -> list[str]:
+    """``medseg fit`` arguments for a seconds-long CPU run on tiny data."""
+    return [
+        "fit",
+        "-c",
+        str(CONFIGS / "default.yaml"),
+        "-c",
+        str(CONFIGS / "model" / "unet.yaml"),
+        "-c",
+        str(CONFIGS / "data" / "synthetic.yaml"),
+        "--data.root",
+        str(data_root),
+        "--data.num_workers",
+        "0",
+        "--data.batch_size",
+        "4",
+        "--model.net.init_args.features",
+        "[8, 16, 32]",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.limit_train_batches",
+        "2",
+        "--trainer.limit_val_batches",
+        "1",
+        "--trainer.enable_progress_bar",
+        "false",
+        "--trainer.log_every_n_steps",
+        "1",
+        "--run.root",
+        str(runs),
+        *extra,
+    ]

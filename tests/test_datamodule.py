@@ -1,0 +1,140 @@
+import json
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from pipeline.data.datamodule import SegmentationDataModule, make_split
+from pipeline.data.io import DataError
+from pipeline.data.transforms import Augmentation
+
+NO_INTENSITY = dict(brightness_contrast_p=0.0, gamma_p=0.0, noise_p=0.0, elastic_p=0.0)
+
+
+def test_datamodule_samples_follow_the_data_contract(phantom_dir):
+    dm = SegmentationDataModule(root=str(phantom_dir), batch_size=4, num_workers=0)
+    dm.setup("fit")
+    assert dm.class_names == ["background", "organ", "lesion", "vessel"] and dm.in_channels == 1
+    sample = dm.datasets["train"][0]
+    assert set(sample) == {"image", "mask", "case_id", "slice_index"}
+    assert sample["image"].dtype == torch.float32 and sample["image"].shape == (1, 64, 64)
+    assert sample["mask"].dtype == torch.int64 and sample["mask"].shape == (64, 64)
+    assert sample["slice_index"] == -1 and sample["case_id"].startswith("phantom_")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (4, 1, 64, 64) and batch["mask"].shape == (4, 64, 64)
+    assert len(batch["case_id"]) == 4
+
+
+def test_eval_images_are_zscored_per_case(phantom_dir):
+    dm = SegmentationDataModule(root=str(phantom_dir), num_workers=0)
+    dm.setup("fit")
+    image = dm.datasets["val"][0]["image"]
+    assert abs(image.mean().item()) < 1e-4 and abs(image.std(unbiased=False).item() - 1) < 1e-3
+
+
+def test_split_is_by_case_seeded_and_written(phantom_dir, tmp_path):
+    dm = SegmentationDataModule(root=str(phantom_dir), val_fraction=0.25, seed=7, num_workers=0)
+    dm.setup("fit")
+    assert not set(dm.split["train"]) & set(dm.split["val"])
+    assert len(dm.split["val"]) == 3 and len(dm.split["train"]) == 9
+    dm.save_split(tmp_path / "split.json")
+    again = SegmentationDataModule(
+        root=str(phantom_dir), split_file=str(tmp_path / "split.json"), num_workers=0
+    )
+    again.setup("fit")
+    assert again.split["val"] == dm.split["val"]
+    other = make_split(dm.split["train"] + dm.split["val"], 0.25, 0.0, seed=8)
+    assert other["val"] != dm.split["val"]
+
+
+def test_kfold_validation_sets_partition_the_cases():
+    ids = [f"c{i}" for i in range(10)]
+    folds = [make_split(ids, 0.2, 0.0, seed=0, num_folds=5, fold=k)["val"] for k in range(5)]
+    assert sorted(cid for fold in folds for cid in fold) == sorted(ids)
+
+
+@pytest.mark.parametrize("transform", [dict(flip_p=1.0, affine_p=0.0), dict(flip_p=0.0, affine_p=1.0)])
+def test_mask_stays_aligned_with_image_under_geometric_augmentation(tmp_path, transform):
+    # image intensity is a function of the mask, so after any geometric transform they must agree
+    rng = np.random.default_rng(0)
+    mask = np.zeros((64, 64), np.uint8)
+    mask[10:30, 5:25] = 1
+    mask[40:60, 30:62] = 2
+    mask[5:55, 45:48] = 1
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    for i in range(4):
+        m = np.roll(mask, 3 * i, axis=int(rng.integers(2)))
+        Image.fromarray((m * 100 + 20).astype(np.uint8)).save(tmp_path / "images" / f"c{i}.png")
+        Image.fromarray(m).save(tmp_path / "masks" / f"c{i}.png")
+    aug = Augmentation(**NO_INTENSITY, **transform)
+    dm = SegmentationDataModule(
+        root=str(tmp_path), class_names=["bg", "a", "b"], augmentation=aug, num_workers=0, val_fraction=0.25
+    )
+    dm.setup("fit")
+    torch.manual_seed(0)
+    np.random.seed(0)
+    for i in range(len(dm.datasets["train"])):
+        sample = dm.datasets["train"][i]
+        image, target = sample["image"][0].numpy(), sample["mask"].numpy()
+        levels = np.array([image[target == k].mean() for k in range(3)])
+        predicted = np.abs(image[..., None] - levels).argmin(-1)
+        assert (predicted == target).mean() > 0.97
+        assert len(np.unique(target)) == 3
+
+
+def _copy(phantom_dir, tmp_path):
+    root = tmp_path / "data"
+    shutil.copytree(phantom_dir, root)
+    return root
+
+
+def test_empty_folder_is_a_clear_error(tmp_path):
+    (tmp_path / "images").mkdir()
+    (tmp_path / "masks").mkdir()
+    with pytest.raises(DataError, match=r"images: no images found"):
+        SegmentationDataModule(root=str(tmp_path), class_names=["bg", "fg"])
+
+
+def test_image_without_mask_names_the_image(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path)
+    (root / "masks" / "phantom_03.png").unlink()
+    with pytest.raises(DataError, match=r"phantom_03\.png: no mask named phantom_03"):
+        SegmentationDataModule(root=str(root))
+
+
+def test_mask_of_another_size_names_the_mask(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path)
+    Image.fromarray(np.zeros((32, 64), np.uint8)).save(root / "masks" / "phantom_05.png")
+    dm = SegmentationDataModule(root=str(root), num_workers=0, val_fraction=0.5)
+    with pytest.raises(
+        DataError, match=r"masks/phantom_05\.png: mask size \(32, 64\) differs from image size"
+    ):
+        dm.setup("fit")
+
+
+def test_label_outside_the_classes_names_the_mask(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path)
+    bad = np.zeros((64, 64), np.uint8)
+    bad[0, 0] = 9
+    Image.fromarray(bad).save(root / "masks" / "phantom_07.png")
+    dm = SegmentationDataModule(root=str(root), num_workers=0, val_fraction=0.5)
+    with pytest.raises(DataError, match=r"phantom_07\.png: label value\(s\) \[9\] not in the classes 0\.\.3"):
+        dm.setup("fit")
+
+
+def test_missing_class_names_say_how_to_fix(phantom_dir, tmp_path):
+    root = _copy(phantom_dir, tmp_path)
+    (root / "classes.json").unlink()
+    with pytest.raises(DataError, match="classes.json.*data.class_names"):
+        SegmentationDataModule(root=str(root))
+
+
+def test_class_names_file_must_list_indices(tmp_path):
+    from pipeline.data.layouts import read_class_names
+
+    (tmp_path / "c.json").write_text(json.dumps({"0": "bg", "2": "x"}))
+    with pytest.raises(DataError, match="class indices must be 0..1"):
+        read_class_names(tmp_path / "c.json")
