@@ -1,15 +1,23 @@
 """Reading and writing images and masks; every failure is a ``DataError`` naming the file.
 
 2D images (PNG, TIFF, JPEG, BMP, GIF) are read with Pillow as (H, W) or (H, W, C) arrays.
+Volumes (NIfTI; DICOM series in ``pipeline.data.dicom``) are read as a ``Volume``: the array in
+canonical RAS+ voxel order plus the stored geometry, so results are written back exactly like
+the input (``write_nifti_like``).
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
+from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from PIL import Image, UnidentifiedImageError
 
 IMAGE_SUFFIXES_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif")
@@ -67,11 +75,16 @@ def read_mask_2d(path: str | os.PathLike) -> np.ndarray:
     return mask
 
 
-def atomic_write(path: str | os.PathLike, write) -> None:
-    """Call ``write(tmp_path)`` then rename to ``path``, so a crash never leaves a partial file."""
+def atomic_write(path: str | os.PathLike, write, suffix: str | None = None) -> None:
+    """Call ``write(tmp_path)`` then rename to ``path``, so a crash never leaves a partial file.
+
+    The temporary file sits beside ``path`` (same file system, so the rename is atomic), is hidden
+    (leading dot) and ends in ``suffix`` (default: ``path``'s) so writers that pick a format from
+    the suffix behave.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=path.suffix, dir=path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
@@ -84,3 +97,112 @@ def atomic_write(path: str | os.PathLike, write) -> None:
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     """Write a (H, W) or (H, W, 3) uint8/uint16 array as PNG, atomically."""
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
+
+
+VOLUME_SUFFIXES = (".nii", ".nii.gz")
+
+
+def is_nifti(path: Path) -> bool:
+    return path.name.lower().endswith(VOLUME_SUFFIXES)
+
+
+def case_stem(path: Path) -> str:
+    """File name without its image suffix (``.nii.gz`` counts as one suffix)."""
+    name = path.name
+    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+
+
+@dataclass
+class Volume:
+    """A 3D scan in canonical RAS+ voxel order, with what is needed to write results like it.
+
+    Attributes:
+        array: (X, Y, Z, C) intensities (or labels with C=1), axes ordered so that voxel indices
+            increase towards Right, Anterior, Superior (the closest axes for oblique scans).
+        affine: (4, 4) voxel -> world (RAS, mm) of ``array``.
+        source_affine: (4, 4) affine of the data as stored (the input file's geometry).
+        source_shape: spatial shape as stored.
+        header: the NIfTI header to reuse when writing (None for DICOM input).
+        path: where it came from (first file, or the DICOM folder).
+    """
+
+    array: np.ndarray
+    affine: np.ndarray
+    source_affine: np.ndarray
+    source_shape: tuple[int, int, int]
+    header: object | None
+    path: Path
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size of ``array`` along X, Y, Z in mm."""
+        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Reorder/flip the first three axes of ``array`` to RAS+; returns the array and its affine."""
+    transform = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
+    ras = apply_orientation(array, transform)
+    return ras, affine @ inv_ornt_aff(transform, array.shape[:3])
+
+
+def from_ras(array: np.ndarray, volume: Volume) -> np.ndarray:
+    """Undo ``_to_ras``: (X, Y, Z, ...) in canonical order -> the stored voxel order of ``volume``."""
+    transform = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.source_affine))
+    return apply_orientation(array, transform)
+
+
+def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
+    try:
+        image = nib.load(str(path))
+        data = np.asanyarray(image.dataobj)
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except PermissionError:
+        raise DataError(path, "permission denied") from None
+    except (OSError, EOFError, ValueError, zlib.error, nib.filebasedimages.ImageFileError) as err:
+        raise DataError(path, f"cannot read as NIfTI, truncated or corrupt? ({err})") from None
+    return image, data
+
+
+def read_nifti(paths: Sequence[str | os.PathLike]) -> Volume:
+    """Read one NIfTI file, or one file per channel (nnU-Net's ``case_0000.nii.gz``, ...).
+
+    A 4D file is read as channels along its last axis. Channel files must share shape and affine.
+    """
+    paths = [Path(p) for p in paths]
+    channels, reference = [], None
+    for path in paths:
+        image, data = _load_nifti(path)
+        if data.ndim == 2:
+            data = data[..., None]
+        if data.ndim not in (3, 4):
+            raise DataError(path, f"expected a 3D volume (or 4D with channels last), got shape {data.shape}")
+        data = data if data.ndim == 4 else data[..., None]
+        if reference is None:
+            reference = (image, data.shape[:3])
+        elif data.shape[:3] != reference[1] or not np.allclose(image.affine, reference[0].affine, atol=1e-4):
+            raise DataError(path, f"channel file differs in shape or affine from {paths[0]}")
+        channels.append(data)
+    image = reference[0]
+    array = np.concatenate(channels, axis=-1)
+    ras, affine = _to_ras(array, image.affine)
+    return Volume(ras, affine, image.affine.copy(), array.shape[:3], image.header.copy(), paths[0])
+
+
+def write_nifti_like(labels: np.ndarray, reference: Volume, path: str | os.PathLike) -> None:
+    """Write (X, Y, Z) labels given in ``reference``'s canonical order with the input's geometry.
+
+    The output has the stored voxel order, affine (qform and sform) and spacing of the input, so
+    it overlays the input scan exactly in any viewer.
+    """
+    stored = from_ras(labels, reference)
+    header = reference.header.copy() if reference.header is not None else None
+    image = nib.Nifti1Image(np.ascontiguousarray(stored.astype(np.uint8)), reference.source_affine, header)
+    image.set_data_dtype(np.uint8)
+    image.header.set_xyzt_units("mm")
+    image.set_qform(reference.source_affine, code=1)
+    image.set_sform(reference.source_affine, code=1)
+    image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
+    suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"
+    atomic_write(path, lambda tmp: nib.save(image, tmp), suffix=suffix)
