@@ -85,3 +85,23 @@ def test_dicom_folder_with_a_stray_file_names_it(tmp_path):
     (tmp_path / "series" / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"notes\.txt: not a DICOM file"):
         read_dicom_series(tmp_path / "series")
+
+
+@pytest.mark.parametrize("axis", [0, 1, 2])
+def test_slicing_round_trips_along_every_axis(axis):
+    from pipeline.data.slicing import from_slices, to_slices
+
+    volume = np.random.default_rng(1).random((4, 5, 6, 2))
+    slices = to_slices(volume, axis)
+    assert slices.shape[0] == volume.shape[axis] and slices.shape[-1] == 2
+    assert np.array_equal(from_slices(slices, axis), volume)
+
+
+def test_auto_slice_axis_is_the_coarsest_median_spacing():
+    from pipeline.data.slicing import resolve_slice_axis
+
+    assert resolve_slice_axis("auto", [(0.7, 0.7, 3.0), (0.8, 0.8, 2.5)]) == 2
+    assert resolve_slice_axis("auto", [(4.0, 1.0, 1.0)]) == 0
+    assert resolve_slice_axis("auto", [(1.0, 1.0, 1.0)]) == 2
+    with pytest.raises(ValueError, match="slice_axis must be 0, 1, 2 or 'auto'"):
+        resolve_slice_axis(3, [(1.0, 1.0, 1.0)])
