@@ -1,10 +1,14 @@
-"""SegmentationDataModule: discover cases, split by case, build augmented slice loaders."""
+"""SegmentationDataModule: discover cases, split by case, build augmented slice loaders.
+
+2D images are read into memory. Volumes are decoded once into a memory-mapped cache
+(``pipeline.data.cache``, built by ``prepare_data`` or ``medseg data prepare``) and train as 2D
+slices along ``slice_axis``.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -12,11 +16,15 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data.dataset import CaseArrays, SliceDataset, load_case_2d
-from pipeline.data.io import DataError, read_image_2d
-from pipeline.data.layouts import Case, discover, read_class_names
-from pipeline.data.normalization import Normalization
+from pipeline.data import cache
+from pipeline.data.dataset import CaseArrays, SliceDataset, apply_label_map, load_case_2d
+from pipeline.data.io import DataError, read_image_2d, read_mask_2d
+from pipeline.data.layouts import Case, describe, read_class_names
+from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
+from pipeline.data.order import resumable_loader
+from pipeline.data.sampling import EvalBatches, ForegroundSampler
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
+from pipeline.data.volumes import is_volume_case, probe
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -73,8 +81,11 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     Args:
         root: data folder (see ``data/README.md`` for the layouts).
-        layout: ``auto`` or a layout name from ``pipeline.data.layouts``.
-        class_names: class names in index order, background first; default from ``classes.json``.
+        layout: ``auto`` or a layout name from ``pipeline.data.layouts`` (folders, dicom, msd, nnunet).
+        class_names: class names in index order, background first; default from ``dataset.json``
+            or ``classes.json``.
+        modalities: one modality name per input channel (``CT``, ``T2``, ``rgb``, ...) for
+            ``normalization.mode: auto``; default from ``dataset.json`` (none: z-score).
         label_map: optional ``{stored value: class index}`` applied to masks on load.
         val_fraction: fraction of cases for validation (when not using folds or a split file).
         test_fraction: fraction of cases held out for ``medseg test``.
@@ -86,8 +97,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_workers: loader worker processes.
         pin_memory: pin host memory; None pins when CUDA is available.
         patch_size: (H, W) random training crops; None trains on whole images.
-        normalization: intensity normalisation (stored in the checkpoint).
+        normalization: intensity normalisation (stored in the checkpoint); ``auto`` picks it per
+            channel from the modality (CT: foreground-percentile clip + z-score, MR: z-score).
         augmentation: training augmentation.
+        slice_axis: volumes: the axis (0, 1, 2 of the RAS+ array: sagittal, coronal, axial) to cut
+            2D slices along; ``auto`` = the coarsest median spacing of the data set.
+        foreground_fraction: probability that a training draw is forced to show foreground
+            (slice and patch), as nnU-Net's 1/3.
+        cache_dir: volume cache folder; default ``<root>/.medseg-cache``.
     """
 
     def __init__(
@@ -107,12 +124,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_workers: int = 2,
         pin_memory: bool | None = None,
         patch_size: tuple[int, int] | None = None,
-        normalization: Normalization = Normalization(),
+        normalization: Normalization = Normalization(mode="auto"),
         augmentation: Augmentation = Augmentation(),
+        modalities: list[str] | None = None,
+        slice_axis: int | str = "auto",
+        foreground_fraction: float = 1 / 3,
+        cache_dir: str | None = None,
     ) -> None:
         super().__init__()
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError("val_fraction must be in (0, 1), test_fraction in [0, 1), and their sum below 1")
+        if slice_axis not in (0, 1, 2, "auto"):
+            raise ValueError(f"slice_axis must be 0, 1, 2 or 'auto', got {slice_axis!r}")
+        if not 0 <= foreground_fraction <= 1:
+            raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
         self.root = Path(root)
         self.layout = layout
         self.label_map = label_map
@@ -125,11 +150,25 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.patch_size = tuple(patch_size) if patch_size else None
         self.normalization = normalization
         self.augmentation = augmentation
-        self.cases: list[Case] = discover(self.root, layout)
-        self.class_names = list(class_names) if class_names else self._read_class_names()
-        self.in_channels = self._probe_channels()
+        self.slice_axis, self.foreground_fraction = slice_axis, foreground_fraction
+        self.cache_dir = Path(cache_dir) if cache_dir else cache.default_cache_dir(self.root)
+        self.info = describe(self.root, layout)
+        self.cases: list[Case] = self.info.cases
+        if not self.cases:
+            raise DataError(self.root, f"no cases found ({self.info.layout} layout): the data set is empty")
+        kinds = {is_volume_case(case) for case in self.cases}
+        if len(kinds) > 1:
+            raise DataError(self.root, "mixes 2D images and volumes; keep one kind per data set")
+        self.volumetric = kinds.pop()
+        self.class_names = (
+            list(class_names) if class_names else self.info.class_names or self._read_class_names()
+        )
+        self.modalities = list(modalities) if modalities else self.info.modalities
+        self.in_channels = len(self.modalities) if self.modalities else self._probe_channels()
         self.split: dict[str, list[str]] = {}
         self.datasets: dict[str, SliceDataset] = {}
+        self._manifest: dict | None = None
+        self._channel_norms: list[Normalization] | None = None
 
     @property
     def num_classes(self) -> int:
@@ -142,14 +181,57 @@ class SegmentationDataModule(pl.LightningDataModule):
         return read_class_names(path)
 
     def _probe_channels(self) -> int:
+        if self.volumetric:
+            return probe(self.cases[0])[1]
         image = read_image_2d(self.cases[0].images[0])
         return 1 if image.ndim == 2 else image.shape[-1]
 
+    def prepare_data(self) -> None:
+        """Bring the volume cache up to date (Lightning calls this once per node, before ``setup``)."""
+        self.manifest()
+
+    def manifest(self) -> dict | None:
+        """The volume cache's manifest, the cache built or updated on first use; None for 2D data."""
+        if self.volumetric and self._manifest is None:
+            self._manifest = cache.prepare_cache(
+                self.cases,
+                self.cache_dir,
+                self.class_names,
+                self.slice_axis,
+                self.label_map,
+                self.info.layout,
+            )[0]
+        return self._manifest
+
+    def channel_normalization(self) -> list[Normalization]:
+        """One resolved ``Normalization`` per input channel (data-set statistics filled in)."""
+        if self._channel_norms is None:
+            modalities = self.modalities or [None] * self.in_channels
+            foreground = None
+            if needs_foreground(self.normalization, modalities):
+                foreground = self._foreground_sample()
+            self._channel_norms = resolve_channels(self.normalization, modalities, foreground)
+        return self._channel_norms
+
+    def _foreground_sample(self) -> np.ndarray | None:
+        """(N, C) foreground intensities over every labelled case (nnU-Net's data-set fingerprint)."""
+        if self.volumetric:
+            return cache.foreground_sample(self.cache_dir, list(self.manifest()["cases"].values()))
+        parts = []
+        for case in self.cases:
+            image = read_image_2d(case.images[0])
+            mask = apply_label_map(read_mask_2d(case.mask), self.label_map)
+            parts.append(cache.sample_foreground(image.reshape(*mask.shape, -1), mask, case.case_id))
+        return np.concatenate(parts)
+
     def _load(self, ids: list[str]) -> list[CaseArrays]:
         by_id = {case.case_id: case for case in self.cases}
-        arrays = [
-            load_case_2d(by_id[cid], self.normalization, self.class_names, self.label_map) for cid in ids
-        ]
+        norms = self.channel_normalization()
+        if self.volumetric:
+            entries = self.manifest()["cases"]
+            arrays = [cache.open_case(self.cache_dir, cid, entries[cid], norms) for cid in ids]
+        else:
+            arrays = [load_case_2d(by_id[cid], norms, self.class_names, self.label_map) for cid in ids]
         for case, array in zip(ids, arrays, strict=True):
             if array.image.shape[-1] != self.in_channels:
                 raise DataError(
@@ -169,48 +251,86 @@ class SegmentationDataModule(pl.LightningDataModule):
                 ids, self.val_fraction, self.test_fraction, self.seed, self.num_folds, self.fold
             )
         train_tf = build_train_transform(self.augmentation, self.patch_size)
+        foreground_tf = build_train_transform(self.augmentation, self.patch_size, foreground_crop=True)
         eval_tf = build_eval_transform()
         for name in SPLITS:
             if self.split[name]:
-                tf = train_tf if name == "train" else eval_tf
-                self.datasets[name] = SliceDataset(self._load(self.split[name]), tf)
+                if name == "train":
+                    self.datasets[name] = SliceDataset(
+                        self._load(self.split[name]), train_tf, None, foreground_tf
+                    )
+                else:
+                    self.datasets[name] = SliceDataset(self._load(self.split[name]), eval_tf)
+        sizes = sorted({tuple(c.image.shape[1:3]) for c in self.datasets["train"].cases})
+        if self.patch_size is None and len(sizes) > 1:
+            raise DataError(
+                self.root, f"training slices differ in size ({sizes[0]} ... {sizes[-1]}); set data.patch_size"
+            )
         log.info("data %s: %s", self.root, {k: len(v) for k, v in self.split.items()})
 
     def save_split(self, path: str | Path) -> None:
         """Write the case split as JSON (the run directory's ``split.json``)."""
         Path(path).write_text(json.dumps(self.split, indent=2))
 
-    def _loader(self, name: str, shuffle: bool) -> DataLoader:
+    def _loader(self, name: str) -> DataLoader:
+        """Training: ``batch_size`` items drawn by a ``ForegroundSampler``; evaluation: whole slices
+        in batches of one size (``EvalBatches``), up to ``val_batch_size`` each."""
         if name not in self.datasets:
             raise DataError(
                 self.root, f"the {name} split is empty (set data.test_fraction or data.split_file)"
             )
-        return DataLoader(
-            self.datasets[name],
-            batch_size=self.batch_size if name == "train" else self.val_batch_size,
-            shuffle=shuffle,
-            drop_last=shuffle and len(self.datasets[name]) > self.batch_size,
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
+        dataset = self.datasets[name]
+        common = dict(
+            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0
+        )
+        if name != "train":
+            return DataLoader(EvalBatches(dataset, self.val_batch_size), batch_size=None, **common)
+        sampler = ForegroundSampler(dataset.has_foreground(), self.foreground_fraction, self.seed)
+        drop_last = len(dataset) > self.batch_size
+        # Resumable mid-epoch, split across DDP ranks, augmentation seeded per sample (pipeline.data.order).
+        return resumable_loader(
+            self.trainer, dataset, sampler, self.batch_size, self.seed, drop_last=drop_last, **common
         )
 
     def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
+        return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
+        return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val", shuffle=False)
+        return self._loader("test" if "test" in self.datasets else "val")
 
     def preprocessing(self) -> dict:
-        """What inference needs to reproduce the preprocessing, as plain types."""
-        norm = asdict(self.normalization)
+        """What inference needs to reproduce the preprocessing, as plain types (JSON-able).
+
+        Stored in every checkpoint as ``checkpoint["medseg"]["preprocessing"]``:
+
+        - ``class_names`` (list[str]): index order, background first.
+        - ``in_channels`` (int): input channels, stacked in ``modalities`` order.
+        - ``normalization`` (dict): the configured ``Normalization`` (mode may be ``auto``).
+        - ``channel_normalization`` (list[dict], one per channel): the resolved ``Normalization``
+          of each channel, data-set statistics included (CT: ``window`` = foreground
+          percentiles, ``mean``/``std`` in HU). Inference applies these: ``fit_intensity(image,
+          channel_normalizations(preprocessing))`` (``pipeline.data.normalization``).
+        - ``modalities`` (list[str] | None): modality name per channel.
+        - ``slice_axis`` (int | None): the resolved axis (0, 1, 2 of the RAS+ array) volumes were
+          cut along (``pipeline.data.slicing``); None for 2D images.
+        - ``volumetric`` (bool): whether the training data were volumes.
+        - ``layout`` (str): the data layout (folders, dicom, msd, nnunet).
+        - ``patch_size`` (list[int] | None): training patch (H, W); larger inputs need sliding windows.
+        - ``label_map`` (dict[str, int]): stored mask value -> class index applied on load.
+        """
+        manifest = self.manifest()
         return {
             "class_names": self.class_names,
             "in_channels": self.in_channels,
-            "normalization": {k: list(v) if isinstance(v, tuple) else v for k, v in norm.items()},
+            "normalization": to_plain(self.normalization),
+            "channel_normalization": [to_plain(n) for n in self.channel_normalization()],
+            "modalities": self.modalities,
+            "slice_axis": manifest["slice_axis"] if manifest else None,
+            "volumetric": self.volumetric,
+            "layout": self.info.layout,
             "patch_size": list(self.patch_size) if self.patch_size else None,
             "label_map": {str(k): v for k, v in (self.label_map or {}).items()},
         }

@@ -1,7 +1,9 @@
 """Slice datasets yielding the sample dict of the data contract.
 
 A sample is ``{"image": float32 (C, H, W), "mask": int64 (H, W), "case_id": str,
-"slice_index": int}`` with ``slice_index`` -1 for 2D images.
+"slice_index": int, "index": int}`` with ``slice_index`` -1 for 2D images and ``index`` the
+sample's position in its dataset (metrics use it to score each image once under DDP, where
+DistributedSampler pads with repeats).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class CaseArrays:
         mask: (S, H, W) uint8 class indices, or None for unlabelled cases.
         stats: intensity statistics of the whole case (see ``pipeline.data.normalization``).
         is_volume: False for 2D images (their ``slice_index`` is -1).
+        foreground: (S,) bool, slices whose mask has a foreground class (from the cache
+            manifest); None reads it from ``mask``.
     """
 
     case_id: str
@@ -35,6 +39,7 @@ class CaseArrays:
     mask: np.ndarray | None
     stats: IntensityStats
     is_volume: bool = False
+    foreground: np.ndarray | None = None
 
 
 def check_labels(mask: np.ndarray, num_classes: int, path: object, class_names: Sequence[str]) -> None:
@@ -48,6 +53,47 @@ def check_labels(mask: np.ndarray, num_classes: int, path: object, class_names: 
         )
 
 
+def pair_problems(
+    image_path: object,
+    mask_path: object,
+    image_shape: Sequence[int],
+    mask: np.ndarray,
+    class_names: Sequence[str],
+    affines: tuple[np.ndarray, np.ndarray] | None = None,
+) -> list[DataError]:
+    """Everything wrong with a mask against its image, each a ``DataError`` naming the mask.
+
+    Args:
+        image_shape: the image's spatial shape, (H, W) or (X, Y, Z).
+        mask: class indices, spatial shape only.
+        affines: (image, mask) voxel -> world matrices of volumes in the same voxel order; they
+            must agree to 1e-3 (mm), so the labels lie on the anatomy they were drawn on.
+    """
+    problems = []
+    if mask.shape != tuple(image_shape):
+        problems.append(
+            DataError(
+                mask_path,
+                f"mask size {mask.shape} differs from image size {tuple(image_shape)} ({image_path})",
+            )
+        )
+    elif affines is not None and not np.allclose(affines[0], affines[1], atol=1e-3):
+        image_affine, mask_affine = affines
+        spacing = [np.linalg.norm(a[:3, :3], axis=0).round(4).tolist() for a in affines]
+        problems.append(
+            DataError(
+                mask_path,
+                f"mask geometry differs from its image {image_path}: spacing {spacing[1]} vs {spacing[0]} mm, "
+                f"origin {mask_affine[:3, 3].round(3).tolist()} vs {image_affine[:3, 3].round(3).tolist()} mm",
+            )
+        )
+    try:
+        check_labels(mask, len(class_names), mask_path, class_names)
+    except DataError as err:
+        problems.append(err)
+    return problems
+
+
 def apply_label_map(mask: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
     """Relabel ``mask`` with ``{stored value: class index}``; values not in the map are kept."""
     if not label_map:
@@ -59,7 +105,10 @@ def apply_label_map(mask: np.ndarray, label_map: dict[int, int] | None) -> np.nd
 
 
 def load_case_2d(
-    case: Case, norm: Normalization, class_names: Sequence[str], label_map: dict[int, int] | None = None
+    case: Case,
+    norm: Normalization | Sequence[Normalization],
+    class_names: Sequence[str],
+    label_map: dict[int, int] | None = None,
 ) -> CaseArrays:
     """Read one 2D image (and its mask), check them, and measure intensity statistics."""
     image = read_image_2d(case.images[0])
@@ -68,12 +117,8 @@ def load_case_2d(
     mask = None
     if case.mask is not None:
         mask = apply_label_map(read_mask_2d(case.mask), label_map)
-        if mask.shape != image.shape[:2]:
-            raise DataError(
-                case.mask,
-                f"mask size {mask.shape} differs from image size {image.shape[:2]} ({case.images[0]})",
-            )
-        check_labels(mask, len(class_names), case.mask, class_names)
+        for problem in pair_problems(case.images[0], case.mask, image.shape[:2], mask, class_names):
+            raise problem
         mask = mask.astype(np.uint8)[None]
     if not np.isfinite(image).all():
         raise DataError(case.images[0], "image holds NaN or infinite intensities")
@@ -88,13 +133,21 @@ class SliceDataset(Dataset):
         transform: an albumentations ``Compose`` called as ``transform(image=..., mask=...)`` on the
             unit-range image (H, W, C) and the mask (H, W).
         slices: optional list of (case index, slice index) pairs; default every slice.
+        foreground_transform: used instead of ``transform`` for the items a sampler asks for as
+            ``(index, True)``: drawn to show foreground (``pipeline.data.sampling``), so their
+            patch is cropped around it.
     """
 
     def __init__(
-        self, cases: Sequence[CaseArrays], transform, slices: Sequence[tuple[int, int]] | None = None
+        self,
+        cases: Sequence[CaseArrays],
+        transform,
+        slices: Sequence[tuple[int, int]] | None = None,
+        foreground_transform=None,
     ):
         self.cases = list(cases)
         self.transform = transform
+        self.foreground_transform = foreground_transform or transform
         self.slices = (
             list(slices)
             if slices is not None
@@ -104,16 +157,29 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
-    def __getitem__(self, index: int) -> dict:
+    def has_foreground(self) -> np.ndarray:
+        """(len(self),) bool: whether each item's mask holds a foreground class."""
+        flags = []
+        for c, s in self.slices:
+            case = self.cases[c]
+            if case.foreground is not None:
+                flags.append(bool(case.foreground[s]))
+            else:
+                flags.append(case.mask is not None and bool(np.asarray(case.mask[s]).any()))
+        return np.array(flags, dtype=bool)
+
+    def __getitem__(self, index: int | tuple[int, bool]) -> dict:
+        index, foreground = index if isinstance(index, tuple) else (index, False)
         c, s = self.slices[index]
         case = self.cases[c]
         unit = to_unit(np.asarray(case.image[s]), case.stats)
         mask = np.asarray(case.mask[s]) if case.mask is not None else np.zeros(unit.shape[:2], np.uint8)
-        out = self.transform(image=unit, mask=mask)
+        out = (self.foreground_transform if foreground else self.transform)(image=unit, mask=mask)
         image = standardize(out["image"], case.stats).transpose(2, 0, 1)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),
             "mask": torch.from_numpy(out["mask"].astype(np.int64)),
             "case_id": case.case_id,
             "slice_index": s if case.is_volume else -1,
+            "index": index,
         }

@@ -1,28 +1,65 @@
-"""Discover cases on disk. Layouts: ``folders`` (``images/`` + ``masks/`` with matching names).
+"""Discover cases on disk, in the layouts the field uses.
+
+- ``folders``: ``images/`` + ``masks/`` with matching names; 2D images (PNG/TIFF/...) or NIfTI volumes.
+- ``dicom``: ``images/<case>/`` DICOM series folders + ``masks/<case>.nii.gz`` (NIfTI masks).
+- ``msd``: Medical Segmentation Decathlon, ``dataset.json`` (``labels``, ``modality``,
+  ``training``: [{"image", "label"}]) + ``imagesTr/``, ``labelsTr/``; multi-modal images are 4D.
+  nnU-Net v1 raw folders (the same ``dataset.json``, one ``<case>_0000.nii.gz`` file per
+  channel) are read here too.
+- ``nnunet``: nnU-Net v2 raw, ``dataset.json`` (``channel_names``, ``labels`` as name -> index,
+  ``file_ending``) + ``imagesTr/<case>_0000.nii.gz`` (one file per channel), ``labelsTr/<case>.nii.gz``.
 
 A ``Case`` is one patient or one 2D image: its image file(s) (one per channel where the layout
-stores channels as files) and its mask. Class names come from the data config or ``classes.json``
-(``{"0": "background", "1": "liver", ...}`` or a list in index order).
+stores channels as files, or a DICOM folder) and its mask. Class names come from ``dataset.json``,
+``classes.json`` (``{"0": "background", "1": "liver", ...}`` or a list in index order) or the data
+config; modality names (which choose the normalisation) from ``dataset.json`` or the config.
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.io import DataError, is_image_2d
+from pipeline.data.io import DataError, case_stem, is_image_2d, is_nifti
 
-LAYOUTS = ("auto", "folders")
+LAYOUTS = ("auto", "folders", "dicom", "msd", "nnunet")
+CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")
 
 
 @dataclass(frozen=True)
 class Case:
-    """One case: ``images`` holds one file, or one file per channel; ``mask`` may be None (inference)."""
+    """One case: ``images`` holds one file, one file per channel, or a DICOM series folder;
+    ``mask`` may be None (inference)."""
 
     case_id: str
     images: tuple[Path, ...]
     mask: Path | None
+
+
+@dataclass(frozen=True)
+class DataSetInfo:
+    """A discovered data set.
+
+    Attributes:
+        layout: the concrete layout (never ``auto``).
+        cases: the cases, sorted by id.
+        class_names: from ``dataset.json`` (None: the layout has none; use ``classes.json``).
+        modalities: one modality name per input channel from ``dataset.json``, or None.
+    """
+
+    layout: str
+    cases: list[Case]
+    class_names: list[str] | None = None
+    modalities: list[str] | None = None
+
+
+def _report(problem: DataError, problems: list[DataError] | None) -> None:
+    """Collect ``problem`` for ``medseg data check``, or raise it (training stops at the first)."""
+    if problems is None:
+        raise problem
+    problems.append(problem)
 
 
 def read_class_names(path: Path) -> list[str]:
@@ -31,7 +68,18 @@ def read_class_names(path: Path) -> list[str]:
         data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as err:
         raise DataError(path, f"cannot read class names ({err})") from None
+    return _class_list(data, path)
+
+
+def _class_list(data: object, path: Path) -> list[str]:
+    """``{"0": "bg", ...}`` (index -> name), ``{"bg": 0, ...}`` (nnU-Net v2) or a list -> names in order."""
     if isinstance(data, dict):
+        if data and all(isinstance(v, int) and not isinstance(v, bool) for v in data.values()):
+            data = {str(v): k for k, v in data.items()}
+        elif any(isinstance(v, list) for v in data.values()):
+            raise DataError(
+                path, "region-based labels (lists of indices) are not supported; give one index a class"
+            )
         try:
             by_index = {int(k): str(v) for k, v in data.items()}
         except ValueError:
@@ -44,37 +92,156 @@ def read_class_names(path: Path) -> list[str]:
     return [str(name) for name in data]
 
 
-def _files(folder: Path) -> dict[str, Path]:
+def _entries(folder: Path) -> dict[str, Path]:
+    """Case id -> image file (2D or NIfTI) or sub-folder (DICOM series) in ``folder``."""
     if not folder.is_dir():
         raise DataError(folder, "folder not found")
-    return {p.stem: p for p in sorted(folder.iterdir()) if p.is_file() and is_image_2d(p)}
+    return {
+        case_stem(p): p
+        for p in sorted(folder.iterdir())
+        if not p.name.startswith(".") and (p.is_dir() or (p.is_file() and (is_image_2d(p) or is_nifti(p))))
+    }
 
 
-def discover_folders(root: Path, require_masks: bool = True) -> list[Case]:
-    """Pairs ``root/images/<id>.<ext>`` with ``root/masks/<id>.<ext>`` (any 2D image suffix)."""
-    images = _files(root / "images")
+def _pair(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, problems) -> list[Case]:
+    """Cases with both an image and a mask; every unmatched file is a problem naming it."""
+    for case_id, path in images.items():
+        if case_id not in masks:
+            _report(DataError(path, f"no mask named {case_id}.* in {mask_dir}"), problems)
+    for case_id, path in masks.items():
+        if case_id not in images:
+            _report(DataError(path, f"mask has no image named {case_id}.*"), problems)
+    return [Case(cid, (path,), masks[cid]) for cid, path in images.items() if cid in masks]
+
+
+def discover_folders(
+    root: Path, require_masks: bool = True, problems: list[DataError] | None = None
+) -> list[Case]:
+    """Pairs ``root/images/<id>`` (a 2D image, a NIfTI volume or a DICOM folder) with ``root/masks/<id>.*``."""
+    images = _entries(root / "images")
     if not images:
-        raise DataError(root / "images", "no images found (expected PNG/TIFF/JPEG files)")
-    masks = _files(root / "masks") if (root / "masks").is_dir() or require_masks else {}
-    if require_masks:
-        for case_id, path in images.items():
-            if case_id not in masks:
-                raise DataError(path, f"no mask named {case_id}.* in {root / 'masks'}")
-        for case_id, path in masks.items():
-            if case_id not in images:
-                raise DataError(path, f"mask has no image named {case_id}.* in {root / 'images'}")
-    return [Case(case_id, (path,), masks.get(case_id)) for case_id, path in images.items()]
+        raise DataError(
+            root / "images", "no images found (expected PNG/TIFF/JPEG/NIfTI files or DICOM folders)"
+        )
+    if not require_masks:
+        masks = _entries(root / "masks") if (root / "masks").is_dir() else {}
+        return [Case(cid, (path,), masks.get(cid)) for cid, path in images.items()]
+    return _pair(images, _entries(root / "masks"), root / "masks", problems)
+
+
+def _read_dataset_json(root: Path) -> dict:
+    path = root / "dataset.json"
+    try:
+        meta = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise DataError(path, f"cannot read dataset.json ({err})") from None
+    if not isinstance(meta, dict) or "labels" not in meta:
+        raise DataError(path, 'dataset.json needs "labels" (class names)')
+    return meta
+
+
+def _modalities(meta: dict, path: Path) -> list[str] | None:
+    names = meta.get("channel_names") or meta.get("modality")
+    if not names:
+        return None
+    try:
+        return [str(names[k]) for k in sorted(names, key=int)]
+    except (TypeError, ValueError):
+        raise DataError(path, 'channel names must be {"0": "CT", ...}') from None
+
+
+def _channel_files(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
+    """``<case>_<cccc><ending>`` files of ``folder``: case id -> {channel: path}."""
+    found: dict[str, dict[int, Path]] = {}
+    for path in sorted(folder.glob(f"*{ending}")) if folder.is_dir() else []:
+        match = CHANNEL_FILE.match(path.name[: -len(ending)])
+        if match and not path.name.startswith("."):
+            found.setdefault(match["case"], {})[int(match["channel"])] = path
+    return found
+
+
+def _channel_cases(root: Path, ending: str, channels: int, labels: dict[str, Path], problems) -> list[Case]:
+    """nnU-Net raw: one image file per channel, ``labelsTr/<case><ending>``."""
+    images = {}
+    for case_id, files in _channel_files(root / "imagesTr", ending).items():
+        if sorted(files) != list(range(channels)):
+            problem = f"case {case_id} has channel files {sorted(files)}; dataset.json names channels 0..{channels - 1}"
+            _report(DataError(files[min(files)], problem), problems)
+            continue
+        images[case_id] = tuple(files[c] for c in range(channels))
+    paired = _pair({k: v[0] for k, v in images.items()}, labels, root / "labelsTr", problems)
+    return [Case(c.case_id, images[c.case_id], c.mask) for c in paired]
+
+
+def discover_msd(root: Path, problems: list[DataError] | None = None) -> DataSetInfo:
+    """MSD: ``dataset.json`` "training" pairs (or every file of ``imagesTr``/``labelsTr``)."""
+    meta, path = _read_dataset_json(root), root / "dataset.json"
+    modalities = _modalities(meta, path)
+    training = meta.get("training") or []
+    images = {case_stem(Path(e["image"])): root / e["image"] for e in training if isinstance(e, dict)}
+    labels = {case_stem(Path(e["label"])): root / e["label"] for e in training if isinstance(e, dict)}
+    if not training:
+        images, labels = _entries(root / "imagesTr"), _entries(root / "labelsTr")
+    if (
+        images
+        and not any(p.exists() for p in images.values())
+        and _channel_files(root / "imagesTr", ".nii.gz")
+    ):
+        cases = _channel_cases(root, ".nii.gz", len(modalities or [0]), labels, problems)  # nnU-Net v1
+    else:
+        for case_id, image in images.items():
+            if not image.exists():
+                _report(
+                    DataError(image, f"listed in dataset.json for case {case_id} but not found"), problems
+                )
+        existing = {k: v for k, v in labels.items() if v.exists()}
+        cases = _pair({k: v for k, v in images.items() if v.exists()}, existing, root / "labelsTr", problems)
+    return DataSetInfo("msd", cases, _class_list(meta["labels"], path), modalities)
+
+
+def discover_nnunet(root: Path, problems: list[DataError] | None = None) -> DataSetInfo:
+    """nnU-Net v2 raw: channel files in ``imagesTr``, labels in ``labelsTr``, ``file_ending``."""
+    meta, path = _read_dataset_json(root), root / "dataset.json"
+    ending = meta.get("file_ending", ".nii.gz")
+    if ending not in (".nii.gz", ".nii"):
+        raise DataError(
+            path, f'file_ending {ending!r} is not supported; medseg reads NIfTI (".nii.gz", ".nii")'
+        )
+    modalities = _modalities(meta, path)
+    if not modalities:
+        raise DataError(path, 'nnU-Net dataset.json needs "channel_names", e.g. {"0": "CT"}')
+    labels = {p.name[: -len(ending)]: p for p in sorted((root / "labelsTr").glob(f"*{ending}"))}
+    cases = _channel_cases(root, ending, len(modalities), labels, problems)
+    return DataSetInfo("nnunet", cases, _class_list(meta["labels"], path), modalities)
 
 
 def detect_layout(root: Path) -> str:
     """Name the layout of ``root``; raises a ``DataError`` saying what was expected."""
+    if (root / "dataset.json").is_file():
+        meta = _read_dataset_json(root)
+        return "nnunet" if "file_ending" in meta or "channel_names" in meta else "msd"
+    if (root / "imagesTr").is_dir():
+        raise DataError(root / "dataset.json", "imagesTr/ found but no dataset.json (MSD / nnU-Net layout)")
     if (root / "images").is_dir():
-        return "folders"
-    raise DataError(root, "unknown data layout: expected images/ and masks/ folders")
+        return "dicom" if any(p.is_dir() for p in (root / "images").iterdir()) else "folders"
+    raise DataError(
+        root,
+        "unknown data layout: expected images/ + masks/ folders, or dataset.json + imagesTr/ + labelsTr/",
+    )
 
 
-def discover(root: str | Path, layout: str = "auto", require_masks: bool = True) -> list[Case]:
-    """All cases under ``root`` for ``layout`` (``auto`` detects it)."""
+def describe(
+    root: str | Path,
+    layout: str = "auto",
+    require_masks: bool = True,
+    problems: list[DataError] | None = None,
+) -> DataSetInfo:
+    """Discover the data set under ``root`` for ``layout`` (``auto`` detects it).
+
+    Args:
+        problems: if given, unmatched files (an image without a mask, ...) are appended to it and
+            skipped, instead of raising at the first one (``medseg data check``).
+    """
     root = Path(root)
     if not root.exists():
         raise DataError(root, "data folder not found (run `make data` for the default data set)")
@@ -82,4 +249,13 @@ def discover(root: str | Path, layout: str = "auto", require_masks: bool = True)
         raise ValueError(f"unknown layout {layout!r}; valid: {', '.join(LAYOUTS)}")
     if layout == "auto":
         layout = detect_layout(root)
-    return discover_folders(root, require_masks)
+    if layout == "msd":
+        return discover_msd(root, problems)
+    if layout == "nnunet":
+        return discover_nnunet(root, problems)
+    return DataSetInfo(layout, discover_folders(root, require_masks, problems))
+
+
+def discover(root: str | Path, layout: str = "auto", require_masks: bool = True) -> list[Case]:
+    """All cases under ``root`` for ``layout`` (``auto`` detects it)."""
+    return describe(root, layout, require_masks).cases

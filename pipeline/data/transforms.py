@@ -57,23 +57,28 @@ class Augmentation:
                 raise ValueError(f"augmentation.{name} is a probability in [0, 1], got {value}")
 
 
-def _crop(patch_size: tuple[int, int] | None) -> list[A.BasicTransform]:
+def _crop(patch_size: tuple[int, int] | None, foreground: bool = False) -> list[A.BasicTransform]:
     if patch_size is None:
         return []
     h, w = patch_size
+    # a foreground crop holds a random foreground pixel (random crop where the mask is empty)
+    crop = A.CropNonEmptyMaskIfExists(height=h, width=w) if foreground else A.RandomCrop(height=h, width=w)
     return [
         A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
-        A.RandomCrop(height=h, width=w),
+        crop,
     ]
 
 
-def build_train_transform(aug: Augmentation, patch_size: tuple[int, int] | None = None) -> A.Compose:
+def build_train_transform(
+    aug: Augmentation, patch_size: tuple[int, int] | None = None, foreground_crop: bool = False
+) -> A.Compose:
     """Random geometric and intensity transforms, then a random ``patch_size`` crop if given.
 
-    Input/output: image (H, W, C) float32 in [0, 1], mask (H, W) uint8.
+    ``foreground_crop`` places the crop around a random foreground pixel (for samples drawn to
+    show foreground). Input/output: image (H, W, C) float32 in [0, 1], mask (H, W) uint8.
     """
     if not aug.enabled:
-        return A.Compose(_crop(patch_size))
+        return A.Compose(_crop(patch_size, foreground_crop))
     geometric = [
         A.HorizontalFlip(p=aug.flip_p),
         A.VerticalFlip(p=aug.flip_p),
@@ -100,7 +105,7 @@ def build_train_transform(aug: Augmentation, patch_size: tuple[int, int] | None 
         ),
         A.GaussNoise(std_range=aug.noise_std, p=aug.noise_p),
     ]
-    return A.Compose([*geometric, *_crop(patch_size), *intensity])
+    return A.Compose([*geometric, *_crop(patch_size, foreground_crop), *intensity])
 
 
 def build_eval_transform() -> A.Compose:

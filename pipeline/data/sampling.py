@@ -1,0 +1,86 @@
+"""Which slices a loader reads, and in which groups.
+
+``ForegroundSampler`` draws training items so that a set fraction of them shows foreground, as
+nnU-Net does (it forces 1/3 of each batch's patches to contain foreground): most slices of a
+volume are often background only, and a uniform draw would starve the small classes. Each
+epoch is a seeded permutation of all items in which each position is, with probability
+``fraction``, replaced by a random foreground item; those are yielded as ``(index, True)`` so the
+dataset crops the patch around foreground too (``SliceDataset.foreground_transform``).
+
+It is deterministic for a seed and an epoch. Under DDP, Lightning wraps it in a
+``DistributedSamplerWrapper`` that gives each rank a shard of the same list (every rank builds
+the same list from the seed) and forwards ``set_epoch`` to it.
+
+``EvalBatches`` groups validation slices into batches of one size each (slices of one case,
+or consecutive 2D images of one size), because whole slices of different cases may differ in
+size and cannot be stacked; the loader then runs with ``batch_size=None``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from torch.utils.data import Dataset, Sampler, default_collate
+
+from pipeline.data.dataset import SliceDataset
+
+
+class ForegroundSampler(Sampler):
+    """Yields ``(index, forced)`` for one epoch of ``len(foreground)`` draws.
+
+    Args:
+        foreground: (N,) bool, whether item i shows a foreground class.
+        fraction: probability in [0, 1] that a draw is a random foreground item (``forced``);
+            with no foreground item in the data, draws stay uniform.
+        seed: seed of the draws; epoch e draws from ``np.random.default_rng([seed, e])``.
+    """
+
+    def __init__(self, foreground: Sequence[bool], fraction: float = 1 / 3, seed: int = 0) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ValueError(f"foreground fraction must be in [0, 1], got {fraction}")
+        self.foreground = np.flatnonzero(np.asarray(foreground, dtype=bool))
+        self.size = len(foreground)
+        self.fraction = fraction
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.size
+
+    def __iter__(self) -> Iterator[tuple[int, bool]]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        order = rng.permutation(self.size)
+        forced = rng.random(self.size) < self.fraction if self.foreground.size else np.zeros(self.size, bool)
+        picks = rng.choice(self.foreground, size=self.size) if self.foreground.size else order
+        for i, force, pick in zip(order.tolist(), forced.tolist(), picks.tolist(), strict=True):
+            yield (pick, True) if force else (i, False)
+
+
+class EvalBatches(Dataset):
+    """A ``SliceDataset`` as a dataset of whole batches, each of slices of one size, in order.
+
+    Args:
+        dataset: the slices.
+        batch_size: at most this many slices a batch.
+    """
+
+    def __init__(self, dataset: SliceDataset, batch_size: int) -> None:
+        self.dataset = dataset
+        self.batches: list[list[int]] = []
+        previous = None
+        for index, (c, _) in enumerate(dataset.slices):
+            size = tuple(dataset.cases[c].image.shape[1:3])
+            if size != previous or len(self.batches[-1]) == batch_size:
+                self.batches.append([])
+            self.batches[-1].append(index)
+            previous = size
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> dict:
+        return default_collate([self.dataset[i] for i in self.batches[index]])
