@@ -46,6 +46,10 @@ class SaveAndLogConfig(SaveConfigCallback):
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         config = flatten(self.config.as_dict())
+        # The variant's knobs and size as plain config keys too, so W&B can filter and group by them.
+        net = getattr(pl_module, "net", pl_module)
+        config.update({f"variant.{k}": v for k, v in getattr(net, "knobs", {}).items()})
+        config["variant.params"] = sum(p.numel() for p in net.parameters())
         for logger in trainer.loggers:
             logger.log_hyperparams(config)
 

@@ -90,6 +90,11 @@ class SegmentationModule(pl.LightningModule):
             )
         return self.net(x)
 
+    def on_train_epoch_start(self) -> None:
+        # Networks with a schedule of their own (ResNetUNet's encoder freezing) follow the epoch.
+        if hasattr(self.net, "set_epoch"):
+            self.net.set_epoch(self.current_epoch)
+
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.net(self._prepare(batch["image"]))
         loss = self.loss(logits, batch["mask"][:, None])

@@ -51,6 +51,10 @@ def variant_name(knobs: dict) -> str:
     parts = [str(knobs.get("arch", "net"))]
     if knobs.get("encoder"):
         parts.append(str(knobs["encoder"]))
+    if knobs.get("weights") not in (None, "none"):  # pretrained encoder: imagenet or file
+        parts.append(str(knobs["weights"]))
+    if knobs.get("freeze"):
+        parts.append(f"freeze{knobs['freeze']}")
     if knobs.get("skips") is False:
         parts.append("noskip")
     if knobs.get("block") == "residual":

@@ -10,9 +10,10 @@ import importlib
 
 from torch import nn
 
+from pipeline.models.resnet_unet import ResNetUNet
 from pipeline.models.unet import UNet
 
-__all__ = ["UNet", "build_net", "net_spec"]
+__all__ = ["ResNetUNet", "UNet", "build_net", "net_spec"]
 
 
 def net_spec(net: nn.Module) -> dict:

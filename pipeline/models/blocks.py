@@ -61,6 +61,18 @@ def check_names(norm: str | None, act: str, init: str, block: str = "plain") -> 
     _check("block", block, BLOCKS)
 
 
+def shared_knobs(init_args: dict) -> dict[str, object]:
+    """The knobs every network has (skips, block, norm, act, init), read from its ``init_args``."""
+    a = init_args
+    return {
+        "skips": a["use_skips"],
+        "block": a["block"],
+        "norm": a["norm"] or "none",
+        "act": a["act"],
+        "init": a["init"],
+    }
+
+
 def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
     """Initialise every conv and linear weight under ``module`` in place.
 
@@ -91,13 +103,15 @@ def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
             nn.init.zeros_(m.bias)
 
 
-def expected_std(weight_shape: tuple[int, ...], scheme: str, transposed: bool = False) -> float:
-    """The standard deviation ``init_weights`` targets for a conv weight of this shape (ReLU gain)."""
+def expected_std(weight_shape: tuple[int, ...], scheme: str) -> float:
+    """The standard deviation ``init_weights`` targets for a conv weight of this shape (ReLU gain).
+
+    Fans are PyTorch's: dimension 1 x kernel size is the fan-in, dimension 0 x kernel size the
+    fan-out, for ``ConvTranspose2d`` weights (in, out, kh, kw) too, as ``nn.init`` computes them.
+    """
     receptive = math.prod(weight_shape[2:])
     fan_in = weight_shape[1] * receptive
     fan_out = weight_shape[0] * receptive
-    if transposed:  # ConvTranspose2d weights are (in, out, kh, kw)
-        fan_in, fan_out = fan_out, fan_in
     if scheme == "kaiming":
         return math.sqrt(2.0 / fan_in)
     if scheme == "xavier":

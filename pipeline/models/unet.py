@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pipeline.models.blocks import check_names, init_weights, make_block
+from pipeline.models.blocks import check_names, init_weights, make_block, shared_knobs
 from pipeline.models.decoder import UNetDecoder
 
 
@@ -97,16 +97,7 @@ class UNet(nn.Module):
     @property
     def knobs(self) -> dict[str, object]:
         """The variant's settings that name the run and become W&B tags."""
-        a = self.init_args
-        return {
-            "arch": "unet",
-            "skips": a["use_skips"],
-            "block": a["block"],
-            "norm": a["norm"] or "none",
-            "act": a["act"],
-            "init": a["init"],
-            "depth": len(a["features"]),
-        }
+        return {"arch": "unet", **shared_knobs(self.init_args), "depth": len(self.init_args["features"])}
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_channels, H, W) -> logits (B, out_channels, H, W)."""
