@@ -21,6 +21,7 @@ import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
+from pipeline.data import commands as volume_commands
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.io import DataError
 from pipeline.module import SegmentationModule
@@ -118,16 +119,19 @@ def data_command(args: Sequence[str]) -> None:
     parser = argparse.ArgumentParser(prog="medseg data", description="Data set tools.")
     sub = parser.add_subparsers(dest="action", required=True)
     synth = sub.add_parser("synth", help="generate the procedural phantom data set")
-    synth.add_argument("--output", default="data/synthetic", help="output folder (default: %(default)s)")
-    synth.add_argument("--num-images", type=int, default=240, help="number of images (default: %(default)s)")
+    synth.add_argument("--output", default=None, help="output folder (default: data/synthetic)")
+    synth.add_argument("--num-images", type=int, default=None, help="number of images (default: 240)")
     synth.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
     synth.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
+    volume_commands.add_arguments(sub, synth)  # synth --volumes, check, prepare
     opts = parser.parse_args(args)
+    if volume_commands.run(opts):
+        return
     if opts.action == "synth":
         from pipeline.data.synthetic import generate_dataset
 
-        out = generate_dataset(opts.output, opts.num_images, opts.size, opts.seed)
-        print(f"wrote {opts.num_images} phantoms ({opts.size}x{opts.size}) to {out}")
+        out = generate_dataset(opts.output or "data/synthetic", opts.num_images or 240, opts.size, opts.seed)
+        print(f"wrote {opts.num_images or 240} phantoms ({opts.size}x{opts.size}) to {out}")
 
 
 COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": data_command}

@@ -24,6 +24,15 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_dataset(tmp_path_factory.mktemp("phantoms"), num_images=12, size=64, seed=0)
 
 
+@pytest.fixture(scope="session")
+def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """6 synthetic CT volumes of 40x40x12 voxels in MSD layout (read-only: give the data module a
+    ``cache_dir`` in ``tmp_path``, and copy the folder before changing it)."""
+    from pipeline.data.synthetic_volumes import generate_volumes
+
+    return generate_volumes(tmp_path_factory.mktemp("volumes") / "msd", num_cases=6, seed=0)
+
+
 def fit_args(data_root: Path, runs: Path, *extra: str) -> list[str]:
     """``medseg fit`` arguments for a seconds-long CPU run on tiny data."""
     return [

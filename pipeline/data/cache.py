@@ -186,13 +186,15 @@ def prepare_cache(
     }
     spacings = [fresh[c.case_id]["spacing"] if c.case_id in fresh else probe(c)[0] for c in cases]
     axis = resolve_slice_axis(slice_axis, spacings) if cases else 2
-    entries, written = {}, 0
-    for case in cases:
-        entry = fresh.get(case.case_id)
-        if entry is None or entry["slice_axis"] != axis:
-            entry = _write_case(case, cache_dir, axis, class_names, label_map, inputs[case.case_id])
-            written += 1
-        entries[case.case_id] = entry
+    stale = [c.case_id for c in cases if c.case_id not in fresh or fresh[c.case_id]["slice_axis"] != axis]
+    if stale:
+        log.info("cache %s: decoding %d of %d cases (slice axis %d)", cache_dir, len(stale), len(cases), axis)
+    entries = {
+        case.case_id: _write_case(case, cache_dir, axis, class_names, label_map, inputs[case.case_id])
+        if case.case_id in stale
+        else fresh[case.case_id]
+        for case in cases
+    }
     for gone in set(old.get("cases", {})) - set(entries):
         for key in ARRAYS:
             if old["cases"][gone].get(key):
@@ -200,8 +202,7 @@ def prepare_cache(
     manifest = {"settings": settings, "layout": layout, "slice_axis": axis, "cases": entries}
     if manifest != old:
         atomic_write(cache_dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
-    log.info("cache %s: %d cases, %d decoded, slice axis %d", cache_dir, len(entries), written, axis)
-    return manifest, written
+    return manifest, len(stale)
 
 
 def open_case(cache_dir: str | Path, case_id: str, entry: dict, norms: Sequence[Normalization]) -> CaseArrays:

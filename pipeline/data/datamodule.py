@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from pipeline.data import cache
 from pipeline.data.dataset import CaseArrays, SliceDataset, apply_label_map, load_case_2d
 from pipeline.data.io import DataError, read_image_2d, read_mask_2d
-from pipeline.data.layouts import Case, describe, read_class_names
+from pipeline.data.layouts import Case, describe, resolve_class_names
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
 from pipeline.data.order import resumable_loader
 from pipeline.data.sampling import EvalBatches, ForegroundSampler
@@ -160,9 +160,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if len(kinds) > 1:
             raise DataError(self.root, "mixes 2D images and volumes; keep one kind per data set")
         self.volumetric = kinds.pop()
-        self.class_names = (
-            list(class_names) if class_names else self.info.class_names or self._read_class_names()
-        )
+        self.class_names = resolve_class_names(self.root, self.info, class_names)
         self.modalities = list(modalities) if modalities else self.info.modalities
         self.in_channels = len(self.modalities) if self.modalities else self._probe_channels()
         self.split: dict[str, list[str]] = {}
@@ -173,12 +171,6 @@ class SegmentationDataModule(pl.LightningDataModule):
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
-
-    def _read_class_names(self) -> list[str]:
-        path = self.root / "classes.json"
-        if not path.exists():
-            raise DataError(path, "no class names: write classes.json or set data.class_names in the config")
-        return read_class_names(path)
 
     def _probe_channels(self) -> int:
         if self.volumetric:

@@ -92,6 +92,18 @@ def _class_list(data: object, path: Path) -> list[str]:
     return [str(name) for name in data]
 
 
+def resolve_class_names(root: str | Path, info: DataSetInfo, given: list[str] | None = None) -> list[str]:
+    """Class names: ``given`` (the config), else ``dataset.json``'s, else ``<root>/classes.json``."""
+    if given:
+        return list(given)
+    if info.class_names:
+        return info.class_names
+    path = Path(root) / "classes.json"
+    if not path.exists():
+        raise DataError(path, "no class names: write classes.json or set data.class_names in the config")
+    return read_class_names(path)
+
+
 def _entries(folder: Path) -> dict[str, Path]:
     """Case id -> image file (2D or NIfTI) or sub-folder (DICOM series) in ``folder``."""
     if not folder.is_dir():

@@ -1,0 +1,113 @@
+"""``medseg data check``: validate a data set in one pass and report every problem at once.
+
+Training stops at the first bad file; before a long run (or after copying a data set) it is
+better to see them all. Each problem is a ``DataError`` naming one file: unreadable or truncated
+files, images without masks and masks without images, image/mask size or geometry mismatch,
+label values outside the classes, NaN/Inf intensities, channel counts that differ between
+cases, and an empty data set.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.dataset import apply_label_map, check_labels, pair_problems
+from pipeline.data.io import DataError, read_image_2d, read_mask_2d
+from pipeline.data.layouts import Case, describe, resolve_class_names
+from pipeline.data.volumes import case_problems, is_volume_case, read_image, read_mask
+
+
+@dataclass
+class CheckReport:
+    """What ``check_dataset`` found; ``ok`` when ``problems`` is empty."""
+
+    root: Path
+    layout: str | None = None
+    cases: int = 0
+    channels: int | None = None
+    class_names: list[str] = field(default_factory=list)
+    problems: list[DataError] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+    def summary(self) -> str:
+        """One line: ``OK: ...`` or ``FAILED: N problem(s) ...``."""
+        classes = ", ".join(self.class_names) or "?"
+        what = f"{self.cases} cases, {self.layout} layout, {self.channels} channel(s), classes: {classes}"
+        return (
+            f"OK: {what}" if self.ok else f"FAILED: {len(self.problems)} problem(s) in {self.root} ({what})"
+        )
+
+
+def _read(read, *args) -> tuple[object | None, list[DataError]]:
+    try:
+        return read(*args), []
+    except DataError as err:
+        return None, [err]
+
+
+def _check_volume(case: Case, class_names: list[str], label_map) -> tuple[int | None, list[DataError]]:
+    image, problems = _read(read_image, case)
+    mask, mask_problems = _read(read_mask, case.mask, label_map) if case.mask else (None, [])
+    problems += mask_problems
+    if image is not None:
+        problems += case_problems(case, image, mask, class_names)
+    elif mask is not None and class_names:
+        problems += _read(check_labels, mask.array, len(class_names), case.mask, class_names)[1]
+    return (image.array.shape[-1] if image is not None else None), problems
+
+
+def _check_2d(case: Case, class_names: list[str], label_map) -> tuple[int | None, list[DataError]]:
+    image, problems = _read(read_image_2d, case.images[0])
+    mask, mask_problems = _read(read_mask_2d, case.mask) if case.mask else (None, [])
+    problems += mask_problems
+    if image is not None and not np.isfinite(image).all():
+        problems.append(DataError(case.images[0], "image holds NaN or infinite intensities"))
+    if mask is not None:
+        mask = apply_label_map(mask, label_map)
+        shape = image.shape[:2] if image is not None else mask.shape
+        problems += pair_problems(case.images[0], case.mask, shape, mask, class_names) if class_names else []
+    return (None if image is None else 1 if image.ndim == 2 else image.shape[-1]), problems
+
+
+def check_dataset(
+    root: str | Path, layout: str = "auto", class_names: list[str] | None = None, label_map=None
+) -> CheckReport:
+    """Read every case under ``root`` and collect every problem (never raises ``DataError``)."""
+    report = CheckReport(Path(root))
+    try:
+        info = describe(root, layout, problems=report.problems)
+    except DataError as err:
+        report.problems.append(err)
+        return report
+    report.layout, report.cases = info.layout, len(info.cases)
+    try:
+        report.class_names = resolve_class_names(root, info, class_names)
+    except DataError as err:
+        report.problems.append(err)
+    if not info.cases:
+        report.problems.append(DataError(root, "empty data set: no cases found"))
+    report.channels = len(info.modalities) if info.modalities else None
+    first = None
+    for case in info.cases:
+        check = _check_volume if is_volume_case(case) else _check_2d
+        channels, problems = check(case, report.class_names, label_map)
+        report.problems += problems
+        if first is None and channels is not None:
+            first = case
+            report.channels = report.channels or channels
+        if channels is not None and channels != report.channels:
+            report.problems.append(
+                DataError(
+                    case.images[0],
+                    f"has {channels} channel(s); the data set has {report.channels} ({first.case_id})",
+                )
+            )
+        if is_volume_case(case) != is_volume_case(info.cases[0]):
+            report.problems.append(DataError(case.images[0], "mixes 2D images and volumes in one data set"))
+    return report

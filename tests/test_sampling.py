@@ -1,0 +1,65 @@
+import numpy as np
+import pytest
+
+from pipeline.data.dataset import CaseArrays, SliceDataset
+from pipeline.data.normalization import Normalization, fit_intensity
+from pipeline.data.sampling import EvalBatches, ForegroundSampler
+from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
+
+
+def test_sampling_forces_the_foreground_fraction_deterministically():
+    foreground = np.zeros(3000, bool)
+    foreground[::10] = True  # 10 % of the slices show foreground
+    sampler = ForegroundSampler(foreground, fraction=1 / 3, seed=4)
+    draws = list(sampler)
+    assert len(draws) == len(sampler) == 3000
+    forced = [i for i, f in draws if f]
+    assert abs(len(forced) / 3000 - 1 / 3) < 0.03 and all(foreground[i] for i in forced)
+    shown = np.mean([foreground[i] for i, _ in draws])
+    assert shown > 0.37  # 1/3 forced + 10 % of the uniform rest
+    assert list(sampler) == draws  # same seed and epoch: same draws
+    sampler.set_epoch(1)
+    assert list(sampler) != draws
+    assert list(ForegroundSampler(foreground, 1 / 3, seed=4)) == draws
+
+
+def test_sampling_without_fraction_is_a_permutation():
+    draws = list(ForegroundSampler([True, False] * 10, fraction=0.0, seed=0))
+    assert sorted(i for i, _ in draws) == list(range(20)) and not any(f for _, f in draws)
+    draws = list(ForegroundSampler([False] * 5, fraction=1.0, seed=0))  # no foreground: stays uniform
+    assert sorted(i for i, _ in draws) == list(range(5))
+    with pytest.raises(ValueError, match=r"in \[0, 1\]"):
+        ForegroundSampler([True], fraction=1.5)
+
+
+def _case(case_id, slices, size, lesion_at=None):
+    image = np.zeros((slices, *size, 1), np.float32)
+    mask = np.zeros((slices, *size), np.uint8)
+    if lesion_at is not None:
+        s, y, x = lesion_at
+        mask[s, y : y + 3, x : x + 3] = 1
+        image[mask > 0] = 1.0
+    return CaseArrays(case_id, image, mask, fit_intensity(image, Normalization("none")), is_volume=True)
+
+
+def test_sampling_foreground_draws_crop_around_foreground():
+    case = _case("a", 2, (96, 96), lesion_at=(1, 80, 5))
+    aug = Augmentation(enabled=False)
+    dataset = SliceDataset(
+        [case],
+        build_train_transform(aug, (16, 16)),
+        foreground_transform=build_train_transform(aug, (16, 16), foreground_crop=True),
+    )
+    assert dataset.has_foreground().tolist() == [False, True]
+    assert all(dataset[(1, True)]["mask"].sum() > 0 for _ in range(20))
+    assert dataset[(1, False)]["mask"].shape == (16, 16)
+    random_hits = sum(dataset[(1, False)]["mask"].sum() > 0 for _ in range(40))
+    assert random_hits < 20  # a random 16x16 crop of 96x96 rarely holds the 3x3 lesion
+
+
+def test_sampling_eval_batches_never_mix_slice_sizes():
+    cases = [_case("a", 3, (8, 8)), _case("b", 5, (6, 10)), _case("c", 1, (8, 8))]
+    batches = EvalBatches(SliceDataset(cases, build_eval_transform()), batch_size=2)
+    sizes = [tuple(batches[i]["image"].shape) for i in range(len(batches))]
+    assert sizes == [(2, 1, 8, 8), (1, 1, 8, 8), (2, 1, 6, 10), (2, 1, 6, 10), (1, 1, 6, 10), (1, 1, 8, 8)]
+    assert batches[2]["case_id"] == ["b", "b"] and batches[2]["slice_index"].tolist() == [0, 1]
