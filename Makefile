@@ -6,12 +6,15 @@ BIN := $(VENV)/bin
 MODEL ?= unet
 DATA ?= synthetic
 ARGS ?=
+CKPT ?=
+INPUT ?=
+OUTPUT ?=
 PYTEST_ARGS ?=
 CONFIGS := -c configs/default.yaml -c configs/model/$(MODEL).yaml -c configs/data/$(DATA).yaml
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train test test-slow lint clean
+.PHONY: help install data train infer bench test test-slow lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -31,6 +34,13 @@ data: data/synthetic/classes.json ## generate the default phantom data set in da
 
 train: install data ## train MODEL (configs/model/*.yaml) on DATA (configs/data/*.yaml); ARGS= adds CLI flags
 	$(BIN)/medseg fit $(CONFIGS) $(ARGS)
+
+infer: install ## segment new scans: make infer CKPT=<run>/checkpoints/best.ckpt INPUT=scans/ OUTPUT=masks/ (ARGS= adds flags)
+	@test -n "$(CKPT)" -a -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "usage: make infer CKPT=best.ckpt INPUT=scans/ OUTPUT=masks/ [ARGS=--tta]"; exit 2; }
+	$(BIN)/medseg infer --checkpoint $(CKPT) --input $(INPUT) --output $(OUTPUT) $(ARGS)
+
+bench: install ## speed benchmarks; results in benchmarks/results/
+	$(BIN)/python benchmarks/inference_speed.py
 
 test: install ## run the test suite (CPU, a few minutes)
 	$(BIN)/pytest -q $(PYTEST_ARGS)

@@ -6,7 +6,8 @@ Training and evaluation are LightningCLI subcommands (configs compose left to ri
     medseg validate -c <run>/config.yaml --ckpt_path <run>/checkpoints/best.ckpt
     medseg fit ... --print_config          # the full config, to start a new file
 
-Other subcommands: ``medseg data synth`` (the default phantom data set).
+Other subcommands: ``medseg data synth`` (the default phantom data set), ``medseg infer`` (batch
+inference on new scans, ``pipeline.inference``).
 """
 
 from __future__ import annotations
@@ -134,7 +135,14 @@ def data_command(args: Sequence[str]) -> None:
         print(f"wrote {opts.num_images or 240} phantoms ({opts.size}x{opts.size}) to {out}")
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": data_command}
+def infer_command(args: Sequence[str]) -> None:
+    # imported on use: pipeline.inference imports this module
+    from pipeline.inference import infer_command as run_infer
+
+    run_infer(args)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": data_command, "infer": infer_command}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

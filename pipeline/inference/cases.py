@@ -1,0 +1,244 @@
+"""Inputs of ``medseg infer``: find the cases, name them safely, load and preprocess each one.
+
+An input is a NIfTI volume (``.nii``, ``.nii.gz``), a DICOM series (a folder holding DICOM files:
+one folder, one series), or a 2D image (PNG/TIFF/JPEG/...). A folder that is not a DICOM series
+holds many inputs (its sub-folders are searched the same way). With a multi-channel model,
+nnU-Net-style channel files ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... form one case.
+
+Preprocessing is the validation path of training: the same readers, the same slicing of the
+canonical RAS+ volume, and ``standardize(to_unit(x))`` with the case's own statistics.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from pipeline.data.dataset import CaseArrays, load_case_2d
+from pipeline.data.io import DataError, case_stem, is_image_2d, is_nifti
+from pipeline.data.layouts import CHANNEL_FILE, Case
+from pipeline.data.normalization import (
+    IntensityStats,
+    Normalization,
+    fit_intensity,
+    standardize,
+    stats_from_moments,
+    to_unit,
+)
+from pipeline.data.slicing import to_slices
+from pipeline.data.volumes import load_volume_case
+from pipeline.inference.checkpoint import Preprocessing
+
+KINDS = ("nifti", "dicom", "image", "unsupported")
+UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+@dataclass(frozen=True)
+class InputCase:
+    """One case to segment.
+
+    Attributes:
+        name: output name (safe as a file name: no separators, no leading dot, never ``..``).
+        paths: the image file, its channel files in channel order, or the DICOM folder.
+        kind: one of ``KINDS``; ``unsupported`` cases fail on load with a message saying why.
+    """
+
+    name: str
+    paths: tuple[Path, ...]
+    kind: str
+
+    @property
+    def path(self) -> Path:
+        return self.paths[0]
+
+    @property
+    def is_volume(self) -> bool:
+        return self.kind in ("nifti", "dicom")
+
+
+def safe_name(raw: str) -> str:
+    """A file-name-safe case name: runs of other characters become ``_``; no leading dots."""
+    name = UNSAFE.sub("_", raw).lstrip(".")
+    return name or "case"
+
+
+def _is_dicom_file(path: Path) -> bool:
+    if path.suffix.lower() == ".dcm":
+        return True
+    try:
+        with path.open("rb") as f:
+            return f.read(132)[128:] == b"DICM"  # the DICOM preamble is 128 bytes, then the magic
+    except OSError:
+        return False
+
+
+def _visible(folder: Path) -> list[Path]:
+    # hidden entries are skipped: they include atomic_write's temporary files
+    return sorted(p for p in folder.iterdir() if not p.name.startswith("."))
+
+
+def _kind(path: Path) -> str:
+    if is_nifti(path):
+        return "nifti"
+    return "image" if is_image_2d(path) else "unsupported"
+
+
+def _walk(path: Path) -> list[InputCase]:
+    if path.is_file():
+        return [InputCase(safe_name(case_stem(path)), (path,), _kind(path))]
+    entries = _visible(path)
+    if any(p.is_file() and _is_dicom_file(p) for p in entries):
+        return [InputCase(safe_name(path.name), (path,), "dicom")]
+    return [case for entry in entries for case in _walk(entry)]
+
+
+def _group_channels(cases: list[InputCase]) -> list[InputCase]:
+    """Merge ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... of one folder into one case."""
+    groups: dict[tuple[Path, str], list[InputCase]] = defaultdict(list)
+    out = []
+    for case in cases:
+        match = CHANNEL_FILE.match(case_stem(case.path)) if case.kind == "nifti" else None
+        if match:
+            groups[(case.path.parent, match["case"])].append(case)
+        else:
+            out.append(case)
+    for (_, stem), members in groups.items():
+        paths = tuple(sorted((m.path for m in members), key=lambda p: p.name))
+        out.append(InputCase(safe_name(stem), paths, "nifti"))
+    return sorted(out, key=lambda c: c.name)
+
+
+def find_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[InputCase]:
+    """All cases under ``inputs`` (files and folders), sorted by name.
+
+    Raises:
+        DataError: an input does not exist, nothing was found, or two inputs would write the
+            same output name.
+    """
+    cases: list[InputCase] = []
+    for raw in inputs:
+        path = Path(raw)
+        if not path.exists():
+            raise DataError(path, "input not found")
+        cases.extend(_walk(path))
+    if in_channels > 1:
+        cases = _group_channels(cases)
+    if not cases:
+        raise DataError(", ".join(str(p) for p in inputs), "no inputs found")
+    seen: dict[str, Path] = {}
+    for case in cases:
+        if case.name in seen:
+            raise DataError(case.path, f"gives the same output name {case.name!r} as {seen[case.name]}")
+        seen[case.name] = case.path
+    return cases
+
+
+def volume_stats(slices: np.ndarray, norms: Sequence[Normalization]) -> IntensityStats:
+    """Intensity statistics of a (S, H, W, C) volume computed as the training cache computes them
+    (``pipeline.data.cache``: raw moments where they suffice), so they match to the last bit."""
+    moments = {
+        "min": slices.min(axis=(0, 1, 2)).astype(float).tolist(),
+        "max": slices.max(axis=(0, 1, 2)).astype(float).tolist(),
+        "mean": slices.mean(axis=(0, 1, 2), dtype=np.float64).tolist(),
+        "std": slices.std(axis=(0, 1, 2), dtype=np.float64).tolist(),
+    }
+    return stats_from_moments(moments, norms) or fit_intensity(slices, norms)
+
+
+def load_case(case: InputCase, prep: Preprocessing) -> dict:
+    """Read and preprocess one case.
+
+    Returns:
+        ``{"case": InputCase, "image": float32 (S, C, H, W) network input, "geometry": the
+        ``Volume`` without its intensities (None for 2D), "shape": stored spatial shape,
+        "spacing": stored voxel size in mm (None for 2D)}``; S is 1 for a 2D image.
+
+    Raises:
+        DataError: the file cannot be read, or does not fit the model.
+    """
+    if case.kind == "unsupported":
+        raise DataError(
+            case.path, "not a supported input (NIfTI .nii/.nii.gz, a DICOM series folder, PNG/TIFF/JPEG)"
+        )
+    geometry, spacing = None, None
+    if case.is_volume:
+        volume, _ = load_volume_case(Case(case.name, case.paths, None), prep.class_names)
+        array = (
+            volume.array if np.issubdtype(volume.array.dtype, np.integer) else volume.array.astype(np.float32)
+        )
+        slices = np.ascontiguousarray(to_slices(array, prep.slice_axis))  # as cached for training
+        _check_channels(case, slices.shape[-1], prep)
+        arrays = CaseArrays(case.name, slices, None, volume_stats(slices, prep.normalization), True)
+        geometry = dataclasses.replace(volume, array=np.empty(0, np.float32))  # no second copy over IPC
+        shape = volume.source_shape
+        spacing = tuple(float(s) for s in np.linalg.norm(volume.source_affine[:3, :3], axis=0))
+    else:
+        # one setting for all channels is passed as one, so a wrong channel count gets the message below
+        norm = prep.normalization[0] if len(set(prep.normalization)) == 1 else prep.normalization
+        arrays = load_case_2d(Case(case.name, case.paths, None), norm, prep.class_names)
+        _check_channels(case, arrays.image.shape[-1], prep)
+        shape = arrays.image.shape[1:3]
+    return {
+        "case": case,
+        "image": torch.from_numpy(network_input(arrays)),
+        "geometry": geometry,
+        "shape": tuple(int(s) for s in shape),
+        "spacing": spacing,
+    }
+
+
+def _check_channels(case: InputCase, channels: int, prep: Preprocessing) -> None:
+    if channels != prep.in_channels:
+        raise DataError(case.path, f"has {channels} channel(s); the model expects {prep.in_channels}")
+
+
+def network_input(arrays: CaseArrays) -> np.ndarray:
+    """(S, H, W, C) raw slices -> (S, C, H, W) float32, exactly as validation feeds the network."""
+    image = standardize(to_unit(np.asarray(arrays.image), arrays.stats), arrays.stats)
+    return np.ascontiguousarray(image.transpose(0, 3, 1, 2), dtype=np.float32)
+
+
+def describe(err: BaseException) -> str:
+    """One line naming the problem; ``DataError`` already names its file."""
+    if isinstance(err, DataError):
+        return err.problem
+    return f"{type(err).__name__}: {err}"
+
+
+class InferenceDataset(Dataset):
+    """One item per case (loaded and preprocessed in a loader worker); a failure becomes an item too.
+
+    Items are ``load_case`` dicts plus ``"seconds"`` (load time), or ``{"case", "error"}`` when
+    the case cannot be loaded, so one bad file is reported and the rest carry on.
+    """
+
+    def __init__(self, cases: Sequence[InputCase], prep: Preprocessing) -> None:
+        self.cases = list(cases)
+        self.prep = prep
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        start = time.perf_counter()
+        try:
+            item = load_case(case, self.prep)
+        except Exception as err:  # any reader failure: report this case, keep going with the rest
+            return {"case": case, "error": describe(err)}
+        item["seconds"] = time.perf_counter() - start
+        return item
+
+
+def first_item(items: list[dict]) -> dict:
+    """Collate for a loader with ``batch_size=1``: the case dict itself, nothing stacked."""
+    return items[0]

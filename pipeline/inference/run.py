@@ -1,0 +1,184 @@
+"""``medseg infer``: segment new scans with a trained checkpoint, no config needed::
+
+    medseg infer --checkpoint runs/default/<run>/checkpoints/best.ckpt --input scans/ --output masks/
+    medseg infer ... --tta --largest-component --save-probabilities --overlays --devices 2
+
+``Trainer.predict`` runs ``CasePredictor`` over an ``InferenceDataset`` (one case per step, loaded
+in loader workers) and ``CaseWriter`` writes each case as it is done. With ``devices`` > 1 the
+cases are split over the processes by Lightning's unrepeated distributed sampler, so every case
+is predicted and written by exactly one rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.callbacks import RichProgressBar
+from torch.utils.data import DataLoader
+
+from pipeline.cli import MedsegCLI
+from pipeline.data.io import DataError
+from pipeline.inference.cases import InferenceDataset, InputCase, find_inputs, first_item
+from pipeline.inference.checkpoint import load_model
+from pipeline.inference.predictor import CasePredictor
+from pipeline.inference.writer import CaseWriter, OutputLayout
+
+log = logging.getLogger(__name__)
+MAX_LISTED = 5
+
+
+@dataclass(frozen=True)
+class InferenceResult:
+    """What a run did, read back from the merged ``predictions.csv``.
+
+    Attributes:
+        ok: names of the cases segmented.
+        failed: (input path, reason) of each case skipped.
+        table: the ``predictions.csv`` path.
+        is_global_zero: this process is rank 0 (the one that reports).
+    """
+
+    ok: list[str]
+    failed: list[tuple[str, str]]
+    table: Path
+    is_global_zero: bool
+
+
+def check_outputs(cases: Sequence[InputCase], layout: OutputLayout, overwrite: bool) -> None:
+    """Refuse, before any work, to replace an input or (without ``overwrite``) an existing output."""
+    inputs = {p.resolve() for case in cases for p in case.paths}
+    planned = [layout.table, *(p for case in cases for p in layout.paths(case))]
+    for path in planned:
+        if path.resolve() in inputs:
+            raise DataError(path, "is an input and would be replaced by an output; choose another --output")
+    existing = [str(p) for p in planned if p.exists()]
+    if existing and not overwrite:
+        more = f" and {len(existing) - MAX_LISTED} more" if len(existing) > MAX_LISTED else ""
+        raise DataError(
+            layout.folder,
+            f"{len(existing)} output(s) exist already ({', '.join(existing[:MAX_LISTED])}{more}); "
+            "pass --overwrite to replace them",
+        )
+
+
+def infer(
+    checkpoint: str | Path,
+    inputs: Sequence[str | Path],
+    output: str | Path,
+    batch_size: int = 8,
+    tta: bool = False,
+    devices: int = 1,
+    accelerator: str = "auto",
+    num_workers: int = 2,
+    overwrite: bool = False,
+    save_probabilities: bool = False,
+    overlays: bool = False,
+    largest_component: bool = False,
+    progress_bar: bool = True,
+) -> InferenceResult:
+    """Segment every case under ``inputs`` into ``output``; see the module docstring.
+
+    Args:
+        checkpoint: a ``medseg fit`` checkpoint (loaded with ``weights_only=True``).
+        inputs: files and folders (NIfTI, DICOM series folders, 2D images).
+        output: output folder (created if needed).
+        batch_size: slices per forward pass.
+        tta: mirroring test-time augmentation.
+        devices: processes (GPUs, or CPU processes with ``accelerator="cpu"``); > 1 uses DDP.
+        accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
+        num_workers: loader worker processes reading and preprocessing cases ahead.
+        overwrite: replace existing outputs (otherwise refuse before doing any work).
+        save_probabilities: write float16 softmax probabilities per case (``.npz``).
+        overlays: write overlay PNGs (the middle slice of volumes).
+        largest_component: keep only the largest connected component of each class.
+        progress_bar: show a progress bar over cases.
+
+    Raises:
+        DataError: a bad checkpoint, missing inputs, or outputs that exist already.
+    """
+    if devices < 1 or num_workers < 0:
+        raise ValueError(f"devices must be >= 1 and num_workers >= 0, got {devices} and {num_workers}")
+    module, prep = load_model(checkpoint)
+    cases = find_inputs(inputs, prep.in_channels)
+    layout = OutputLayout(Path(output), save_probabilities, overlays)
+    check_outputs(cases, layout, overwrite)
+    layout.folder.mkdir(parents=True, exist_ok=True)
+    writer = CaseWriter(layout, prep, largest_component)
+    trainer = pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        precision=MedsegCLI._default_precision(accelerator),
+        logger=False,
+        callbacks=[writer, RichProgressBar()] if progress_bar else [writer],
+        enable_progress_bar=progress_bar,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=layout.folder,
+    )
+    workers = min(num_workers, len(cases))
+    loader = DataLoader(
+        InferenceDataset(cases, prep),
+        batch_size=1,
+        collate_fn=first_item,
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=2 if workers else None,
+    )
+    predictor = CasePredictor(module, batch_size, tta, save_probabilities)
+    trainer.predict(predictor, dataloaders=loader, return_predictions=False)
+    with layout.table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    return InferenceResult(
+        ok=[r["case"] for r in rows if r["status"] == "ok"],
+        failed=[(r["input"], r["error"]) for r in rows if r["status"] != "ok"],
+        table=layout.table,
+        is_global_zero=trainer.is_global_zero,
+    )
+
+
+def infer_command(args: Sequence[str]) -> None:
+    """``medseg infer``: prints a summary; exits 1 when any case failed."""
+    parser = argparse.ArgumentParser(prog="medseg infer", description="Segment new scans with a checkpoint.")
+    add = parser.add_argument
+    add("--checkpoint", required=True, help="a medseg fit checkpoint (e.g. best.ckpt)")
+    add("--input", required=True, nargs="+", help="NIfTI files, DICOM series folders, images, folders")
+    add("--output", required=True, help="output folder")
+    add("--batch-size", type=int, default=8, help="slices per forward pass (default: %(default)s)")
+    add("--tta", action="store_true", help="mirroring test-time augmentation (4x the compute)")
+    add("--devices", type=int, default=1, help="processes (GPUs); > 1 uses DDP (default: %(default)s)")
+    add("--accelerator", default="auto", help="auto, cpu, gpu, ... (default: %(default)s)")
+    add("--num-workers", type=int, default=2, help="loader workers (default: %(default)s)")
+    add("--overwrite", action="store_true", help="replace existing outputs")
+    add("--save-probabilities", action="store_true", help="write probabilities/<case>.npz (float16)")
+    add("--overlays", action="store_true", help="write overlays/<case>.png")
+    add("--largest-component", action="store_true", help="keep each class's largest connected component")
+    opts = parser.parse_args(args)
+    result = infer(
+        opts.checkpoint,
+        opts.input,
+        opts.output,
+        batch_size=opts.batch_size,
+        tta=opts.tta,
+        devices=opts.devices,
+        accelerator=opts.accelerator,
+        num_workers=opts.num_workers,
+        overwrite=opts.overwrite,
+        save_probabilities=opts.save_probabilities,
+        overlays=opts.overlays,
+        largest_component=opts.largest_component,
+    )
+    if result.is_global_zero:
+        print(f"{len(result.ok)} ok, {len(result.failed)} failed -> {result.table}")
+        for path, reason in result.failed:
+            print(f"  failed: {path}: {reason}")
+    if result.failed:
+        sys.exit(1)
