@@ -17,14 +17,14 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data import cache
-from pipeline.data.dataset import CaseArrays, SliceDataset, apply_label_map, load_case_2d
-from pipeline.data.io import DataError, read_image_2d, read_mask_2d
+from pipeline.data.dataset import CaseArrays, SliceDataset
+from pipeline.data.io import DataError
 from pipeline.data.layouts import Case, describe, resolve_class_names
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
 from pipeline.data.order import resumable_loader
 from pipeline.data.sampling import EvalBatches, ForegroundSampler
+from pipeline.data.sources import case_source
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
-from pipeline.data.volumes import is_volume_case, probe
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -154,46 +154,24 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.cache_dir = Path(cache_dir) if cache_dir else cache.default_cache_dir(self.root)
         self.info = describe(self.root, layout)
         self.cases: list[Case] = self.info.cases
-        if not self.cases:
-            raise DataError(self.root, f"no cases found ({self.info.layout} layout): the data set is empty")
-        kinds = {is_volume_case(case) for case in self.cases}
-        if len(kinds) > 1:
-            raise DataError(self.root, "mixes 2D images and volumes; keep one kind per data set")
-        self.volumetric = kinds.pop()
         self.class_names = resolve_class_names(self.root, self.info, class_names)
+        self.source = case_source(
+            self.root, self.cases, self.class_names, label_map, self.cache_dir, slice_axis, self.info.layout
+        )
+        self.volumetric = self.source.volumetric
         self.modalities = list(modalities) if modalities else self.info.modalities
-        self.in_channels = len(self.modalities) if self.modalities else self._probe_channels()
+        self.in_channels = len(self.modalities) if self.modalities else self.source.channels()
         self.split: dict[str, list[str]] = {}
         self.datasets: dict[str, SliceDataset] = {}
-        self._manifest: dict | None = None
         self._channel_norms: list[Normalization] | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def _probe_channels(self) -> int:
-        if self.volumetric:
-            return probe(self.cases[0])[1]
-        image = read_image_2d(self.cases[0].images[0])
-        return 1 if image.ndim == 2 else image.shape[-1]
-
     def prepare_data(self) -> None:
         """Bring the volume cache up to date (Lightning calls this once per node, before ``setup``)."""
-        self.manifest()
-
-    def manifest(self) -> dict | None:
-        """The volume cache's manifest, the cache built or updated on first use; None for 2D data."""
-        if self.volumetric and self._manifest is None:
-            self._manifest = cache.prepare_cache(
-                self.cases,
-                self.cache_dir,
-                self.class_names,
-                self.slice_axis,
-                self.label_map,
-                self.info.layout,
-            )[0]
-        return self._manifest
+        self.source.prepare()
 
     def channel_normalization(self) -> list[Normalization]:
         """One resolved ``Normalization`` per input channel (data-set statistics filled in)."""
@@ -201,29 +179,13 @@ class SegmentationDataModule(pl.LightningDataModule):
             modalities = self.modalities or [None] * self.in_channels
             foreground = None
             if needs_foreground(self.normalization, modalities):
-                foreground = self._foreground_sample()
+                foreground = self.source.foreground_sample()
             self._channel_norms = resolve_channels(self.normalization, modalities, foreground)
         return self._channel_norms
 
-    def _foreground_sample(self) -> np.ndarray | None:
-        """(N, C) foreground intensities over every labelled case (nnU-Net's data-set fingerprint)."""
-        if self.volumetric:
-            return cache.foreground_sample(self.cache_dir, list(self.manifest()["cases"].values()))
-        parts = []
-        for case in self.cases:
-            image = read_image_2d(case.images[0])
-            mask = apply_label_map(read_mask_2d(case.mask), self.label_map)
-            parts.append(cache.sample_foreground(image.reshape(*mask.shape, -1), mask, case.case_id))
-        return np.concatenate(parts)
-
     def _load(self, ids: list[str]) -> list[CaseArrays]:
         by_id = {case.case_id: case for case in self.cases}
-        norms = self.channel_normalization()
-        if self.volumetric:
-            entries = self.manifest()["cases"]
-            arrays = [cache.open_case(self.cache_dir, cid, entries[cid], norms) for cid in ids]
-        else:
-            arrays = [load_case_2d(by_id[cid], norms, self.class_names, self.label_map) for cid in ids]
+        arrays = self.source.load(ids, self.channel_normalization())
         for case, array in zip(ids, arrays, strict=True):
             if array.image.shape[-1] != self.in_channels:
                 raise DataError(
@@ -313,14 +275,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         - ``patch_size`` (list[int] | None): training patch (H, W); larger inputs need sliding windows.
         - ``label_map`` (dict[str, int]): stored mask value -> class index applied on load.
         """
-        manifest = self.manifest()
         return {
             "class_names": self.class_names,
             "in_channels": self.in_channels,
             "normalization": to_plain(self.normalization),
             "channel_normalization": [to_plain(n) for n in self.channel_normalization()],
             "modalities": self.modalities,
-            "slice_axis": manifest["slice_axis"] if manifest else None,
+            "slice_axis": self.source.slice_axis,
             "volumetric": self.volumetric,
             "layout": self.info.layout,
             "patch_size": list(self.patch_size) if self.patch_size else None,
