@@ -111,6 +111,9 @@ def infer(
     layout = OutputLayout(Path(output), save_probabilities, overlays)
     check_outputs(cases, layout, overwrite)
     layout.folder.mkdir(parents=True, exist_ok=True)
+    if devices > len(cases):  # Lightning's unrepeated sampler needs a case for every rank
+        log.info("%d case(s): using %d device(s) instead of %d", len(cases), len(cases), devices)
+        devices = len(cases)
     writer = CaseWriter(layout, prep, largest_component)
     trainer = pl.Trainer(
         accelerator=accelerator,
@@ -135,6 +138,7 @@ def infer(
     )
     predictor = CasePredictor(module, batch_size, tta, save_probabilities)
     trainer.predict(predictor, dataloaders=loader, return_predictions=False)
+    writer.write_table(trainer)
     with layout.table.open(newline="") as f:
         rows = list(csv.DictReader(f))
     return InferenceResult(

@@ -2,8 +2,8 @@
 
 Per case: the mask (NIfTI with the input's geometry for volumes and DICOM series, PNG of class
 indices for 2D images), optionally ``probabilities/<case>.npz`` and ``overlays/<case>.png``, all
-written atomically. Each process keeps its own table rows; at the end every rank writes them to
-``.predictions.rank<r>.csv`` and rank 0 merges those into ``predictions.csv``.
+written atomically. Each process keeps its own table rows; at the end (``write_table``) every
+rank writes them to ``.predictions.rank<r>.csv`` and rank 0 merges those into ``predictions.csv``.
 """
 
 from __future__ import annotations
@@ -171,7 +171,12 @@ class CaseWriter(BasePredictionWriter):
         names = np.array(self.prep.class_names)
         atomic_write(path, lambda tmp: np.savez_compressed(tmp, probabilities=probs, class_names=names))
 
-    def on_predict_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def write_table(self, trainer: pl.Trainer) -> None:
+        """Every rank's rows into ``predictions.csv``, after ``trainer.predict``.
+
+        Called by every process (not from a predict hook: a rank left without cases skips
+        those, and would leave the others waiting at the barrier).
+        """
         header = columns(self.prep.class_names)
         self._write_table(self._partial(trainer.global_rank), self.rows, header)
         trainer.strategy.barrier("medseg-infer-rows")
