@@ -9,12 +9,16 @@ How empty images count (the convention of MONAI's ``ignore_empty=True`` and of n
   image is left out of the class's mean. A false positive there still lowers precision and
   specificity.
 - Precision is undefined (left out) where the prediction lacks the class.
+- A class present in the ground truth but missing from the prediction scores Dice, IoU and recall
+  0 and HD95 the image diagonal, sqrt(H^2 + W^2) pixels (the largest possible distance), so a
+  missed structure counts as the worst case instead of dropping out of the mean.
 - A class mean over no defined images is NaN; the foreground mean (``dice``, ``iou``, ...) is the
   mean over foreground classes with a defined value.
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 from collections.abc import Sequence
 
@@ -61,14 +65,19 @@ def scores_from_confusion(confusion: Tensor) -> dict[str, Tensor]:
 
 
 def hd95_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """(B, H, W) label maps -> (B, C) HD95 in pixels; NaN where either mask lacks the class."""
+    """(B, H, W) label maps -> (B, C) HD95 in pixels.
+
+    NaN where the ground truth lacks the class; the image diagonal where only the prediction does.
+    """
     onehot_pred = torch.nn.functional.one_hot(pred.long(), num_classes).movedim(-1, 1)
     onehot_gt = torch.nn.functional.one_hot(target.long(), num_classes).movedim(-1, 1)
     with warnings.catch_warnings():  # MONAI warns for every empty mask; those become NaN below
         warnings.simplefilter("ignore")
         hd = compute_hausdorff_distance(onehot_pred, onehot_gt, include_background=True, percentile=95)
-    present = (onehot_pred.flatten(2).any(-1)) & (onehot_gt.flatten(2).any(-1))
-    return torch.where(present, hd.to(torch.float64), torch.nan)
+    in_pred, in_gt = onehot_pred.flatten(2).any(-1), onehot_gt.flatten(2).any(-1)
+    diagonal = math.hypot(*pred.shape[-2:])
+    hd = torch.where(in_pred, hd.to(torch.float64), diagonal)
+    return torch.where(in_gt, hd, torch.nan)
 
 
 def nanmean(x: Tensor, dim: int | None = None) -> Tensor:
