@@ -26,7 +26,7 @@ from pipeline.data import commands as volume_commands
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.io import DataError
 from pipeline.module import SegmentationModule
-from pipeline.tracking import RunConfig, RunSummary, build_loggers, knob_tags, variant_name
+from pipeline.tracking import RunConfig, RunSummary, build_loggers, finish_wandb, knob_tags, variant_name
 
 log = logging.getLogger("pipeline")
 
@@ -78,6 +78,9 @@ class MedsegCLI(LightningCLI):
             kwargs["precision"] = self._default_precision(trainer_config.get("accelerator"))
         kwargs["default_root_dir"] = str(run_dir)
         callbacks = list(trainer_config.get("callbacks") or [])
+        ckpt = Path(str(config.get("ckpt_path") or ""))
+        if self.subcommand != "fit" and ckpt.parent.name == "checkpoints":
+            run_dir = ckpt.parent.parent  # validate/test/predict report into the checkpoint's run
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
@@ -105,15 +108,20 @@ class MedsegCLI(LightningCLI):
 
 def run_lightning(args: Sequence[str] | None) -> None:
     """Run a LightningCLI subcommand; ``args`` None reads ``sys.argv``."""
-    MedsegCLI(
-        SegmentationModule,
-        SegmentationDataModule,
-        save_config_callback=SaveAndLogConfig,
-        save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
-        seed_everything_default=0,
-        args=None if args is None else list(args),
-        auto_configure_optimizers=False,
-    )
+    failed = True
+    try:
+        MedsegCLI(
+            SegmentationModule,
+            SegmentationDataModule,
+            save_config_callback=SaveAndLogConfig,
+            save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+            seed_everything_default=0,
+            args=None if args is None else list(args),
+            auto_configure_optimizers=False,
+        )
+        failed = False
+    finally:
+        finish_wandb(failed)
 
 
 def data_command(args: Sequence[str]) -> None:

@@ -11,6 +11,7 @@ import logging
 import math
 import netrc
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,7 +92,7 @@ def build_loggers(run_dir: Path, run: RunConfig, name: str, tags: list[str]) -> 
     """A CSV logger writing ``run_dir/metrics.csv`` and, if enabled, a W&B logger in ``run_dir/wandb``."""
     loggers: list[Logger] = []
     if run.wandb and wandb_mode() != "disabled":
-        mode = wandb_mode()
+        offline = wandb_mode() in ("offline", "dryrun")
         loggers.append(
             WandbLogger(
                 name=name,
@@ -99,18 +100,42 @@ def build_loggers(run_dir: Path, run: RunConfig, name: str, tags: list[str]) -> 
                 group=run.experiment,
                 tags=[*tags, *run.tags],
                 save_dir=str(run_dir),
-                offline=mode == "offline",
+                # wandb's own mode, not Lightning's `offline` flag: that one refuses log_model (wandb
+                # keeps offline artifacts for `wandb sync`) and sets WANDB_MODE for the whole process.
+                mode="offline" if offline else wandb_mode(),
+                # quiet: offline, the one line on `wandb sync` comes from finish_wandb
+                settings={"quiet": True} if offline else None,
                 log_model=run.log_model,
                 id=read_wandb_id(run_dir),
                 resume="allow",
             )
         )
-        if mode == "offline":
-            rank_zero_info(
-                f"W&B is offline (no API key): sync later with `wandb sync {run_dir}/wandb/offline-run-*`"
-            )
     loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
     return loggers
+
+
+SUMMARIES = {"val/dice": "max,last", "val/loss": "min,last"}  # W&B run summary: best and final
+
+
+def define_summaries(experiment: object) -> None:
+    """W&B summaries of the key metrics: ``val/dice`` max and ``val/loss`` min (and the last of each)."""
+    for key, summary in SUMMARIES.items():
+        experiment.define_metric(key, step_metric="trainer/global_step", summary=summary)
+
+
+def finish_wandb(failed: bool) -> None:
+    """Close this process's W&B run, so that the next fit in the same process starts its own.
+
+    For an offline run this logs the one line on how to upload it later.
+    """
+    wandb = sys.modules.get("wandb")  # never imported: no run to close
+    run = getattr(wandb, "run", None)
+    if run is None:
+        return
+    offline, folder = run.settings.mode in ("offline", "dryrun"), Path(run.dir).parent
+    run.finish(exit_code=1 if failed else 0)
+    if offline:
+        rank_zero_info(f"W&B run saved offline: upload it with `wandb sync {folder}`")
 
 
 def read_wandb_id(run_dir: Path) -> str | None:
@@ -150,6 +175,7 @@ class RunSummary(pl.Callback):
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 (self.run_dir / "wandb_id.txt").write_text(logger.version or "")
+                define_summaries(logger.experiment)
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._epoch_start = time.perf_counter()
