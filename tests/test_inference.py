@@ -252,6 +252,25 @@ def test_inference_case_names_stay_inside_the_output_folder(tmp_path):
     assert layout.mask(cases).name == "weird_name.png"
 
 
+def test_inference_finds_inputs_by_content_and_groups_channel_files(tmp_path):
+    (tmp_path / "in").mkdir()
+    _write_series(tmp_path / "in" / "ct series", [0.0, 5.0])
+    for path in (tmp_path / "in" / "ct series").iterdir():
+        path.rename(path.with_suffix(""))  # DICOM files often have no suffix: found by their preamble
+    for name in ("b_0000.nii.gz", "b_0001.nii.gz", "a.png", "notes.txt"):
+        (tmp_path / "in" / "more" / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / "in" / "more" / name).write_bytes(b"")
+    found = {
+        c.name: (c.kind, [p.name for p in c.paths]) for c in find_inputs([tmp_path / "in"], in_channels=2)
+    }
+    assert found == {
+        "a": ("image", ["a.png"]),
+        "b": ("nifti", ["b_0000.nii.gz", "b_0001.nii.gz"]),
+        "ct_series": ("dicom", ["ct series"]),
+        "notes": ("unsupported", ["notes.txt"]),
+    }
+
+
 @pytest.mark.slow
 def test_inference_splits_cases_over_ddp_processes_once_each(checkpoint, phantom_dir, tmp_path):
     images = [phantom_dir / "images" / f"phantom_{i:02d}.png" for i in range(5)]

@@ -38,7 +38,6 @@ from pipeline.data.slicing import to_slices
 from pipeline.data.volumes import load_volume_case
 from pipeline.inference.checkpoint import Preprocessing
 
-KINDS = ("nifti", "dicom", "image", "unsupported")
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
 
@@ -49,7 +48,7 @@ class InputCase:
     Attributes:
         name: output name (safe as a file name: no separators, no leading dot, never ``..``).
         paths: the image file, its channel files in channel order, or the DICOM folder.
-        kind: one of ``KINDS``; ``unsupported`` cases fail on load with a message saying why.
+        kind: ``nifti``, ``dicom``, ``image`` or ``unsupported`` (fails on load, saying why).
     """
 
     name: str
@@ -114,7 +113,7 @@ def _group_channels(cases: list[InputCase]) -> list[InputCase]:
     for (_, stem), members in groups.items():
         paths = tuple(sorted((m.path for m in members), key=lambda p: p.name))
         out.append(InputCase(safe_name(stem), paths, "nifti"))
-    return sorted(out, key=lambda c: c.name)
+    return out
 
 
 def find_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[InputCase]:
@@ -134,6 +133,7 @@ def find_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[Inpu
         cases = _group_channels(cases)
     if not cases:
         raise DataError(", ".join(str(p) for p in inputs), "no inputs found")
+    cases.sort(key=lambda c: c.name)
     seen: dict[str, Path] = {}
     for case in cases:
         if case.name in seen:

@@ -184,7 +184,8 @@ class CaseWriter(BasePredictionWriter):
             rows = []
             for rank in range(trainer.world_size):
                 part = self._partial(rank)
-                rows.extend(csv.DictReader(part.open(newline="")))
+                with part.open(newline="") as f:
+                    rows.extend(csv.DictReader(f))
                 part.unlink()
             self._write_table(self.layout.table, sorted(rows, key=lambda r: r["case"]), header)
         trainer.strategy.barrier("medseg-infer-table")
