@@ -7,9 +7,10 @@ epoch is a seeded permutation of all items in which each position is, with proba
 ``fraction``, replaced by a random foreground item; those are yielded as ``(index, True)`` so the
 dataset crops the patch around foreground too (``SliceDataset.foreground_transform``).
 
-It is deterministic for a seed and an epoch. Under DDP, Lightning wraps it in a
-``DistributedSamplerWrapper`` that gives each rank a shard of the same list (every rank builds
-the same list from the seed) and forwards ``set_epoch`` to it.
+It is deterministic for a seed and an epoch, so every DDP rank builds the same list and can take
+its own shard of it: the data module hands it to ``pipeline.data.order.ResumableSampler``, which
+does that (and resumes mid-epoch); used on its own in a ``DataLoader``, Lightning's
+``DistributedSamplerWrapper`` shards it the same way and forwards ``set_epoch`` to it.
 
 ``EvalBatches`` groups validation slices into batches of one size each (slices of one case,
 or consecutive 2D images of one size), because whole slices of different cases may differ in

@@ -1,0 +1,98 @@
+"""The fixed validation samples that the activation monitor and the image logger look at each time."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytorch_lightning as pl
+import torch
+from torch import Tensor
+
+
+class FixedSamples:
+    """The first ``num_samples`` validation samples of a run, captured once, kept on the CPU.
+
+    The validation loader does not shuffle, so these are the same images every epoch. Feed
+    ``capture`` every validation batch and call ``close`` at the end of every validation epoch:
+    capturing stops after the first validation pass (the sanity check, when there is one).
+    """
+
+    def __init__(self, num_samples: int) -> None:
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
+        self.num_samples = num_samples
+        self.images: list[Tensor] = []
+        self.masks: list[Tensor] = []
+        self.names: list[str] = []
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def capture(self, batch: dict) -> None:
+        """Keep samples of a batch dict (``image`` (B, C, H, W), ``mask`` (B, H, W), ``case_id``, ...)."""
+        take = min(self.num_samples - len(self), len(batch["image"]))
+        if take <= 0 or self.closed:
+            return
+        slices = batch.get("slice_index", [-1] * take)
+        for i in range(take):
+            index = int(slices[i])
+            case = str(batch["case_id"][i]) if "case_id" in batch else f"sample {len(self)}"
+            self.images.append(batch["image"][i].detach().cpu())
+            self.masks.append(batch["mask"][i].detach().cpu())
+            self.names.append(case if index < 0 else f"{case} slice {index}")
+
+    def close(self) -> None:
+        """End of a validation pass: the samples captured so far (if any) are the fixed ones."""
+        self.closed = len(self) > 0
+
+    def batches(self, device: torch.device) -> list[Tensor]:
+        """Each image as a (1, C, H, W) batch on ``device`` (images may differ in size)."""
+        return [image[None].to(device) for image in self.images]
+
+
+class FixedSampleCallback(pl.Callback):
+    """Base of the callbacks that look at the fixed validation samples after validation epochs.
+
+    Captures the samples from the first validation pass, then calls ``measure`` on rank zero
+    after each validation epoch that ``due`` selects (never the sanity check).
+
+    Args:
+        every_n_epochs: measure after every this many validation epochs; 0 turns it off.
+        num_samples: how many fixed validation images.
+    """
+
+    def __init__(self, every_n_epochs: int, num_samples: int) -> None:
+        if every_n_epochs < 0:
+            raise ValueError(f"every_n_epochs must be >= 0 (0: off), got {every_n_epochs}")
+        self.every_n_epochs = every_n_epochs
+        self.samples = FixedSamples(num_samples)
+
+    def on_validation_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: dict,
+        batch_idx: int,
+        dataloader_idx: int = 0,
+    ) -> None:
+        if self.every_n_epochs and dataloader_idx == 0 and trainer.is_global_zero:
+            self.samples.capture(batch)
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.samples.close()
+        if trainer.is_global_zero and not trainer.sanity_checking and len(self.samples) and self.due(trainer):
+            self.measure(trainer, pl_module)
+
+    def due(self, trainer: pl.Trainer) -> bool:
+        """Whether to measure after this epoch's validation: every ``every_n_epochs``-th, from the first."""
+        return bool(self.every_n_epochs) and trainer.current_epoch % self.every_n_epochs == 0
+
+    def measure(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        raise NotImplementedError
+
+    @staticmethod
+    def predictor(pl_module: pl.LightningModule) -> Callable[[Tensor], Tensor]:
+        """Whole-image logits: the module's ``predict_logits`` (sliding window) or its forward."""
+        return getattr(pl_module, "predict_logits", pl_module)
