@@ -1,0 +1,162 @@
+"""Throughput of ``medseg infer`` against a bare loop running the same model on the same slices.
+
+    python benchmarks/inference_speed.py            # ~1-2 minutes on a 2-core CPU
+    python benchmarks/inference_speed.py --cases 24 --depth 32 --repeats 5
+
+Generates a folder of phantom volumes (NIfTI, 128x128 slices), saves a checkpoint of the default
+UNet, then measures (medians over repeats):
+
+- ``infer``: cases per second of ``pipeline.inference.infer`` on that folder, end to end in this
+  process: checkpoint load, Trainer set-up, loader workers reading and preprocessing NIfTI,
+  slice-batched prediction, writing NIfTI masks and ``predictions.csv``;
+- ``bare``: cases per second of a loop that runs the same module's ``predict_logits`` + argmax
+  over the same slices, preloaded and preprocessed, with the same batch size.
+
+The ratio infer / bare is the share of the model's throughput that survives IO and pre/post-
+processing (target >= 0.85 with loader workers). Results go to ``benchmarks/results/``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+from pipeline.data.datamodule import SegmentationDataModule
+from pipeline.data.synthetic import CLASS_NAMES, generate_dataset, phantom
+from pipeline.inference import infer
+from pipeline.inference.cases import find_inputs, load_case
+from pipeline.inference.checkpoint import load_model
+from pipeline.models import UNet, net_spec
+from pipeline.module import CHECKPOINT_KEY, SegmentationModule
+
+RESULTS = Path(__file__).parent / "results"
+
+
+def make_volumes(folder: Path, cases: int, depth: int, size: int) -> None:
+    """``cases`` NIfTI volumes of ``depth`` phantom slices (size x size), 0.8 x 0.8 x 3 mm."""
+    folder.mkdir(parents=True)
+    slices = [phantom(0, i, size)[0] for i in range(depth + cases)]
+    affine = np.diag([0.8, 0.8, 3.0, 1.0])
+    for c in range(cases):
+        volume = np.stack(slices[c : c + depth], axis=-1).astype(np.int16)
+        nib.save(nib.Nifti1Image(volume, affine), folder / f"case_{c:03d}.nii.gz")
+
+
+def make_checkpoint(path: Path, work: Path, features: list[int]) -> None:
+    """A checkpoint in ``medseg fit``'s format: untrained UNet weights plus the data module's
+    preprocessing (speed does not depend on training)."""
+    data = SegmentationDataModule(root=str(generate_dataset(work / "phantoms", 2, 32)), num_workers=0)
+    net = UNet(in_channels=1, out_channels=len(CLASS_NAMES), features=features)
+    torch.save(
+        {
+            "state_dict": {f"net.{k}": v for k, v in net.state_dict().items()},
+            CHECKPOINT_KEY: {
+                "net": net_spec(net),
+                "class_names": CLASS_NAMES,
+                "preprocessing": data.preprocessing(),
+            },
+        },
+        path,
+    )
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (loader workers), in seconds."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
+
+
+def timed(fn) -> tuple[float, float]:
+    """(wall seconds, CPU seconds) of ``fn()``."""
+    wall, cpu = time.perf_counter(), cpu_seconds()
+    fn()
+    return time.perf_counter() - wall, cpu_seconds() - cpu
+
+
+def bare_pass(module: SegmentationModule, images: list[torch.Tensor], batch_size: int) -> None:
+    """The model alone over preloaded, preprocessed (S, C, H, W) cases."""
+    with torch.inference_mode():
+        for image in images:
+            for chunk in image.split(batch_size):
+                module.predict_logits(chunk).argmax(1).to(torch.uint8)
+
+
+def infer_pass(checkpoint: Path, folder: Path, output: Path, batch_size: int, workers: int) -> None:
+    """``infer`` end to end over ``folder``."""
+    result = infer(checkpoint, [folder], output, batch_size=batch_size, num_workers=workers,
+                   overwrite=True, progress_bar=False)  # fmt: skip
+    if result.failed:
+        raise RuntimeError(f"inference failed: {result.failed}")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cases", type=int, default=12, help="volumes (default: %(default)s)")
+    parser.add_argument("--depth", type=int, default=16, help="slices per volume (default: %(default)s)")
+    parser.add_argument("--size", type=int, default=128, help="slice side in pixels (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="slices per forward (default: %(default)s)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="timed repeats (default: %(default)s)")
+    parser.add_argument("--features", type=int, nargs="+", default=[16, 32, 64, 128, 256])
+    parser.add_argument("--output", type=Path, default=RESULTS / "inference_speed.json")
+    opts = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        folder, checkpoint = work / "volumes", work / "model.ckpt"
+        make_volumes(folder, opts.cases, opts.depth, opts.size)
+        make_checkpoint(checkpoint, work, opts.features)
+        module, prep = load_model(checkpoint)
+        images = [load_case(case, prep)["image"] for case in find_inputs([folder])]
+        bare_pass(module, images[:1], opts.batch_size)  # untimed: first-call allocations
+        load = os.getloadavg()[0]
+        bare, full = [], []
+        for _ in range(opts.repeats):  # interleaved, so a change in machine load hits both alike
+            bare.append(timed(lambda: bare_pass(module, images, opts.batch_size)))
+            full.append(
+                timed(lambda: infer_pass(checkpoint, folder, work / "out", opts.batch_size, opts.workers))
+            )
+    bare_rate, infer_rate = (opts.cases / statistics.median(t for t, _ in runs) for runs in (bare, full))
+    cpu_ratio = statistics.median(c for _, c in bare) / statistics.median(c for _, c in full)
+    result = {
+        "infer_cases_per_s": round(infer_rate, 3),
+        "bare_cases_per_s": round(bare_rate, 3),
+        "ratio": round(infer_rate / bare_rate, 3),
+        "cpu_time_ratio": round(cpu_ratio, 3),
+        "infer_seconds": [round(t, 3) for t, _ in full],
+        "bare_seconds": [round(t, 3) for t, _ in bare],
+        "infer_cpu_seconds": [round(c, 3) for _, c in full],
+        "bare_cpu_seconds": [round(c, 3) for _, c in bare],
+        "settings": {k: v for k, v in vars(opts).items() if k != "output"},
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(),
+            "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],  # before, after
+            "torch_threads": torch.get_num_threads(),
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
+            "torch": torch.__version__,
+        },
+    }
+    print(
+        f"medseg infer: {infer_rate:.3f} cases/s, bare loop: {bare_rate:.3f} cases/s, "
+        f"ratio {infer_rate / bare_rate:.3f} (CPU time ratio {cpu_ratio:.3f}; {opts.cases} cases of "
+        f"{opts.depth}x{opts.size}x{opts.size}, batch {opts.batch_size}, {opts.workers} workers, "
+        f"median of {opts.repeats}, load average {load:.1f})"
+    )
+    opts.output.parent.mkdir(parents=True, exist_ok=True)
+    opts.output.write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
