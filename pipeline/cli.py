@@ -21,7 +21,12 @@ from pathlib import Path
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.plugins import CheckpointIO
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from pipeline.callbacks.guards import DivergenceGuard, TrainingDiverged
+from pipeline.callbacks.resume import BatchSeed, SigtermCheckpoint
+from pipeline.checkpointing import SafeCheckpointIO
 from pipeline.data import commands as volume_commands
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.io import DataError
@@ -77,6 +82,10 @@ class MedsegCLI(LightningCLI):
         if trainer_config.get("precision") is None:
             kwargs["precision"] = self._default_precision(trainer_config.get("accelerator"))
         kwargs["default_root_dir"] = str(run_dir)
+        plugins = trainer_config.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):
+            kwargs["plugins"] = [*plugins, SafeCheckpointIO()]  # atomic writes, weights-only loads
         callbacks = list(trainer_config.get("callbacks") or [])
         ckpt = Path(str(config.get("ckpt_path") or ""))
         if self.subcommand != "fit" and ckpt.parent.name == "checkpoints":
@@ -92,6 +101,8 @@ class MedsegCLI(LightningCLI):
             for callback in callbacks:
                 if isinstance(callback, ModelCheckpoint):
                     callback.dirpath = str(run_dir / "checkpoints")
+            # Before RunSummary, so their on_exception runs first and summary.json records it.
+            callbacks += [DivergenceGuard(), BatchSeed(), SigtermCheckpoint()]
             callbacks.append(RunSummary(run_dir, name, run.experiment, seed))
         kwargs["callbacks"] = callbacks
         params = sum(p.numel() for p in self.model.parameters())
@@ -161,6 +172,9 @@ def main(argv: Sequence[str] | None = None) -> None:
             COMMANDS[words[0]](words[1:])
         else:
             run_lightning(None if argv is None else words)
-    except DataError as err:
+    except (DataError, TrainingDiverged) as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(1)
+    except SIGTERMException:
+        print("stopped by SIGTERM: last.ckpt saved; resume with --ckpt_path last", file=sys.stderr)
+        sys.exit(143)  # 128 + SIGTERM, as if killed by it: schedulers and scripts see an interrupted job

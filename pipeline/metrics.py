@@ -80,6 +80,13 @@ def hd95_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
     return torch.where(in_gt, hd, torch.nan)
 
 
+def _cat(state: list[Tensor] | Tensor) -> Tensor | None:
+    """A list state (before sync) or a tensor state (after a ``cat`` sync) as one tensor; None if empty."""
+    if isinstance(state, list):
+        return torch.cat(state) if state else None
+    return state
+
+
 def nanmean(x: Tensor, dim: int | None = None) -> Tensor:
     """Mean ignoring NaN; NaN where nothing is defined."""
     return x.nanmean() if dim is None else x.nanmean(dim=dim)
@@ -92,8 +99,9 @@ class SegmentationMetrics(Metric):
         class_names: names in index order, background first.
         hd95: also compute the 95th-percentile Hausdorff distance (CPU cost: distance transforms).
 
-    ``compute()`` returns ``{"dice": ..., "dice_<class>": ..., "iou": ..., ...}`` as 0-d tensors;
-    the unsuffixed keys are means over foreground classes.
+    ``compute()`` returns ``{"dice": ..., "dice_<class>": ..., "iou": ..., ..., "images": ...}`` as
+    0-d tensors; the unsuffixed keys are means over foreground classes, ``images`` the number of
+    distinct images scored.
     """
 
     full_state_update = False
@@ -105,29 +113,49 @@ class SegmentationMetrics(Metric):
         self.hd95 = hd95
         self.add_state("confusion", default=[], dist_reduce_fx="cat")
         self.add_state("hausdorff", default=[], dist_reduce_fx="cat")
+        self.add_state("index", default=[], dist_reduce_fx="cat")
 
-    def update(self, pred: Tensor, target: Tensor) -> None:
-        """``pred``, ``target``: (B, H, W) class indices."""
+    def update(self, pred: Tensor, target: Tensor, index: Tensor | None = None) -> None:
+        """``pred``, ``target``: (B, H, W) class indices; ``index``: optional (B,) sample ids.
+
+        With ids, an image scored more than once (DistributedSampler pads the last batch of a
+        rank with repeats) counts once in ``compute``.
+        """
         self.confusion.append(confusion_per_image(pred, target, self.num_classes))
         if self.hd95:
             self.hausdorff.append(hd95_per_image(pred.cpu(), target.cpu(), self.num_classes).to(pred.device))
+        if index is not None:
+            self.index.append(torch.as_tensor(index, device=pred.device).long().reshape(-1))
+
+    def _first_occurrences(self, n: int) -> Tensor | None:
+        """Positions (in update order) of the first image with each sample id; None without ids."""
+        ids = _cat(self.index)
+        if ids is None or len(ids) != n:
+            return None
+        order = torch.argsort(ids, stable=True)
+        first = torch.ones_like(order, dtype=torch.bool)
+        first[1:] = ids[order][1:] != ids[order][:-1]
+        return order[first].sort().values
 
     def per_image(self) -> dict[str, Tensor]:
-        """Per-image, per-class scores: each (N, C)."""
-        confusion = torch.cat(self.confusion) if isinstance(self.confusion, list) else self.confusion
+        """Per-image, per-class scores: each (N, C), one row per distinct image."""
+        confusion = _cat(self.confusion)
+        keep = self._first_occurrences(len(confusion))
         scores = scores_from_confusion(confusion)
         if self.hd95:
-            scores["hd95"] = torch.cat(self.hausdorff) if isinstance(self.hausdorff, list) else self.hausdorff
-        return scores
+            scores["hd95"] = _cat(self.hausdorff)
+        return scores if keep is None else {k: v[keep] for k, v in scores.items()}
 
     def total_confusion(self) -> Tensor:
-        """(C, C) counts over all images, rows = ground truth."""
-        confusion = torch.cat(self.confusion) if isinstance(self.confusion, list) else self.confusion
-        return confusion.sum(0)
+        """(C, C) counts over all distinct images, rows = ground truth."""
+        confusion = _cat(self.confusion)
+        keep = self._first_occurrences(len(confusion))
+        return (confusion if keep is None else confusion[keep]).sum(0)
 
     def compute(self) -> dict[str, Tensor]:
-        out: dict[str, Tensor] = {}
-        for name, values in self.per_image().items():
+        scores = self.per_image()
+        out: dict[str, Tensor] = {"images": torch.tensor(len(scores["dice"]))}  # distinct images scored
+        for name, values in scores.items():
             per_class = nanmean(values, dim=0)
             out[name] = nanmean(per_class[1:])
             for c, class_name in enumerate(self.class_names[1:], start=1):

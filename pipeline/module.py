@@ -61,6 +61,7 @@ class SegmentationModule(pl.LightningModule):
         self.val_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
         self.test_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
         self.val_dice_best = MaxMetric()
+        self.val_dice_best.persistent(True)  # in checkpoints, so a resumed run keeps its best
         self._channels_last = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -112,7 +113,7 @@ class SegmentationModule(pl.LightningModule):
             batch_size=len(logits),
             sync_dist=True,
         )
-        metrics.update(logits.argmax(1), batch["mask"])
+        metrics.update(logits.argmax(1), batch["mask"], batch.get("index"))  # index: no DDP padding repeats
         return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:

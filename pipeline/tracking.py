@@ -20,6 +20,7 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 log = logging.getLogger(__name__)
 
@@ -199,8 +200,19 @@ class RunSummary(pl.Callback):
     def on_exception(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
     ) -> None:
-        self.status = f"failed: {type(exception).__name__}: {exception}"
+        if isinstance(exception, SIGTERMException):
+            self.status = "preempted: stopped by SIGTERM; resume with --ckpt_path last"
+        else:
+            self.status = f"failed: {type(exception).__name__}: {exception}"
         self.write(trainer, pl_module)
+
+    def state_dict(self) -> dict:
+        # Saved in checkpoints, so a resumed run's summary covers the epochs before the interruption.
+        return {"best": self.best, "epoch_seconds": self.epoch_seconds}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = dict(state_dict.get("best", {}))
+        self.epoch_seconds = list(state_dict.get("epoch_seconds", []))
 
     @rank_zero_only
     def write(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -18,7 +18,7 @@ def test_datamodule_samples_follow_the_data_contract(phantom_dir):
     dm.setup("fit")
     assert dm.class_names == ["background", "organ", "lesion", "vessel"] and dm.in_channels == 1
     sample = dm.datasets["train"][0]
-    assert set(sample) == {"image", "mask", "case_id", "slice_index"}
+    assert set(sample) == {"image", "mask", "case_id", "slice_index", "index"} and sample["index"] == 0
     assert sample["image"].dtype == torch.float32 and sample["image"].shape == (1, 64, 64)
     assert sample["mask"].dtype == torch.int64 and sample["mask"].shape == (64, 64)
     assert sample["slice_index"] == -1 and sample["case_id"].startswith("phantom_")

@@ -21,7 +21,7 @@ from pipeline.data.dataset import CaseArrays, SliceDataset
 from pipeline.data.io import DataError
 from pipeline.data.layouts import Case, describe, resolve_class_names
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
-from pipeline.data.order import resumable_loader
+from pipeline.data.order import resumable_loader, resume_position
 from pipeline.data.sampling import EvalBatches, ForegroundSampler
 from pipeline.data.sources import case_source
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
@@ -242,8 +242,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         sampler = ForegroundSampler(dataset.has_foreground(), self.foreground_fraction, self.seed)
         drop_last = len(dataset) > self.batch_size
         # Resumable mid-epoch, split across DDP ranks, augmentation seeded per sample (pipeline.data.order).
+        start, self._train_start = getattr(self, "_train_start", (0, 0)), (0, 0)
         return resumable_loader(
-            self.trainer, dataset, sampler, self.batch_size, self.seed, drop_last=drop_last, **common
+            self.trainer, dataset, sampler, self.batch_size, self.seed, start, drop_last=drop_last, **common
         )
 
     def train_dataloader(self) -> DataLoader:
@@ -289,4 +290,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         }
 
     def state_dict(self) -> dict:
-        return {"preprocessing": self.preprocessing(), "split": self.split}
+        # train_position: (epoch, batches trained in it), where a resumed fit's data order continues.
+        position = resume_position(self.trainer)
+        return {"preprocessing": self.preprocessing(), "split": self.split, "train_position": position}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_start = tuple(state_dict.get("train_position", (0, 0)))

@@ -75,6 +75,12 @@ def read_mask_2d(path: str | os.PathLike) -> np.ndarray:
     return mask
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write(path: str | os.PathLike, write, suffix: str | None = None) -> None:
     """Call ``write(tmp_path)`` then rename to ``path``, so a crash never leaves a partial file.
 
@@ -88,6 +94,7 @@ def atomic_write(path: str | os.PathLike, write, suffix: str | None = None) -> N
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the permissions open() would
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

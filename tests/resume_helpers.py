@@ -1,0 +1,100 @@
+"""Helpers for tests that run ``medseg fit`` and interrupt it: a signal at a chosen step, configs."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytorch_lightning as pl
+import yaml
+from torch import Tensor
+
+from tests.conftest import REPO, fit_args
+
+BEST = {  # as in configs/default.yaml
+    "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+    "init_args": {
+        "monitor": "val/dice",
+        "mode": "max",
+        "filename": "best",
+        "auto_insert_metric_name": False,
+        "enable_version_counter": False,
+    },
+}
+
+
+def last_every(n_steps: int) -> dict:
+    """configs/default.yaml's ``last.ckpt`` callback; ``n_steps`` > 0 writes it every that many steps instead."""
+    triggers = {"every_n_train_steps": n_steps} if n_steps else {}
+    return {
+        "class_path": "pytorch_lightning.callbacks.ModelCheckpoint",
+        "init_args": {"filename": "last", "enable_version_counter": False, **triggers},
+    }
+
+
+def kill_at(step: int, signal_name: str) -> dict:
+    return {
+        "class_path": "tests.resume_helpers.KillAtStep",
+        "init_args": {"step": step, "signal_name": signal_name},
+    }
+
+
+class KillAtStep(pl.Callback):
+    """Sends a signal to its own process in the middle of optimiser step ``step`` (after the forward pass).
+
+    Args:
+        step: the ``trainer.global_step`` at which to signal.
+        signal_name: ``SIGKILL`` (no clean-up at all) or ``SIGTERM`` (pre-emption).
+    """
+
+    def __init__(self, step: int, signal_name: str = "SIGKILL") -> None:
+        self.step = step
+        self.signum = getattr(signal, signal_name)
+
+    def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
+        if trainer.global_step == self.step:
+            os.kill(os.getpid(), self.signum)
+
+
+def run_args(data: Path, runs: Path, callbacks: list[dict], *extra: str) -> list[str]:
+    """``medseg fit`` arguments: 2 epochs of 3 steps, dropout (so per-batch seeding matters), the given callbacks."""
+    runs.mkdir(parents=True, exist_ok=True)
+    config = runs / f"callbacks-{len(list(runs.glob('callbacks-*.yaml')))}.yaml"
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
+    return fit_args(
+        data,
+        runs,
+        "-c",
+        str(config),
+        "--trainer.max_epochs",
+        "2",
+        "--trainer.limit_train_batches",
+        "3",
+        "--data.batch_size",
+        "2",
+        "--model.net.init_args.dropout",
+        "0.1",
+        "--model.hd95",
+        "false",
+        "--trainer.deterministic",
+        "true",
+        "--run.experiment",
+        "resume",
+        *extra,
+    )
+
+
+def start_fit(args: list[str]) -> subprocess.Popen:
+    """``python -m pipeline`` with ``args`` in a child process (stdout/stderr captured as text)."""
+    env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen(
+        [sys.executable, "-m", "pipeline", *args],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )

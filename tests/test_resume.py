@@ -1,0 +1,106 @@
+"""Resume after SIGKILL / SIGTERM: identical weights and val/dice to an uninterrupted run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from pipeline.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
+from pipeline.cli import main
+from tests.resume_helpers import BEST, kill_at, last_every, run_args, start_fit
+
+RUN = "resume/unet-relu-kaiming-d3-s0"
+
+
+def final_state(run: Path) -> tuple[dict, float]:
+    """The last checkpoint's weights and the final val/dice of the run."""
+    weights = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == 6
+    return weights, summary["final"]["val/dice"]
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float]:
+    runs = tmp_path_factory.mktemp("uninterrupted")
+    main(run_args(phantom_dir, runs, [BEST, last_every(2)], "--run.wandb", "false"))
+    return final_state(runs / RUN)
+
+
+def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterrupted):
+    runs = tmp_path / "runs"
+    # Killed in the middle of step 5 (epoch 1, third batch); last.ckpt is from step 4, mid-epoch.
+    child = start_fit(run_args(phantom_dir, runs, [BEST, last_every(2), kill_at(5, "SIGKILL")]))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == -9, err[-2000:]
+    run = runs / RUN
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
+    assert checkpoint["SegmentationDataModule"]["train_position"] == (1, 1)
+    wandb_id = (run / "wandb_id.txt").read_text()
+
+    main(run_args(phantom_dir, runs, [BEST, last_every(2)], "--ckpt_path", "last"))
+
+    weights, dice = final_state(run)
+    reference_weights, reference_dice = uninterrupted
+    assert max_difference(weights, reference_weights) <= 1e-6
+    assert dice == pytest.approx(reference_dice, abs=1e-6)
+    # the same W&B run continues: both offline run folders carry the first run's id
+    assert (run / "wandb_id.txt").read_text() == wandb_id
+    assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
+
+
+def test_resume_sigterm_saves_a_complete_checkpoint(phantom_dir, tmp_path, uninterrupted):
+    runs = tmp_path / "runs"
+    callbacks = [BEST, last_every(0), kill_at(1, "SIGTERM")]  # in epoch 0 only SIGTERM writes last.ckpt
+    child = start_fit(run_args(phantom_dir, runs, callbacks, "--run.wandb", "false"))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 143, err[-2000:]
+    assert "stopped by SIGTERM" in err
+    run = runs / RUN
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    # the step in flight when the signal came finished, then the run stopped at the batch boundary
+    assert checkpoint["global_step"] == 2 and checkpoint["epoch"] == 0
+    for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "medseg"):
+        assert checkpoint[key], key
+    assert checkpoint["optimizer_states"][0]["state"], "optimiser moments missing"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"].startswith("preempted")
+    assert summary["SigtermCheckpoint"]["step"] == 2
+
+    main(run_args(phantom_dir, runs, [BEST, last_every(0)], "--run.wandb", "false", "--ckpt_path", "last"))
+
+    weights, dice = final_state(run)
+    reference_weights, reference_dice = uninterrupted
+    assert max_difference(weights, reference_weights) <= 1e-6
+    assert dice == pytest.approx(reference_dice, abs=1e-6)
+
+
+def test_resume_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    path = tmp_path / "checkpoints" / "last.ckpt"
+    io = SafeCheckpointIO()
+    io.save_checkpoint({"step": torch.tensor(1)}, path)
+
+    def crash(obj, f):  # a kill in the middle of writing: half a file, then gone
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        io.save_checkpoint({"step": torch.tensor(2)}, path)
+    assert load_checkpoint(path)["step"] == 1  # the previous checkpoint is intact
+    assert [p.name for p in path.parent.iterdir()] == ["last.ckpt"]  # no temporary file left
+    assert oct(path.stat().st_mode & 0o777) != oct(0o600)  # not mkstemp's private mode
+
+
+def test_resume_missing_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(CheckpointError, match="checkpoint not found"):
+        SafeCheckpointIO().load_checkpoint(tmp_path / "nope.ckpt")
