@@ -1,0 +1,59 @@
+"""DDP on CPU (gloo): validation Dice over 2 processes equals one process, each image scored once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+
+from pipeline.checkpointing import load_checkpoint
+from pipeline.data.datamodule import SegmentationDataModule
+from pipeline.models import build_net
+from pipeline.module import SegmentationModule
+from tests.resume_helpers import BEST, last_every, run_args, start_fit
+
+# 3 validation images, one a batch: DistributedSampler pads 3 batches to 4, so one image is seen twice
+VAL = ("--data.val_fraction", "0.25", "--data.val_batch_size", "1", "--trainer.limit_val_batches", "1.0")
+
+
+def validate_in_one_process(checkpoint_path: Path, data: Path) -> dict[str, float]:
+    """The checkpoint's validation metrics from a plain single-process ``Trainer.validate``."""
+    checkpoint = load_checkpoint(checkpoint_path)
+    stored = checkpoint["medseg"]
+    module = SegmentationModule(build_net(stored["net"]), class_names=stored["class_names"], hd95=False)
+    module.load_state_dict(checkpoint["state_dict"])
+    data_module = SegmentationDataModule(root=str(data), val_fraction=0.25, val_batch_size=1, num_workers=0)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+    )
+    (metrics,) = trainer.validate(module, data_module, verbose=False)
+    return metrics
+
+
+def test_ddp_two_processes_score_each_validation_image_once(phantom_dir, tmp_path):
+    runs = tmp_path / "runs"
+    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    one_epoch = ("--trainer.max_epochs", "1", "--run.wandb", "false")
+    child = start_fit(run_args(phantom_dir, runs, [BEST, last_every(0)], *one_epoch, *VAL, *ddp))
+    _, err = child.communicate(timeout=300)
+    assert child.returncode == 0, err[-3000:]
+
+    run = runs / "resume" / "unet-relu-kaiming-d3-s0"
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["epochs"] == 1
+    single = validate_in_one_process(run / "checkpoints" / "last.ckpt", phantom_dir)
+
+    assert summary["final"]["val/images"] == single["val/images"] == 3  # 4 scored, one a padding repeat
+    assert summary["final"]["val/dice"] == pytest.approx(single["val/dice"], abs=1e-6)
+    for name in ("organ", "lesion", "vessel"):
+        assert summary["final"][f"val/dice_{name}"] == pytest.approx(single[f"val/dice_{name}"], abs=1e-6)
+    # rank 0 alone writes the run directory's files
+    assert json.loads((run / "split.json").read_text())["val"] and len(list(run.glob("split*.json"))) == 1
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
