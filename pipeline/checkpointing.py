@@ -19,6 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import pickle
+import re
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -36,9 +37,9 @@ class CheckpointError(DataError):
 
 
 def _refused_global(err: Exception) -> str:
-    """The line of torch's weights-only error naming what the pickle asked for."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    return next((line for line in lines if "GLOBAL" in line or "Unsupported" in line), lines[-1])
+    """What the pickle asked for, from torch's weights-only error (e.g. ``posix.system``)."""
+    found = re.search(r"GLOBAL ([\w.]+)", str(err))
+    return found.group(1) if found else (str(err).strip().splitlines() or ["?"])[0]
 
 
 def _translate(path: str | os.PathLike, err: BaseException) -> CheckpointError:
@@ -46,9 +47,8 @@ def _translate(path: str | os.PathLike, err: BaseException) -> CheckpointError:
     if isinstance(err, pickle.UnpicklingError):
         return CheckpointError(
             path,
-            "refused to load: it holds pickled objects other than weights, and unpickling them could "
-            f"run code ({_refused_global(err)}); medseg loads only tensors, numbers, strings and "
-            "plain containers (torch.load weights_only=True)",
+            f"refused to load: unpickling it would call {_refused_global(err)}, which could run any "
+            "code; medseg loads only tensors, numbers, strings and plain containers (weights_only=True)",
         )
     if isinstance(err, FileNotFoundError):
         return CheckpointError(path, "checkpoint not found")

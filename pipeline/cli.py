@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -26,7 +27,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.callbacks.guards import DivergenceGuard, TrainingDiverged
 from pipeline.callbacks.resume import BatchSeed, SigtermCheckpoint
-from pipeline.checkpointing import SafeCheckpointIO
+from pipeline.checkpointing import SafeCheckpointIO, load_checkpoint
 from pipeline.data import commands as volume_commands
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.io import DataError
@@ -78,6 +79,7 @@ class MedsegCLI(LightningCLI):
         knobs = getattr(self.model.net, "knobs", {})
         name = run.name or f"{variant_name(knobs)}-s{seed}"
         run_dir = Path(run.root) / run.experiment / name
+        self._preflight(config.get("ckpt_path"), run_dir)
         trainer_config = config["trainer"]
         if trainer_config.get("precision") is None:
             kwargs["precision"] = self._default_precision(trainer_config.get("accelerator"))
@@ -108,6 +110,29 @@ class MedsegCLI(LightningCLI):
         params = sum(p.numel() for p in self.model.parameters())
         log.info("run %s -> %s (%s parameters, %s)", name, run_dir, f"{params:,}", knobs)
         return super().instantiate_trainer(**kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        # LightningCLI reads the checkpoint's hyperparameters here with a bare torch.load (weights
+        # only, but a bad file escapes as a raw traceback): read it with load_checkpoint first, so a
+        # missing, corrupt or unsafe checkpoint is one clear error before anything runs.
+        ckpt_path = (
+            self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        )
+        if ckpt_path and ckpt_path not in ("last", "best", "hpc"):
+            load_checkpoint(ckpt_path)
+        super()._parse_ckpt_path()
+
+    def _preflight(self, ckpt_path: str | None, run_dir: Path) -> None:
+        """Read the checkpoint and the data before anything is written (run directory, W&B, config),
+        so a bad input fails with one clear error and leaves no partial run behind."""
+        last = run_dir / "checkpoints" / "last.ckpt"
+        if ckpt_path == "last" and last.is_file():  # other paths were read by _parse_ckpt_path
+            load_checkpoint(last)
+        # In the process that launches DDP workers, or rank 0 of an external launcher; Lightning's own
+        # prepare_data/setup calls then find the work done.
+        if self.subcommand in ("fit", "validate", "test") and os.environ.get("LOCAL_RANK", "0") == "0":
+            self.datamodule.prepare_data()
+            self.datamodule.setup(self.subcommand)
 
     @staticmethod
     def _default_precision(accelerator: str | None) -> str:

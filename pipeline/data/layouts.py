@@ -105,13 +105,18 @@ def resolve_class_names(root: str | Path, info: DataSetInfo, given: list[str] | 
 
 
 def _entries(folder: Path) -> dict[str, Path]:
-    """Case id -> image file (2D or NIfTI) or sub-folder (DICOM series) in ``folder``."""
+    """Case id -> image file (2D or NIfTI) or sub-folder (DICOM series) in ``folder``.
+
+    A dangling or looping symbolic link with an image name is kept, so reading it reports the link
+    itself instead of its pair as unmatched.
+    """
     if not folder.is_dir():
         raise DataError(folder, "folder not found")
     return {
         case_stem(p): p
         for p in sorted(folder.iterdir())
-        if not p.name.startswith(".") and (p.is_dir() or (p.is_file() and (is_image_2d(p) or is_nifti(p))))
+        if not p.name.startswith(".")
+        and (p.is_dir() or ((p.is_file() or p.is_symlink()) and (is_image_2d(p) or is_nifti(p))))
     }
 
 
