@@ -99,7 +99,8 @@ class MedsegCLI(LightningCLI):
         if self.subcommand == "fit":
             run_dir.mkdir(parents=True, exist_ok=True)
             if trainer_config.get("logger") is not False:
-                kwargs["logger"] = build_loggers(run_dir, run, name, knob_tags(knobs))
+                resume = bool(config.get("ckpt_path"))
+                kwargs["logger"] = build_loggers(run_dir, run, name, knob_tags(knobs), resume)
             for callback in callbacks:
                 if isinstance(callback, ModelCheckpoint):
                     callback.dirpath = str(run_dir / "checkpoints")

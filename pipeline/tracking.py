@@ -22,6 +22,8 @@ from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info, rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from pipeline.csv_log import ResumedCSVLogger
+
 log = logging.getLogger(__name__)
 
 
@@ -89,8 +91,13 @@ def wandb_mode() -> str:
     return os.environ.get("WANDB_MODE") or ("online" if has_wandb_key() else "offline")
 
 
-def build_loggers(run_dir: Path, run: RunConfig, name: str, tags: list[str]) -> list[Logger]:
-    """A CSV logger writing ``run_dir/metrics.csv`` and, if enabled, a W&B logger in ``run_dir/wandb``."""
+def build_loggers(
+    run_dir: Path, run: RunConfig, name: str, tags: list[str], resume: bool = False
+) -> list[Logger]:
+    """A CSV logger writing ``run_dir/metrics.csv`` and, if enabled, a W&B logger in ``run_dir/wandb``.
+
+    ``resume`` (``fit --ckpt_path``): continue the run's W&B run and keep its earlier metrics.csv rows.
+    """
     loggers: list[Logger] = []
     if run.wandb and wandb_mode() != "disabled":
         offline = wandb_mode() in ("offline", "dryrun")
@@ -107,11 +114,12 @@ def build_loggers(run_dir: Path, run: RunConfig, name: str, tags: list[str]) -> 
                 # quiet: offline, the one line on `wandb sync` comes from finish_wandb
                 settings={"quiet": True} if offline else None,
                 log_model=run.log_model,
-                id=read_wandb_id(run_dir),
+                id=read_wandb_id(run_dir) if resume else None,
                 resume="allow",
             )
         )
-    loggers.append(CSVLogger(save_dir=str(run_dir), name="", version=""))
+    csv_logger = ResumedCSVLogger if resume else CSVLogger
+    loggers.append(csv_logger(save_dir=str(run_dir), name="", version=""))
     return loggers
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
@@ -15,12 +16,16 @@ from tests.resume_helpers import BEST, kill_at, last_every, run_args, start_fit
 RUN = "resume/unet-relu-kaiming-d3-s0"
 
 
-def final_state(run: Path) -> tuple[dict, float]:
-    """The last checkpoint's weights and the final val/dice of the run."""
+def final_state(run: Path) -> tuple[dict, float, list[tuple[int, float]]]:
+    """The last checkpoint's weights, the final val/dice and metrics.csv's (step, train loss) rows."""
     weights = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
-    return weights, summary["final"]["val/dice"]
+    with (run / "metrics.csv").open() as f:
+        losses = [
+            (int(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f) if r["train/loss_step"]
+        ]
+    return weights, summary["final"]["val/dice"], losses
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -29,7 +34,7 @@ def max_difference(a: dict, b: dict) -> float:
 
 
 @pytest.fixture(scope="module")
-def uninterrupted(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, float]:
+def uninterrupted(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     runs = tmp_path_factory.mktemp("uninterrupted")
     main(run_args(phantom_dir, runs, [BEST, last_every(2)], "--run.wandb", "false"))
     return final_state(runs / RUN)
@@ -49,37 +54,49 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterr
 
     main(run_args(phantom_dir, runs, [BEST, last_every(2)], "--ckpt_path", "last"))
 
-    weights, dice = final_state(run)
-    reference_weights, reference_dice = uninterrupted
+    weights, dice, losses = final_state(run)
+    reference_weights, reference_dice, reference_losses = uninterrupted
     assert max_difference(weights, reference_weights) <= 1e-6
     assert dice == pytest.approx(reference_dice, abs=1e-6)
+    # metrics.csv keeps the steps logged before the kill, each step once, with the same losses
+    assert [step for step, _ in losses] == [step for step, _ in reference_losses] == list(range(6))
+    assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference_losses], abs=1e-6)
     # the same W&B run continues: both offline run folders carry the first run's id
     assert (run / "wandb_id.txt").read_text() == wandb_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
 
 
-def test_resume_sigterm_saves_a_complete_checkpoint(phantom_dir, tmp_path, uninterrupted):
-    runs = tmp_path / "runs"
+def stopped_by_sigterm(data: Path, runs: Path) -> Path:
+    """A run sent SIGTERM during step 1; returns its run directory after checking the exit."""
     callbacks = [BEST, last_every(0), kill_at(1, "SIGTERM")]  # in epoch 0 only SIGTERM writes last.ckpt
-    child = start_fit(run_args(phantom_dir, runs, callbacks, "--run.wandb", "false"))
+    child = start_fit(run_args(data, runs, callbacks, "--run.wandb", "false"))
     _, err = child.communicate(timeout=300)
     assert child.returncode == 143, err[-2000:]
     assert "stopped by SIGTERM" in err
-    run = runs / RUN
+    return runs / RUN
+
+
+def test_resume_sigterm_saves_a_complete_checkpoint(phantom_dir, tmp_path):
+    run = stopped_by_sigterm(phantom_dir, tmp_path / "runs")
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
     # the step in flight when the signal came finished, then the run stopped at the batch boundary
     assert checkpoint["global_step"] == 2 and checkpoint["epoch"] == 0
     for key in ("state_dict", "optimizer_states", "lr_schedulers", "loops", "callbacks", "medseg"):
         assert checkpoint[key], key
     assert checkpoint["optimizer_states"][0]["state"], "optimiser moments missing"
+    assert checkpoint["SegmentationDataModule"]["train_position"] == (0, 2)
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"].startswith("preempted")
     assert summary["SigtermCheckpoint"]["step"] == 2
 
-    main(run_args(phantom_dir, runs, [BEST, last_every(0)], "--run.wandb", "false", "--ckpt_path", "last"))
 
-    weights, dice = final_state(run)
-    reference_weights, reference_dice = uninterrupted
+@pytest.mark.slow
+def test_resume_after_sigterm_is_exact(phantom_dir, tmp_path, uninterrupted):
+    runs = tmp_path / "runs"
+    run = stopped_by_sigterm(phantom_dir, runs)
+    main(run_args(phantom_dir, runs, [BEST, last_every(0)], "--run.wandb", "false", "--ckpt_path", "last"))
+    weights, dice, _ = final_state(run)
+    reference_weights, reference_dice, _ = uninterrupted
     assert max_difference(weights, reference_weights) <= 1e-6
     assert dice == pytest.approx(reference_dice, abs=1e-6)
 
