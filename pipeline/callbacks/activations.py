@@ -38,7 +38,7 @@ class ActivationMonitor(FixedSampleCallback):
     def __init__(
         self,
         every_n_epochs: int = 1,
-        num_samples: int = 4,
+        num_samples: int = 2,
         sigmoid_range: float = 4.0,
         tanh_range: float = 2.0,
     ) -> None:

@@ -53,19 +53,20 @@ class PredictionImageLogger(FixedSampleCallback):
         names = getattr(pl_module, "class_names", None) or getattr(trainer.datamodule, "class_names", [])
         labels = {i: name for i, name in enumerate(names)}
         predict = self.predictor(pl_module)
-        images = []
         with torch.no_grad():
-            for batch, image, mask, caption in zip(
-                self.samples.batches(pl_module.device),
-                self.samples.images,
-                self.samples.masks,
-                self.samples.names,
-                strict=True,
-            ):
-                prediction = predict(batch).argmax(1)[0].cpu().numpy().astype(np.uint8)
-                masks = {
-                    "prediction": {"mask_data": prediction, "class_labels": labels},
-                    "ground_truth": {"mask_data": mask.numpy().astype(np.uint8), "class_labels": labels},
-                }
-                images.append(wandb.Image(display_image(image), masks=masks, caption=caption))
+            predictions = [
+                p for batch in self.samples.batches(pl_module.device) for p in predict(batch).argmax(1)
+            ]
+        images = []
+        for prediction, image, mask, caption in zip(
+            predictions, self.samples.images, self.samples.masks, self.samples.names, strict=True
+        ):
+            masks = {
+                "prediction": {
+                    "mask_data": prediction.cpu().numpy().astype(np.uint8),
+                    "class_labels": labels,
+                },
+                "ground_truth": {"mask_data": mask.numpy().astype(np.uint8), "class_labels": labels},
+            }
+            images.append(wandb.Image(display_image(image), masks=masks, caption=caption))
         log_media(trainer, {"val/predictions": images})

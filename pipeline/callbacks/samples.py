@@ -47,8 +47,17 @@ class FixedSamples:
         self.closed = len(self) > 0
 
     def batches(self, device: torch.device) -> list[Tensor]:
-        """Each image as a (1, C, H, W) batch on ``device`` (images may differ in size)."""
-        return [image[None].to(device) for image in self.images]
+        """The images as (N, C, H, W) batches on ``device``, in order: one batch per run of equal sizes.
+
+        One batch runs several times faster than single images on a CPU; sizes may differ.
+        """
+        runs: list[list[Tensor]] = []
+        for image in self.images:
+            if runs and runs[-1][0].shape == image.shape:
+                runs[-1].append(image)
+            else:
+                runs.append([image])
+        return [torch.stack(run).to(device) for run in runs]
 
 
 class FixedSampleCallback(pl.Callback):
