@@ -129,7 +129,8 @@ def imagenet_state_dict(name: str) -> dict[str, Tensor]:
     """
     weights = ENCODERS[name][1]
     try:
-        return weights.get_state_dict(progress=False, check_hash=True)
+        # weights_only: torch.hub defaults to full unpickling, and the cached file could be replaced
+        return weights.get_state_dict(progress=False, check_hash=True, weights_only=True)
     except OSError as err:  # URLError, HTTPError and socket errors are all OSErrors
         cache = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
         raise DataError(
