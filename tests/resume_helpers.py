@@ -88,7 +88,7 @@ def run_args(data: Path, runs: Path, callbacks: list[dict], *extra: str) -> list
 
 
 def start_fit(args: list[str]) -> subprocess.Popen:
-    """``python -m pipeline`` with ``args`` in a child process (stdout/stderr captured as text)."""
+    """``python -m pipeline`` with ``args`` in a child process group (stdout/stderr captured as text)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "CUDA_VISIBLE_DEVICES": ""}
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],
@@ -97,4 +97,16 @@ def start_fit(args: list[str]) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        start_new_session=True,  # its own process group: DDP workers included in a kill on timeout
     )
+
+
+def finish(child: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
+    """Wait for ``child``: (exit code, stderr). A hang (e.g. a DDP deadlock) kills its group and fails."""
+    try:
+        _, err = child.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGKILL)
+        _, err = child.communicate()
+        raise AssertionError(f"medseg fit hung for {timeout} s and was killed:\n{err[-3000:]}") from None
+    return child.returncode, err

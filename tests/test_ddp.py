@@ -12,7 +12,7 @@ from pipeline.checkpointing import load_checkpoint
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import build_net
 from pipeline.module import SegmentationModule
-from tests.resume_helpers import BEST, last_every, run_args, start_fit
+from tests.resume_helpers import BEST, finish, kill_at, last_every, run_args, start_fit
 
 # 3 validation images, one a batch: DistributedSampler pads 3 batches to 4, so one image is seen twice
 VAL = ("--data.val_fraction", "0.25", "--data.val_batch_size", "1", "--trainer.limit_val_batches", "1.0")
@@ -42,8 +42,8 @@ def test_ddp_two_processes_score_each_validation_image_once(phantom_dir, tmp_pat
     ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
     one_epoch = ("--trainer.max_epochs", "1", "--run.wandb", "false")
     child = start_fit(run_args(phantom_dir, runs, [BEST, last_every(0)], *one_epoch, *VAL, *ddp))
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 0, err[-3000:]
+    code, err = finish(child)
+    assert code == 0, err[-3000:]
 
     run = runs / "resume" / "unet-relu-kaiming-d3-s0"
     summary = json.loads((run / "summary.json").read_text())
@@ -57,3 +57,17 @@ def test_ddp_two_processes_score_each_validation_image_once(phantom_dir, tmp_pat
     # rank 0 alone writes the run directory's files
     assert json.loads((run / "split.json").read_text())["val"] and len(list(run.glob("split*.json"))) == 1
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+
+
+@pytest.mark.slow
+def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_without_deadlock(phantom_dir, tmp_path):
+    # As SLURM signals every task: both ranks get SIGTERM in the middle of step 1.
+    runs = tmp_path / "runs"
+    ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    callbacks = [BEST, last_every(0), kill_at(1, "SIGTERM")]
+    code, err = finish(start_fit(run_args(phantom_dir, runs, callbacks, "--run.wandb", "false", *ddp)), 240)
+    assert code == 143, err[-3000:]
+    run = runs / "resume" / "unet-relu-kaiming-d3-s0"
+    checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert checkpoint["global_step"] == 2 and checkpoint["optimizer_states"][0]["state"]
+    assert json.loads((run / "summary.json").read_text())["status"].startswith("preempted")

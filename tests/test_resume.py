@@ -11,7 +11,7 @@ import torch
 
 from pipeline.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
 from pipeline.cli import main
-from tests.resume_helpers import BEST, kill_at, last_every, run_args, start_fit
+from tests.resume_helpers import BEST, finish, kill_at, last_every, run_args, start_fit
 
 RUN = "resume/unet-relu-kaiming-d3-s0"
 
@@ -44,8 +44,8 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterr
     runs = tmp_path / "runs"
     # Killed in the middle of step 5 (epoch 1, third batch); last.ckpt is from step 4, mid-epoch.
     child = start_fit(run_args(phantom_dir, runs, [BEST, last_every(2), kill_at(5, "SIGKILL")]))
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == -9, err[-2000:]
+    code, err = finish(child)
+    assert code == -9, err[-2000:]
     run = runs / RUN
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
@@ -70,8 +70,8 @@ def stopped_by_sigterm(data: Path, runs: Path) -> Path:
     """A run sent SIGTERM during step 1; returns its run directory after checking the exit."""
     callbacks = [BEST, last_every(0), kill_at(1, "SIGTERM")]  # in epoch 0 only SIGTERM writes last.ckpt
     child = start_fit(run_args(data, runs, callbacks, "--run.wandb", "false"))
-    _, err = child.communicate(timeout=300)
-    assert child.returncode == 143, err[-2000:]
+    code, err = finish(child)
+    assert code == 143, err[-2000:]
     assert "stopped by SIGTERM" in err
     return runs / RUN
 

@@ -9,19 +9,19 @@ two callbacks (``medseg fit`` adds both) a run killed at any point and resumed w
 
 from __future__ import annotations
 
-import logging
 import random
+import signal
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.data.order import global_seed
-
-log = logging.getLogger(__name__)
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -59,26 +59,52 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path:
 
 
 class SigtermCheckpoint(pl.Callback):
-    """Writes ``last.ckpt`` when training stops on SIGTERM (as a cluster sends before pre-emption).
+    """On SIGTERM (as a cluster sends before pre-emption), writes ``last.ckpt`` and stops training.
 
-    Lightning's own SIGTERM handler only sets a flag; training then stops at the next batch
-    boundary with ``SIGTERMException``. There the state is complete (the batch's optimiser step and
-    loop counters are done), and this callback saves it where ``--ckpt_path last`` finds it.
-    Other exceptions save nothing: after a crash mid-step the state may be half-updated.
+    The signal handler only sets a flag. At the next training batch boundary (after the end-of-epoch
+    validation for an epoch's last batch) all DDP ranks agree through one all-reduce of the flag
+    and stop together: ``last.ckpt`` is written where ``--ckpt_path last`` finds it, and
+    ``SIGTERMException`` ends the fit (``medseg`` exits 143). Lightning's own handler is replaced
+    while training: it broadcasts from inside the handler, which deadlocks DDP when ranks receive
+    the signal in different collectives (observed with 2 CPU ranks).
     """
 
     def __init__(self) -> None:
+        self._requested = False
         self.saved: dict | None = None
 
-    def on_exception(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning restores the handlers from before the fit in its teardown.
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum: int, frame: object) -> None:
+        self._requested = True
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
     ) -> None:
-        if not isinstance(exception, SIGTERMException):
+        # An epoch's last batch waits for its validation (on_validation_end), as an uninterrupted run does.
+        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            self._stop_if_requested(trainer)
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not trainer.sanity_checking:
+            self._stop_if_requested(trainer)
+
+    def _stop_if_requested(self, trainer: pl.Trainer) -> None:
+        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
             return
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # the full state: optimiser, loops, callbacks
         self.saved = {"signal": "SIGTERM", "step": trainer.global_step, "checkpoint": str(path)}
-        log.info("SIGTERM: saved step %d to %s; resume with --ckpt_path last", trainer.global_step, path)
+        rank_zero_info(f"SIGTERM: saved step {trainer.global_step} to {path}; resume with --ckpt_path last")
+        raise SIGTERMException
 
     def summary(self) -> dict:
         """The checkpoint written on SIGTERM, if any."""
