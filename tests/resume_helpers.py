@@ -90,6 +90,9 @@ def run_args(data: Path, runs: Path, callbacks: list[dict], *extra: str) -> list
 def start_fit(args: list[str]) -> subprocess.Popen:
     """``python -m pipeline`` with ``args`` in a child process group (stdout/stderr captured as text)."""
     env = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "CUDA_VISIBLE_DEVICES": ""}
+    # Its own W&B service: through this process's (inherited WANDB_SERVICE) a killed child's run
+    # would stay registered there, and resuming it here would fail with "run ID ... is in use".
+    env.pop("WANDB_SERVICE", None)
     return subprocess.Popen(
         [sys.executable, "-m", "pipeline", *args],
         cwd=REPO,
