@@ -248,24 +248,6 @@ def test_bad_inputs_empty_folder_everywhere(phantom_dir, checkpoint, tmp_path, c
     error_line(err, empty, "no inputs found")
 
 
-def test_bad_inputs_missing_checkpoint(phantom_dir, tmp_path, capsys):
-    missing = tmp_path / "missing.ckpt"
-    runs = tmp_path / "runs"
-    for command in ("fit", "validate"):
-        args = fit_args(phantom_dir, runs, "--run.wandb", "false", "--ckpt_path", str(missing))
-        args[0] = command
-        code, _, err = medseg(capsys, *args)
-        assert code == 1, command
-        error_line(err, missing, "checkpoint not found")
-        assert not runs.exists()
-    out = tmp_path / "out"
-    code, _, err = medseg(
-        capsys, "infer", "--checkpoint", str(missing), "--input", str(phantom_dir), "--output", str(out)
-    )
-    assert code == 1 and not out.exists()
-    error_line(err, missing, "checkpoint not found")
-
-
 class WritesAFile:
     """Unpickling this calls ``open(path, "w")``: a stand-in for any code a checkpoint could run."""
 
@@ -276,18 +258,40 @@ class WritesAFile:
         return (open, (str(self.path), "w"))
 
 
-def test_bad_inputs_unsafe_checkpoint_is_refused_without_running_it(phantom_dir, tmp_path, capsys):
-    marker = tmp_path / "payload-ran"
-    unsafe = tmp_path / "unsafe.ckpt"
-    torch.save({"state_dict": {}, "hyper_parameters": {"lr": 0.1}, "x": WritesAFile(marker)}, unsafe)
+def bad_checkpoint(kind: str, folder: Path) -> tuple[Path, str]:
+    """(checkpoint path, the problem medseg must state) for ``missing`` or ``unsafe``."""
+    path = folder / f"{kind}.ckpt"
+    if kind == "unsafe":
+        payload = {
+            "state_dict": {},
+            "hyper_parameters": {"lr": 0.1},
+            "x": WritesAFile(folder / "payload-ran"),
+        }
+        torch.save(payload, path)
+        return path, "refused to load: unpickling it would call io.open"
+    return path, "checkpoint not found"
+
+
+@pytest.mark.parametrize("command", ["fit", "validate"])
+@pytest.mark.parametrize("kind", ["missing", "unsafe"])
+def test_bad_inputs_checkpoint_is_refused_before_anything_runs(kind, command, phantom_dir, tmp_path, capsys):
+    path, problem = bad_checkpoint(kind, tmp_path)
     runs = tmp_path / "runs"
-    for command in ("fit", "validate"):
-        args = fit_args(phantom_dir, runs, "--run.wandb", "false", "--ckpt_path", str(unsafe))
-        args[0] = command
-        code, _, err = medseg(capsys, *args)
-        assert code == 1, command
-        error_line(err, unsafe, "refused to load: unpickling it would call io.open")
-        assert not marker.exists() and not runs.exists()
+    args = fit_args(phantom_dir, runs, "--run.wandb", "false", "--ckpt_path", str(path))
+    code, _, err = medseg(capsys, command, *args[1:])
+    assert code == 1
+    error_line(err, path, problem)
+    assert not (tmp_path / "payload-ran").exists() and not runs.exists()
+
+
+def test_bad_inputs_infer_missing_checkpoint(phantom_dir, tmp_path, capsys):
+    path, problem = bad_checkpoint("missing", tmp_path)
+    out = tmp_path / "out"
+    code, _, err = medseg(
+        capsys, "infer", "--checkpoint", str(path), "--input", str(phantom_dir), "--output", str(out)
+    )
+    assert code == 1 and not out.exists()
+    error_line(err, path, problem)
 
 
 def test_bad_inputs_config_typo_names_the_key(phantom_dir, tmp_path, capsys):
