@@ -42,7 +42,7 @@ class BatchSeed(pl.Callback):
     """
 
     def on_train_batch_start(
-        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch, batch_idx: int
+        self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: object, batch_idx: int
     ) -> None:
         seed = batch_seed(global_seed(), trainer.current_epoch, batch_idx, trainer.global_rank)
         torch.manual_seed(seed)  # seeds every CUDA device too
