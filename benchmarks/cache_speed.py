@@ -24,28 +24,28 @@ comparison is decoding cost, not disk speed. Prints and records
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from pipeline.data.cache import open_case, prepare_cache
-from pipeline.data.dataset import SliceDataset
-from pipeline.data.io import read_nifti
-from pipeline.data.layouts import describe
-from pipeline.data.normalization import Normalization
-from pipeline.data.slicing import to_slices
-from pipeline.data.synthetic_volumes import CLASS_NAMES, generate_volumes
-from pipeline.data.transforms import build_eval_transform
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, machine_info, write_json  # noqa: E402
+from pipeline.data.cache import open_case, prepare_cache  # noqa: E402
+from pipeline.data.dataset import SliceDataset  # noqa: E402
+from pipeline.data.io import read_nifti  # noqa: E402
+from pipeline.data.layouts import describe  # noqa: E402
+from pipeline.data.normalization import Normalization  # noqa: E402
+from pipeline.data.slicing import to_slices  # noqa: E402
+from pipeline.data.synthetic_volumes import CLASS_NAMES, generate_volumes  # noqa: E402
+from pipeline.data.transforms import build_eval_transform  # noqa: E402
 
 
 def _rate(read: Callable[[str, int], None], pairs: list[tuple[str, int]]) -> float:
@@ -120,11 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
         root = generate_volumes(Path(tmp) / "msd", opts.cases, opts.shape, seed=opts.seed)
         result = measure(root, Path(tmp) / "cache", opts.slices, opts.nifti_slices, opts.repeats, opts.seed)
     result["settings"] = vars(opts) | {"output": str(opts.output)}
-    result["machine"] = {
-        "platform": platform.platform(),
-        "cpus": os.cpu_count(),
-        "python": platform.python_version(),
-    }
+    result["machine"] = machine_info()
     rates = result["slices_per_second"]
     print(f"volumes: {opts.cases} x {tuple(opts.shape)} int16 .nii.gz; image + mask slice per read")
     for name, rate in rates.items():
@@ -132,8 +128,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(
         f"cache / nifti: {result['ratio']:.0f}x (target >= 10x); cache / nifti_proxy: {result['ratio_vs_proxy']:.0f}x"
     )
-    opts.output.parent.mkdir(parents=True, exist_ok=True)
-    opts.output.write_text(json.dumps(result, indent=2))
+    write_json(opts.output, result)
     return result
 
 

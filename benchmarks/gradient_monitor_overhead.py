@@ -22,25 +22,25 @@ Prints and records (``benchmarks/results/gradient_monitor_overhead.json``):
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pytorch_lightning as pl
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from pipeline.callbacks.gradients import GradientFlowMonitor
-from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.synthetic import generate_dataset
-from pipeline.models import UNet
-from pipeline.module import SegmentationModule
-from pipeline.tracking import RunConfig, build_loggers
+import pytorch_lightning as pl  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, machine_info, write_json  # noqa: E402
+from pipeline.callbacks.gradients import GradientFlowMonitor  # noqa: E402
+from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
+from pipeline.data.synthetic import generate_dataset  # noqa: E402
+from pipeline.models import UNet  # noqa: E402
+from pipeline.module import SegmentationModule  # noqa: E402
+from pipeline.tracking import RunConfig, build_loggers  # noqa: E402
 
 
 class StepTimer(pl.Callback):
@@ -142,13 +142,7 @@ def main(argv: list[str] | None = None) -> dict:
         "median_hook_ms": round(1000 * statistics.median(hooks), 3),
         "timed_steps_per_arm": len(times["with"]),
         "settings": {k: v for k, v in vars(opts).items() if k != "output"},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(),
-            "load_average_1min": round(os.getloadavg()[0], 2),
-            "torch": torch.__version__,
-        },
+        "machine": machine_info(),
     }
     print(
         f"GradientFlowMonitor every step: median step {1000 * with_s:.1f} ms with, {1000 * without_s:.1f} ms "
@@ -156,8 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{100 * result['hook_share']:.2f}% of a step ({len(times['with'])} steps per arm, "
         f"{opts.size}x{opts.size}, batch {opts.batch_size})"
     )
-    opts.output.parent.mkdir(parents=True, exist_ok=True)
-    opts.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(opts.output, result)
     return result
 
 

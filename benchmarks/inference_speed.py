@@ -19,28 +19,27 @@ processing (target >= 0.85 with loader workers). Results go to ``benchmarks/resu
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import platform
-import resource
 import statistics
+import sys
 import tempfile
-import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
-import torch
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
-from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.synthetic import CLASS_NAMES, generate_dataset, phantom
-from pipeline.inference import infer
-from pipeline.inference.cases import find_inputs, load_case
-from pipeline.inference.checkpoint import load_model
-from pipeline.models import UNet, net_spec
-from pipeline.module import CHECKPOINT_KEY, SegmentationModule
+import nibabel as nib  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
-RESULTS = Path(__file__).parent / "results"
+from benchmarks.common import RESULTS, machine_info, timed, write_json  # noqa: E402
+from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
+from pipeline.data.synthetic import CLASS_NAMES, generate_dataset, phantom  # noqa: E402
+from pipeline.inference import infer  # noqa: E402
+from pipeline.inference.cases import find_inputs, load_case  # noqa: E402
+from pipeline.inference.checkpoint import load_model  # noqa: E402
+from pipeline.models import UNet, net_spec  # noqa: E402
+from pipeline.module import CHECKPOINT_KEY, SegmentationModule  # noqa: E402
 
 
 def make_volumes(folder: Path, cases: int, depth: int, size: int) -> None:
@@ -69,19 +68,6 @@ def make_checkpoint(path: Path, work: Path, features: list[int]) -> None:
         },
         path,
     )
-
-
-def cpu_seconds() -> float:
-    """CPU time of this process and its finished children (loader workers), in seconds."""
-    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
-
-
-def timed(fn) -> tuple[float, float]:
-    """(wall seconds, CPU seconds) of ``fn()``."""
-    wall, cpu = time.perf_counter(), cpu_seconds()
-    fn()
-    return time.perf_counter() - wall, cpu_seconds() - cpu
 
 
 def bare_pass(module: SegmentationModule, images: list[torch.Tensor], batch_size: int) -> None:
@@ -138,14 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
         "infer_cpu_seconds": [round(c, 3) for _, c in full],
         "bare_cpu_seconds": [round(c, 3) for _, c in bare],
         "settings": {k: v for k, v in vars(opts).items() if k != "output"},
-        "machine": {
-            "cpu": platform.processor() or platform.machine(),
-            "cpu_count": os.cpu_count(),
-            "load_average": [round(load, 2), round(os.getloadavg()[0], 2)],  # before, after
-            "torch_threads": torch.get_num_threads(),
-            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu",
-            "torch": torch.__version__,
-        },
+        "machine": machine_info() | {"load_average": [round(load, 2), round(os.getloadavg()[0], 2)]},
     }
     print(
         f"medseg infer: {infer_rate:.3f} cases/s, bare loop: {bare_rate:.3f} cases/s, "
@@ -153,8 +132,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{opts.depth}x{opts.size}x{opts.size}, batch {opts.batch_size}, {opts.workers} workers, "
         f"median of {opts.repeats}, load average {load:.1f})"
     )
-    opts.output.parent.mkdir(parents=True, exist_ok=True)
-    opts.output.write_text(json.dumps(result, indent=2) + "\n")
+    write_json(opts.output, result)
     return result
 
 
