@@ -36,6 +36,9 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: sliding-window overlap fraction.
         hd95: compute HD95 in validation and test (CPU cost: distance transforms).
         channels_last: use the channels-last memory format on CUDA (faster convolutions).
+        compile: compile the network with ``torch.compile`` (through ``nn.Module.compile``, in
+            place, so checkpoints keep their ``net.*`` keys). Off by default: the first steps
+            then take a minute or more, and the gain is on GPUs (``benchmarks/gpu_throughput.py``).
     """
 
     def __init__(
@@ -51,6 +54,7 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: float = 0.5,
         hd95: bool = True,
         channels_last: bool = True,
+        compile: bool = False,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["net", "loss"])
@@ -63,6 +67,8 @@ class SegmentationModule(pl.LightningModule):
         self.val_dice_best = MaxMetric()
         self.val_dice_best.persistent(True)  # in checkpoints, so a resumed run keeps its best
         self._channels_last = False
+        if compile:
+            self.net.compile()  # compiled on first call, after _prepare has set the memory format
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> logits (B, num_classes, H, W)."""

@@ -1,0 +1,21 @@
+"""SegmentationModule settings of the GPU fast path."""
+
+from __future__ import annotations
+
+import torch
+
+from pipeline.models import UNet
+from pipeline.module import SegmentationModule
+
+
+def test_module_compile_keeps_checkpoint_keys() -> None:
+    torch.manual_seed(0)
+    compiled = SegmentationModule(UNet(1, 3, features=(4, 8)), compile=True)
+    plain = SegmentationModule(UNet(1, 3, features=(4, 8)))
+    assert compiled.net._compiled_call_impl is not None  # compiled in place, on first call
+    assert plain.net._compiled_call_impl is None  # off by default
+    keys = list(compiled.state_dict())
+    assert keys == list(plain.state_dict())
+    assert not any("_orig_mod" in key for key in keys)
+    plain.load_state_dict(compiled.state_dict())  # strict: a compiled run's checkpoint loads as is
+    assert compiled.hparams.compile is True
