@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +29,14 @@ from pipeline.data.transforms import Augmentation, build_eval_transform, build_t
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
+MAX_AUTO_WORKERS = 16
+
+
+def auto_workers(devices: int = 1) -> int:
+    """Loader workers for ``num_workers: null``: the CPU cores this process may use, shared among
+    the node's ``devices`` (a fast GPU eats augmented 2D slices faster than two workers make them)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, devices)))
 
 
 def make_split(
@@ -94,7 +103,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         split_file: a ``split.json`` to use instead of a seeded split.
         seed: seed of the split.
         batch_size: training batch size; ``val_batch_size`` for validation/test (default: the same).
-        num_workers: loader worker processes.
+        num_workers: loader worker processes; None: one per CPU core, shared among the node's
+            devices, at most 16 (``auto_workers``).
         pin_memory: pin host memory; None pins when CUDA is available.
         patch_size: (H, W) random training crops; None trains on whole images.
         normalization: intensity normalisation (stored in the checkpoint); ``auto`` picks it per
@@ -121,7 +131,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         seed: int = 0,
         batch_size: int = 8,
         val_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         pin_memory: bool | None = None,
         patch_size: tuple[int, int] | None = None,
         normalization: Normalization = Normalization(mode="auto"),
@@ -234,9 +244,10 @@ class SegmentationDataModule(pl.LightningDataModule):
                 self.root, f"the {name} split is empty (set data.test_fraction or data.split_file)"
             )
         dataset = self.datasets[name]
-        common = dict(
-            num_workers=self.num_workers, pin_memory=self.pin_memory, persistent_workers=self.num_workers > 0
-        )
+        workers = self.num_workers
+        if workers is None:
+            workers = auto_workers(self.trainer.num_devices if self.trainer is not None else 1)
+        common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
         if name != "train":
             return DataLoader(EvalBatches(dataset, self.val_batch_size), batch_size=None, **common)
         sampler = ForegroundSampler(dataset.has_foreground(), self.foreground_fraction, self.seed)
