@@ -1,0 +1,212 @@
+"""Training throughput of the UNet on a CUDA GPU: fp32 vs bf16 vs bf16 + channels-last vs + compile.
+
+    python benchmarks/gpu_throughput.py             # on a CUDA GPU: a few minutes (compile included)
+    python benchmarks/gpu_throughput.py --no-compile --batch-size 64
+
+Without a CUDA GPU it prints that it skipped and records ``{"skipped": ...}`` (exit status 0).
+
+The UNet at its full width (``features`` 32..512, as ``pipeline.models.UNet`` defaults) trains on
+preloaded 256x256 batches (random data: speed does not depend on it) with AdamW and MONAI's
+DiceCE loss, in four arms, alternating over ``repeats`` rounds (medians reported):
+
+- ``fp32``: float32 (with PyTorch's defaults, as ``precision: 32-true``: cuDNN may use TF32 for
+  convolutions on Ampere and newer GPUs, matrix products stay float32);
+- ``bf16``: ``torch.autocast(bfloat16)``, what ``precision: bf16-mixed`` does;
+- ``bf16_cl``: bf16 + channels-last weights and inputs (``SegmentationModule(channels_last=True)``);
+- ``bf16_cl_compile``: the same with ``net.compile()`` (``SegmentationModule(compile=True)``).
+
+``cudnn.benchmark`` is on in every arm, as ``trainer.benchmark: true`` sets it. Also recorded:
+
+- ``flops_per_image``: forward + backward FLOPs of one image (``torch.utils.flop_counter``);
+  ``achieved_tflops`` per arm = FLOPs x images/s, and ``fraction_of_matmul`` against the bf16
+  rate of a large matrix multiply measured in the same run (``matmul_tflops``), the best this
+  device does in practice;
+- ``peak_memory_gib``: ``torch.cuda.max_memory_allocated`` per arm;
+- ``wait_fraction``: a bf16 + channels-last training loop fed by the real training loader
+  (phantoms of the same size, default augmentation, pinned memory, persistent workers) with the
+  default worker count (``data.num_workers: null``: one per CPU core, at most 16) and with 2:
+  the share of step time spent waiting for data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+import torch  # noqa: E402
+from monai.losses import DiceCELoss  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
+
+from benchmarks.common import RESULTS, alternate, machine_info, median, ratio, write_json  # noqa: E402
+from benchmarks.data_loading import datamodule, default_workers, training_step, wait_fraction  # noqa: E402
+from pipeline.data.synthetic import CLASS_NAMES, generate_dataset  # noqa: E402
+from pipeline.models import UNet  # noqa: E402
+
+ARMS = {  # name: (autocast dtype or None, channels_last, compile)
+    "fp32": (None, False, False),
+    "bf16": (torch.bfloat16, False, False),
+    "bf16_cl": (torch.bfloat16, True, False),
+    "bf16_cl_compile": (torch.bfloat16, True, True),
+}
+
+
+def train_flops(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> int:
+    """FLOPs of one forward + backward pass of ``net`` on ``image`` (B, C, H, W) with DiceCE loss
+    against ``mask`` (B, H, W): multiply-adds count 2, as ``torch.utils.flop_counter`` counts."""
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(net(image), mask[:, None]).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()
+
+
+def matmul_tflops(device: torch.device, size: int, iterations: int, dtype: torch.dtype) -> float:
+    """Measured TFLOP/s of ``size`` x ``size`` matrix products in ``dtype`` (median of 3 timings)."""
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    a @ b  # untimed: library selection
+    timings = []
+    for _ in range(3):
+        sync()
+        start = time.perf_counter()
+        for _ in range(iterations):
+            a @ b
+        sync()
+        timings.append(time.perf_counter() - start)
+    return 2 * size**3 * iterations / median(timings) / 1e12
+
+
+def arm_step(name: str, net: nn.Module, device: torch.device) -> Callable[[dict], None]:
+    """The training step of arm ``name``, preparing ``net`` (memory format, compile) for it."""
+    dtype, channels_last, compile_ = ARMS[name]
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    if compile_:
+        net.compile()
+    return training_step(net, device, dtype, channels_last)
+
+
+def images_per_second(
+    step: Callable[[dict], None], batch: dict, steps: int, sync: Callable[[], None]
+) -> float:
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step(batch)
+    sync()
+    return steps * len(batch["image"]) / (time.perf_counter() - start)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=32, help="training batch (default: %(default)s)")
+    parser.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    parser.add_argument("--steps", type=int, default=30, help="timed steps per arm and round")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps per arm (compile: more)")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds over the arms (default: %(default)s)")
+    parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arm")
+    parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul benchmark")
+    parser.add_argument("--images", type=int, default=64, help="phantoms for the data-wait measurement")
+    parser.add_argument(
+        "--wait-workers", type=int, nargs="+", default=None, help="default: 2 and the config's"
+    )
+    parser.add_argument("--wait-steps", type=int, default=40, help="timed steps of the data-wait loop")
+    parser.add_argument("--device", default="cuda", help=argparse.SUPPRESS)  # cpu: the tests' dry run
+    parser.add_argument("--output", type=Path, default=RESULTS / "gpu_throughput.json")
+    opts = parser.parse_args(argv)
+    device = torch.device(opts.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        result = {"skipped": "no CUDA GPU available", "machine": machine_info()}
+        print("gpu throughput: skipped, no CUDA GPU available (run it on a GPU machine: make bench)")
+        write_json(opts.output, result)
+        return result
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.backends.cudnn.benchmark = True  # trainer.benchmark: true
+    workers = default_workers()
+    classes = len(CLASS_NAMES)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randn(opts.batch_size, 1, opts.size, opts.size, generator=generator).to(device),
+        "mask": torch.randint(classes, (opts.batch_size, opts.size, opts.size), generator=generator).to(
+            device
+        ),
+    }
+    arms = [name for name in ARMS if not (opts.no_compile and ARMS[name][2])]
+    nets, steps, errors = {}, {}, {}
+    for name in list(arms):
+        torch.manual_seed(0)
+        nets[name] = UNet(1, classes, features=opts.features).to(device)
+        steps[name] = arm_step(name, nets[name], device)
+        try:
+            for _ in range(opts.warmup * (3 if ARMS[name][2] else 1)):
+                steps[name](batch)
+            sync()
+        except Exception as err:  # torch.compile can fail on some setups: report, keep the others
+            errors[name] = f"{type(err).__name__}: {err}"
+            arms.remove(name)
+
+    peaks: dict[str, float] = {}
+
+    def run(name: str) -> float:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rate = images_per_second(steps[name], batch, opts.steps, sync)
+        if cuda:
+            peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+        return rate
+
+    runs = alternate({name: lambda name=name: run(name) for name in arms}, opts.repeats)
+    rates = {name: median(r) for name, r in runs.items()}
+    flops = train_flops(UNet(1, classes, features=opts.features).to(device), batch["image"], batch["mask"])
+    per_image = flops / opts.batch_size
+    matmul = matmul_tflops(device, opts.matmul_size, 20 if cuda else 2, torch.bfloat16)
+    waits = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate_dataset(Path(tmp) / "data", num_images=opts.images, size=opts.size)
+        for count in opts.wait_workers or sorted({2, workers}):
+            data = datamodule(root, opts.batch_size, count)
+            torch.manual_seed(0)
+            step = arm_step(
+                "bf16_cl", UNet(data.in_channels, data.num_classes, features=opts.features).to(device), device
+            )
+            waits[str(count)] = wait_fraction(data.train_dataloader(), step, opts.wait_steps, 3, sync)
+    result = {
+        "device": machine_info()["device"] if cuda else "cpu (dry run)",
+        "images_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "speedup_vs_fp32": {k: ratio(v, rates["fp32"]) for k, v in rates.items()},
+        "flops_per_image": per_image,
+        "achieved_tflops": {k: round(per_image * v / 1e12, 2) for k, v in rates.items()},
+        "matmul_tflops": round(matmul, 2),
+        "fraction_of_matmul": {k: ratio(per_image * v / 1e12, matmul) for k, v in rates.items()},
+        "peak_memory_gib": {k: round(v, 2) for k, v in peaks.items()},
+        "wait_fraction": {w: round(r["wait_fraction"], 4) for w, r in waits.items()},
+        "wait_fraction_default_workers": workers,
+        "fed_images_per_s": {w: round(r["images_per_s"], 2) for w, r in waits.items()},
+        "errors": errors,
+        "runs": runs,
+        "settings": {k: v for k, v in vars(opts).items() if k != "output"},
+        "machine": machine_info(),
+    }
+    print(
+        f"gpu throughput on {result['device']} ({opts.size}x{opts.size}, batch {opts.batch_size}): "
+        + ", ".join(f"{k} {v:.1f} img/s ({result['speedup_vs_fp32'][k]:.2f}x)" for k, v in rates.items())
+        + f"; {per_image / 1e9:.1f} GFLOP/image, matmul {matmul:.1f} TFLOP/s; data wait "
+        + ", ".join(f"{w} workers {100 * r['wait_fraction']:.1f}%" for w, r in waits.items())
+        + (f"; failed: {errors}" if errors else "")
+    )
+    write_json(opts.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Training throughput of ``medseg fit`` against a bare PyTorch loop on the same batches.
+
+    python benchmarks/training_overhead.py            # about 3-5 minutes on a 2-core CPU
+    python benchmarks/training_overhead.py --steps 20 --repeats 5
+
+Three arms train the default UNet (``configs/model/unet.yaml``: features 16..256) on the same
+preloaded batches (default phantoms, 128x128, batch 8, augmented once by the training loader and
+kept in memory, so data loading is out of the comparison; ``data_loading.py`` measures it):
+
+- ``pipeline``: what ``medseg fit -c configs/default.yaml -c configs/model/unet.yaml -c
+  configs/data/synthetic.yaml`` builds (``pipeline.cli.run_lightning``): SegmentationModule, every
+  callback of ``default.yaml`` (gradient-flow logging at its default ``log_every_n_steps`` 10,
+  weight-update, activation and image monitors, checkpoints, learning-rate monitor), the callbacks
+  ``medseg fit`` adds (divergence guard, batch seeds, SIGTERM checkpoint, run summary), W&B
+  (offline) and CSV loggers, gradient clipping at 1.0, the precision the CLI chooses. Off: the
+  progress bar and the model summary (terminal displays) and validation (limit_val_batches 0).
+- ``bare``: a hand-written step with the same network, loss (MONAI DiceCE), AdamW parameter
+  groups, per-step warm-up/cosine schedule and gradient clipping, in the same precision (bf16
+  autocast and channels-last where the pipeline uses them, on CUDA).
+- ``monai``: the same bare step with MONAI's ``BasicUNet`` of the same widths, batch norm and
+  ReLU: how our UNet compares with the field's reference implementation.
+
+The arms are interleaved step by step, so a burst of load from other jobs on a shared machine hits
+them alike: before every pipeline step, a callback runs one bare step of each baseline network on
+the same batch, timing each; the pipeline step is timed from the end of that callback to its next
+call (everything Lightning does per step: hooks, forward, backward, callbacks, logging,
+optimiser, fetching the next batch). Each fit skips ``warmup`` steps, then times ``steps`` (a
+multiple of the logging interval, so logging steps count at their real share); a fit's images/s
+per arm is ``steps x batch / time``, and the figures are medians over ``repeats`` fits.
+``ratio`` = pipeline / bare (target >= 0.95); ``cpu_ratio`` compares this process's CPU seconds
+per step the same way.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import ClassVar
+from unittest import mock
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # run as a script from anywhere
+
+import pytorch_lightning as pl  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from monai.losses import DiceCELoss  # noqa: E402
+from monai.networks.nets import BasicUNet  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.utils.data import DataLoader  # noqa: E402
+
+from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, write_json  # noqa: E402
+from pipeline import cli  # noqa: E402
+from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
+from pipeline.data.synthetic import generate_dataset  # noqa: E402
+from pipeline.models import UNet  # noqa: E402
+
+CONFIGS = REPO / "configs"
+
+
+def bare_step(
+    net: nn.Module, lr: float, clip: float, total: int, dtype: torch.dtype | None, channels_last: bool
+) -> Callable[[dict], None]:
+    """One hand-written training step of ``net``: DiceCE, AdamW (no decay on biases and norms),
+    linear warm-up then cosine over ``total`` steps, global-norm clipping at ``clip``."""
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    decay = [p for p in net.parameters() if p.ndim > 1]
+    no_decay = [p for p in net.parameters() if p.ndim <= 1]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 1e-4}, {"params": no_decay, "weight_decay": 0.0}], lr=lr
+    )
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / total) * 0.5 * (1 + math.cos(math.pi * step / total))
+    )
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    if channels_last:
+        net.to(memory_format=memory_format)
+    net.train()
+
+    def step(batch: dict) -> None:
+        with torch.autocast(batch["image"].device.type, dtype=dtype, enabled=dtype is not None):
+            logits = net(batch["image"].contiguous(memory_format=memory_format))
+            loss = loss_fn(logits, batch["mask"][:, None])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(net.parameters(), clip)
+        optimizer.step()
+        schedule.step()
+
+    return step
+
+
+class PairedSteps(pl.Callback):
+    """Before every pipeline step, one bare step of each baseline network on the same batch.
+
+    Args:
+        baselines: name -> a function building the baseline network (on the CPU).
+        lr, clip: the pipeline's learning rate and gradient clipping.
+
+    ``seconds[name]`` and ``cpu[name]`` hold per-step wall and process CPU seconds for every
+    baseline and for ``pipeline`` (its step k runs from the end of this hook at batch k to its
+    start at batch k + 1).
+    """
+
+    def __init__(self, baselines: dict[str, Callable[[], nn.Module]], lr: float, clip: float) -> None:
+        self.baselines, self.lr, self.clip = baselines, lr, clip
+        self.steps: dict[str, Callable[[dict], None]] = {}
+        self.seconds: dict[str, list[float]] = {name: [] for name in ["pipeline", *baselines]}
+        self.cpu: dict[str, list[float]] = {name: [] for name in self.seconds}
+        self._sync: Callable[[], None] = lambda: None
+        self._end: tuple[float, float] | None = None
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        cuda = pl_module.device.type == "cuda"
+        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(trainer.precision))
+        channels_last = cuda and pl_module.hparams.channels_last  # what SegmentationModule does
+        total = trainer.estimated_stepping_batches
+        for name, build in self.baselines.items():
+            torch.manual_seed(0)
+            net = build().to(pl_module.device)
+            self.steps[name] = bare_step(net, self.lr, self.clip, total, dtype, channels_last)
+        self._sync = torch.cuda.synchronize if cuda else (lambda: None)
+
+    def _mark(self) -> tuple[float, float]:
+        self._sync()
+        return time.perf_counter(), time.process_time()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        start = self._mark()
+        if self._end is not None:
+            self.seconds["pipeline"].append(start[0] - self._end[0])
+            self.cpu["pipeline"].append(start[1] - self._end[1])
+        names = list(self.steps) if batch_idx % 2 == 0 else list(reversed(self.steps))  # no arm always first
+        for name in names:
+            self.steps[name](batch)
+            end = self._mark()
+            self.seconds[name].append(end[0] - start[0])
+            self.cpu[name].append(end[1] - start[1])
+            start = end
+        self._end = start
+
+    def rates(self, warmup: int, steps: int, batch_size: int) -> dict[str, dict[str, float]]:
+        """Per arm: images/s and CPU seconds per step over steps ``warmup`` .. ``warmup + steps``."""
+        window = slice(warmup, warmup + steps)
+        out = {}
+        for name, seconds in self.seconds.items():
+            if len(seconds) < warmup + steps:
+                raise RuntimeError(f"{name}: only {len(seconds)} steps timed, {warmup + steps} needed")
+            out[name] = {
+                "images_per_s": steps * batch_size / sum(seconds[window]),
+                "cpu_s_per_step": sum(self.cpu[name][window]) / steps,
+            }
+        return out
+
+
+class PreloadedFitCLI(cli.MedsegCLI):
+    """``medseg fit`` whose training loader yields ``batches`` (already in memory), with ``paired``
+    added to its callbacks."""
+
+    batches: ClassVar[list[dict]] = []
+    paired: ClassVar[PairedSteps | None] = None
+
+    def _run_subcommand(self, subcommand: str | None) -> None:
+        self.datamodule.train_dataloader = lambda: DataLoader(self.batches, batch_size=None)
+        self.trainer.callbacks.append(self.paired)
+        super()._run_subcommand(subcommand)
+
+
+def model_init_args() -> dict:
+    """The default model config's network arguments (``configs/model/unet.yaml``)."""
+    return yaml.safe_load((CONFIGS / "model" / "unet.yaml").read_text())["model"]["net"]["init_args"]
+
+
+def preload(root: Path, batch_size: int, count: int) -> tuple[list[dict], int, int]:
+    """``count`` augmented training batches of the data set at ``root``, as the training loader
+    makes them (cycling through its epochs as needed), its input channels and classes."""
+    data = SegmentationDataModule(root=str(root), batch_size=batch_size, num_workers=0)
+    data.setup("fit")
+    batches: list[dict] = []
+    while len(batches) < count:
+        batches += list(data.train_dataloader())
+    return batches[:count], data.in_channels, data.num_classes
+
+
+def paired_fit(work: Path, root: Path, batches: list[dict], paired: PairedSteps, extra: list[str]) -> None:
+    """One ``medseg fit`` (default configs, run by medseg's own entry point) over ``batches``."""
+    PreloadedFitCLI.batches, PreloadedFitCLI.paired = batches, paired
+    args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / "unet.yaml")]
+    args += ["-c", str(CONFIGS / "data" / "synthetic.yaml"), "--data.root", str(root)]
+    args += ["--data.num_workers", "0", "--data.batch_size", str(len(batches[0]["image"]))]
+    args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(len(batches))]
+    args += ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
+    args += ["--trainer.enable_model_summary", "false"]
+    args += ["--run.root", str(work / "runs"), "--run.name", "bench", *extra]
+    with mock.patch.object(cli, "MedsegCLI", PreloadedFitCLI):
+        cli.run_lightning(args)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=128, help="phantom side in pixels (default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8, help="training batch (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps per fit (default: %(default)s)")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=3, help="fits (default: %(default)s)")
+    parser.add_argument("--features", type=int, nargs="+", default=None, help="default: the model config's")
+    parser.add_argument("--no-monai", action="store_true", help="leave out the MONAI BasicUNet arm")
+    parser.add_argument("--output", type=Path, default=RESULTS / "training_overhead.json")
+    opts, extra = parser.parse_known_args(
+        argv
+    )  # the rest goes to medseg fit (e.g. --trainer.accelerator cpu)
+    quiet()  # W&B offline; Lightning's set-up lines and known warnings off
+    init_args = model_init_args() | ({"features": opts.features} if opts.features else {})
+    features = list(init_args["features"])
+    defaults = yaml.safe_load((CONFIGS / "default.yaml").read_text())
+    lr, clip = defaults["model"]["lr"], defaults["trainer"]["gradient_clip_val"]
+    if opts.features:
+        extra += ["--model.net.init_args.features", str(features)]
+    runs: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        work = Path(tmp)
+        root = generate_dataset(work / "data", num_images=max(10, 2 * opts.batch_size), size=opts.size)
+        # the last batch's start closes the pipeline's timed window
+        batches, channels, classes = preload(root, opts.batch_size, opts.warmup + opts.steps + 1)
+        baselines = {"bare": lambda: UNet(channels, classes, **init_args)}
+        if not opts.no_monai and len(features) == 5:  # BasicUNet has five levels
+            baselines["monai"] = lambda: BasicUNet(
+                2, channels, classes, (*features, features[0]), act="relu", norm="batch"
+            )
+        for _ in range(opts.repeats):
+            paired = PairedSteps(baselines, lr, clip)
+            paired_fit(work, root, batches, paired, extra)
+            runs.append(paired.rates(opts.warmup, opts.steps, opts.batch_size))
+    rates = {name: median(r[name]["images_per_s"] for r in runs) for name in runs[0]}
+    cpu = {name: median(r[name]["cpu_s_per_step"] for r in runs) for name in runs[0]}
+    result = {
+        "images_per_s": {k: round(v, 3) for k, v in rates.items()},
+        "ratio": ratio(rates["pipeline"], rates["bare"]),
+        "cpu_ratio": ratio(cpu["bare"], cpu["pipeline"]),
+        "cpu_s_per_step": {k: round(v, 4) for k, v in cpu.items()},
+        "runs": runs,
+        "settings": {k: v for k, v in vars(opts).items() if k != "output"} | {"features": features},
+        "machine": machine_info(),
+    }
+    if "monai" in rates:
+        result["ours_vs_monai"] = ratio(rates["bare"], rates["monai"])
+    print(
+        f"training: medseg fit {rates['pipeline']:.2f} img/s, bare loop {rates['bare']:.2f} img/s, "
+        f"ratio {result['ratio']:.3f} (target >= 0.95; CPU time {result['cpu_ratio']:.3f})"
+        + (f"; bare UNet / MONAI BasicUNet {result['ours_vs_monai']:.3f}" if "monai" in rates else "")
+        + f" ({opts.size}x{opts.size}, batch {opts.batch_size}, {opts.steps} steps x {opts.repeats} fits)"
+    )
+    write_json(opts.output, result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

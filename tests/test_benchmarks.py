@@ -1,0 +1,149 @@
+"""Benchmark helpers: alternation, medians and ratios, the report files, FLOP counting, and the GPU
+benchmark's paths without a GPU. Nothing here is timed: speed is what the benchmarks measure."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from torch import nn
+
+from benchmarks.common import alternate, machine_slug, markdown_table, median, ratio, write_json
+from benchmarks.gpu_throughput import main as gpu_main
+from benchmarks.gpu_throughput import train_flops
+from benchmarks.memory import smaps_rollup
+from benchmarks.run_all import summarize, write_report
+from benchmarks.training_overhead import PairedSteps
+from pipeline.models import UNet
+
+
+def test_benchmarks_alternate_reverses_every_other_round() -> None:
+    calls: list[str] = []
+    arms = {name: (lambda name=name: calls.append(name) or len(calls)) for name in "abc"}
+    results = alternate(arms, repeats=3)
+    assert calls == list("abccbaabc")
+    assert results == {"a": [1, 6, 7], "b": [2, 5, 8], "c": [3, 4, 9]}
+    with pytest.raises(ValueError, match="repeats"):
+        alternate(arms, repeats=0)
+
+
+def test_benchmarks_median_and_ratio() -> None:
+    assert median([3.0, 1.0, 2.0, 100.0, 0.5]) == 2.0
+    assert ratio(1.0, 3.0) == 0.333
+    assert math.isnan(ratio(1.0, 0.0))
+    with pytest.raises(ValueError):
+        median([])
+
+
+def test_benchmarks_paired_steps_time_baselines_and_pipeline_alike() -> None:
+    paired = PairedSteps({"bare": lambda: UNet(1, 2, features=(4, 8))}, lr=1e-3, clip=1.0)
+    trainer = SimpleNamespace(precision="32-true", estimated_stepping_batches=3)
+    module = SimpleNamespace(device=torch.device("cpu"), hparams=SimpleNamespace(channels_last=True))
+    paired.on_train_start(trainer, module)
+    batch = {"image": torch.randn(2, 1, 16, 16), "mask": torch.randint(2, (2, 16, 16))}
+    for index in range(3):
+        paired.on_train_batch_start(trainer, module, batch, index)
+    assert [len(paired.seconds[k]) for k in ("bare", "pipeline")] == [3, 2]  # pipeline: between calls
+    paired.seconds = {"pipeline": [9.0, 1.0, 3.0], "bare": [9.0, 2.0, 2.0]}
+    paired.cpu = {"pipeline": [9.0, 1.0, 1.0], "bare": [9.0, 3.0, 1.0]}
+    rates = paired.rates(warmup=1, steps=2, batch_size=8)  # the first step is left out
+    assert rates == {
+        "pipeline": {"images_per_s": 4.0, "cpu_s_per_step": 1.0},
+        "bare": {"images_per_s": 4.0, "cpu_s_per_step": 2.0},
+    }
+    with pytest.raises(RuntimeError, match="steps timed"):
+        paired.rates(warmup=2, steps=2, batch_size=8)
+
+
+def test_benchmarks_machine_slug_names_gpu_or_cpu() -> None:
+    assert (
+        machine_slug({"device": "NVIDIA H100 80GB HBM3", "cpu": "x", "cpu_count": 16})
+        == "nvidia-h100-80gb-hbm3"
+    )
+    cpu = {"device": "cpu", "cpu": "AMD EPYC 7B13 64-Core Processor", "cpu_count": 2}
+    assert machine_slug(cpu) == "cpu2-amd-epyc-7b13-64-core-processor"
+
+
+def test_benchmarks_report_files_flag_missed_targets(tmp_path: Path) -> None:
+    report = {
+        "date": "2026-01-02",
+        "machine_slug": "cpu2-test",
+        "machine": {"device": "cpu", "cpu": "test", "cpu_count": 2, "torch": "2.x"},
+        "load_average": {"start": 1.0, "end": 2.0},
+        "seconds": 12.0,
+        "benchmarks": {
+            "training": {
+                "images_per_s": {"pipeline": 9.0, "bare": 10.0},
+                "cpu_s_per_step": {"pipeline": 1.0, "bare": 1.0},
+                "ratio": 0.9,
+                "cpu_ratio": 1.0,
+            },
+            "memory": {
+                "figures_mb": {
+                    "20": {"peak_rss_mb": 100.0, "peak_pss_mb": 80.0},
+                    "200": {"peak_rss_mb": 110.0, "peak_pss_mb": 90.0},
+                },
+                "ratio": 1.1,
+                "ratio_pss": 1.125,
+            },
+            "gpu": {"skipped": "no CUDA GPU available"},
+            "cache": {"error": "Traceback ...\nRuntimeError: disk full\n"},
+        },
+    }
+    json_path, md_path = write_report(report, tmp_path)
+    assert json_path.name == "cpu2-test-2026-01-02.json"
+    assert json.loads(json_path.read_text())["benchmarks"]["training"]["ratio"] == 0.9
+    table = md_path.read_text()
+    training = next(line for line in table.splitlines() if "medseg fit vs bare loop" in line)
+    assert training.endswith("| >= 0.95 | NO |")
+    memory = next(line for line in table.splitlines() if "200 vs 20 volumes" in line)
+    assert memory.endswith("| <= 1.5 | yes |")
+    assert "| gpu | skipped | no CUDA GPU available |" in table
+    assert "RuntimeError: disk full" in table
+    assert summarize("unknown", {}) == []
+
+
+def test_benchmarks_markdown_table_and_json(tmp_path: Path) -> None:
+    table = markdown_table(("a", "b"), [(1, 0.123456), ("x", "")])
+    assert table.splitlines() == ["| a | b |", "|---|---|", "| 1 | 0.123 |", "| x |  |"]
+    write_json(tmp_path / "r.json", {"path": tmp_path})
+    assert json.loads((tmp_path / "r.json").read_text()) == {"path": str(tmp_path)}
+
+
+def test_benchmarks_train_flops_counts_forward_and_backward() -> None:
+    conv = nn.Conv2d(1, 2, 3, padding=1, bias=False)
+    flops = train_flops(conv, torch.randn(1, 1, 8, 8), torch.randint(2, (1, 8, 8)))
+    forward = 2 * (2 * 8 * 8) * (1 * 3 * 3)  # 2 FLOPs per multiply-add, per output element
+    assert flops == forward + forward  # backward: the weight gradient only (the input needs none)
+    assert conv.weight.grad is None
+
+
+@pytest.mark.skipif(not Path("/proc/self/smaps_rollup").exists(), reason="Linux only")
+def test_benchmarks_smaps_rollup_reads_proportional_sizes() -> None:
+    fields = smaps_rollup(os.getpid())
+    assert fields["Pss"] > 0
+    assert fields["Pss"] >= fields["Pss_Anon"]
+
+
+def test_benchmarks_gpu_throughput_skips_without_cuda(tmp_path: Path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    result = gpu_main(["--output", str(tmp_path / "gpu.json")])
+    assert result["skipped"] == "no CUDA GPU available"
+    assert json.loads((tmp_path / "gpu.json").read_text())["skipped"] == "no CUDA GPU available"
+    assert "skipped" in capsys.readouterr().out
+
+
+def test_benchmarks_gpu_throughput_dry_run_on_cpu(tmp_path: Path) -> None:
+    args = "--device cpu --size 32 --batch-size 2 --features 4 8 --steps 1 --warmup 1 --repeats 1"
+    args += " --matmul-size 32 --no-compile --images 4 --wait-workers 0 --wait-steps 1"
+    result = gpu_main([*args.split(), "--output", str(tmp_path / "gpu.json")])
+    assert set(result["images_per_s"]) == {"fp32", "bf16", "bf16_cl"}
+    assert result["speedup_vs_fp32"]["fp32"] == 1.0
+    assert result["flops_per_image"] > 0
+    assert 0 <= result["wait_fraction"]["0"] <= 1
+    assert not result["errors"]
