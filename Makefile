@@ -9,12 +9,14 @@ ARGS ?=
 CKPT ?=
 INPUT ?=
 OUTPUT ?=
+RUNS ?= runs/ablation
+REPORT ?= report
 PYTEST_ARGS ?=
 CONFIGS := -c configs/default.yaml -c configs/model/$(MODEL).yaml -c configs/data/$(DATA).yaml
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train infer bench test test-slow lint clean
+.PHONY: help install data train infer ablation compare bench test test-slow lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -38,6 +40,12 @@ train: install data ## train MODEL (configs/model/*.yaml) on DATA (configs/data/
 infer: install ## segment new scans: make infer CKPT=<run>/checkpoints/best.ckpt INPUT=scans/ OUTPUT=masks/ (ARGS= adds flags)
 	@test -n "$(CKPT)" -a -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "usage: make infer CKPT=best.ckpt INPUT=scans/ OUTPUT=masks/ [ARGS=--tta]"; exit 2; }
 	$(BIN)/medseg infer --checkpoint $(CKPT) --input $(INPUT) --output $(OUTPUT) $(ARGS)
+
+ablation: install data ## train the ablation suite (configs/experiment/ablation.yaml; resumable); ARGS= adds flags, e.g. --dry-run
+	$(BIN)/medseg ablation $(ARGS)
+
+compare: install ## compare the runs in RUNS (default runs/ablation): REPORT/report.md + plots
+	$(BIN)/medseg compare $(RUNS) --output $(REPORT)
 
 bench: install ## speed benchmarks; results in benchmarks/results/
 	$(BIN)/python benchmarks/inference_speed.py

@@ -7,7 +7,8 @@ Training and evaluation are LightningCLI subcommands (configs compose left to ri
     medseg fit ... --print_config          # the full config, to start a new file
 
 Other subcommands: ``medseg data synth`` (the default phantom data set), ``medseg infer`` (batch
-inference on new scans, ``pipeline.inference``).
+inference on new scans, ``pipeline.inference``), ``medseg ablation`` (train a suite of variants,
+``pipeline.ablation``), ``medseg compare`` (a report from run directories, ``pipeline.compare``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveCon
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from pipeline.ablation import ablation_command
 from pipeline.callbacks.guards import DivergenceGuard, TrainingDiverged
 from pipeline.callbacks.resume import BatchSeed, SigtermCheckpoint
 from pipeline.checkpointing import SafeCheckpointIO, load_checkpoint
@@ -187,7 +189,19 @@ def infer_command(args: Sequence[str]) -> None:
     run_infer(args)
 
 
-COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {"data": data_command, "infer": infer_command}
+def compare_command(args: Sequence[str]) -> None:
+    # imported on use: matplotlib is needed by this command only
+    from pipeline.compare import compare_command as run_compare
+
+    run_compare(args)
+
+
+COMMANDS: dict[str, Callable[[Sequence[str]], None]] = {
+    "data": data_command,
+    "infer": infer_command,
+    "ablation": ablation_command,
+    "compare": compare_command,
+}
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -33,6 +33,15 @@ def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return generate_volumes(tmp_path_factory.mktemp("volumes") / "msd", num_cases=6, seed=0)
 
 
+@pytest.fixture(scope="session")
+def micro_ablation(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The experiment folder of a two-variant `medseg ablation` (tiny UNet with and without long
+    skips, one epoch; tests/ablation_helpers.py), read-only."""
+    from tests.ablation_helpers import run_micro_ablation
+
+    return run_micro_ablation(phantom_dir, tmp_path_factory.mktemp("ablation"))
+
+
 def fit_args(data_root: Path, runs: Path, *extra: str) -> list[str]:
     """``medseg fit`` arguments for a seconds-long CPU run on tiny data."""
     return [

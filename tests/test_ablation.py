@@ -1,0 +1,112 @@
+"""`medseg ablation`: the suite's runs, resuming and skipping, and a two-variant micro-ablation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline.ablation import Run, plan, run_all, run_state
+from pipeline.cli import main
+from tests.ablation_helpers import RUNS, ablation_args
+from tests.conftest import REPO
+
+
+def test_ablation_plan_names_each_network_of_the_suite_once(monkeypatch):
+    monkeypatch.chdir(REPO)
+    experiment, runs = plan(profile="cpu")
+    names = [run.name for run in runs]
+    # 5 models + 2 x 8 grid cells, of which unet and unet_noskip (relu, kaiming, batch) are two
+    assert experiment == "ablation" and len(names) == len(set(names)) == 19
+    assert {
+        "unet-relu-kaiming-s0",
+        "unet-noskip-relu-kaiming-s0",
+        "unet-residual-relu-kaiming-s0",
+        "unet-noskip-residual-relu-kaiming-s0",
+        "resnet_unet-resnet18-relu-kaiming-s0",
+        "unet-sigmoid-default-nonorm-s0",
+        "unet-noskip-sigmoid-default-nonorm-s0",
+        "unet-noskip-relu-kaiming-nonorm-s0",
+    } <= set(names)
+    args = " ".join(runs[names.index("unet-noskip-sigmoid-default-nonorm-s0")].args)
+    assert "-c configs/model/unet_noskip.yaml -c configs/experiment/ablation_cpu.yaml" in args
+    assert "--model.net.init_args.features [8, 16, 32, 64, 128]" in args
+    assert (
+        "--model.net.init_args.act sigmoid --model.net.init_args.init default --model.net.init_args.norm none"
+        in args
+    )
+    assert "--run.experiment ablation --run.name unet-noskip-sigmoid-default-nonorm-s0" in args
+
+    experiment, runs = plan(profile="gpu", only=["unet-relu-kaiming-s?"])
+    assert experiment == "ablation-gpu"
+    assert [run.name for run in runs] == [f"unet-relu-kaiming-s{seed}" for seed in range(3)]
+    assert "--model.net.init_args.features [32, 64, 128, 256, 512]" in " ".join(runs[0].args)
+
+
+def test_ablation_refuses_extra_flags_that_would_rename_runs(monkeypatch):
+    monkeypatch.chdir(REPO)
+    with pytest.raises(ValueError, match="is set by the suite"):
+        plan(profile="cpu", extra=["--model.net.init_args.act", "tanh"])
+    with pytest.raises(ValueError, match="unknown profile 'tpu'; valid: auto, cpu, gpu"):
+        plan(profile="tpu")
+
+
+def _run_dir(path: Path, summary: dict | None, last: bool) -> Path:
+    (path / "checkpoints").mkdir(parents=True)
+    if summary is not None:
+        (path / "summary.json").write_text(json.dumps(summary))
+    if last:
+        (path / "checkpoints" / "last.ckpt").write_bytes(b"")
+    return path
+
+
+def test_ablation_run_all_skips_done_runs_resumes_interrupted_ones_and_survives_a_failure(tmp_path):
+    done = _run_dir(tmp_path / "done", {"status": "completed"}, last=True)
+    diverged = _run_dir(
+        tmp_path / "diverged", {"status": "failed", "DivergenceGuard": {"diverged": True}}, True
+    )
+    interrupted = _run_dir(tmp_path / "interrupted", {"status": "failed: KeyboardInterrupt: "}, last=True)
+    broken = _run_dir(tmp_path / "broken", None, last=False)
+    assert [run_state(p) for p in (done, diverged, interrupted, broken)] == [
+        "completed",
+        "diverged",
+        "resume",
+        "new",
+    ]
+    calls = []
+
+    def fit(args):
+        calls.append(list(args))
+        if args[0] == "broken":
+            raise RuntimeError("bad variant")
+        (Path(args[1]) / "summary.json").write_text(
+            json.dumps({"status": "completed", "best": {"val/dice": 0.5}})
+        )
+
+    runs = [Run(p.name, p, (p.name, str(p))) for p in (done, diverged, interrupted, broken)]
+    lines: list[str] = []
+    counts = run_all(runs, tmp_path / "suite.json", "medseg ablation", fit, lines.append)
+    assert counts == {"trained": 1, "skipped": 2, "diverged": 0, "failed": 1}
+    assert calls == [["interrupted", str(interrupted), "--ckpt_path", "last"], ["broken", str(broken)]]
+    assert any("interrupted: completed in" in line and "best val/dice 0.500" in line for line in lines)
+    record = json.loads((tmp_path / "suite.json").read_text())
+    assert record["runs"]["broken"]["error"] == "RuntimeError: bad variant"
+    assert record["runs"]["interrupted"]["outcome"] == "completed" and "done" not in record["runs"]
+
+
+def test_ablation_micro_suite_trains_every_run_then_skips_them(micro_ablation, phantom_dir, capsys):
+    for name in RUNS:
+        summary = json.loads((micro_ablation / name / "summary.json").read_text())
+        assert summary["status"] == "completed" and summary["experiment"] == "micro", name
+        assert summary["GradientFlowMonitor"]["logs"] == 2
+    record = json.loads((micro_ablation / "suite.json").read_text())
+    assert [record["runs"][name]["outcome"] for name in RUNS] == ["completed", "completed"]
+    assert record["command"].startswith("medseg ablation --suite ")
+    written = {name: (micro_ablation / name / "summary.json").stat().st_mtime_ns for name in RUNS}
+
+    folder = micro_ablation.parents[1]
+    main(ablation_args(folder / "suite.yaml", folder / "runs", phantom_dir))
+    out = capsys.readouterr().out
+    assert out.count(": skipped (completed)") == 2 and "2 skipped" in out
+    assert written == {name: (micro_ablation / name / "summary.json").stat().st_mtime_ns for name in RUNS}
