@@ -81,6 +81,9 @@ class MedsegCLI(LightningCLI):
         knobs = getattr(self.model.net, "knobs", {})
         name = run.name or f"{variant_name(knobs)}-s{seed}"
         run_dir = Path(run.root) / run.experiment / name
+        ckpt = Path(str(config.get("ckpt_path") or ""))
+        if self.subcommand != "fit" and ckpt.parent.name == "checkpoints":
+            run_dir = ckpt.parent.parent  # validate/test/predict report into the checkpoint's run
         self._preflight(config.get("ckpt_path"), run_dir)
         trainer_config = config["trainer"]
         if trainer_config.get("precision") is None:
@@ -91,9 +94,6 @@ class MedsegCLI(LightningCLI):
         if not any(isinstance(p, CheckpointIO) for p in plugins):
             kwargs["plugins"] = [*plugins, SafeCheckpointIO()]  # atomic writes, weights-only loads
         callbacks = list(trainer_config.get("callbacks") or [])
-        ckpt = Path(str(config.get("ckpt_path") or ""))
-        if self.subcommand != "fit" and ckpt.parent.name == "checkpoints":
-            run_dir = ckpt.parent.parent  # validate/test/predict report into the checkpoint's run
         if trainer_config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in callbacks
         ):
