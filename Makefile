@@ -47,8 +47,8 @@ ablation: install data ## train the ablation suite (configs/experiment/ablation.
 compare: install ## compare the runs in RUNS (default runs/ablation): REPORT/report.md + plots
 	$(BIN)/medseg compare $(RUNS) --output $(REPORT)
 
-bench: install ## speed benchmarks; results in benchmarks/results/
-	$(BIN)/python benchmarks/inference_speed.py
+bench: install ## every benchmark (GPU ones on a GPU) -> benchmarks/results/<machine>-<date>.{json,md}; ARGS=--quick
+	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
 test: install ## run the test suite (CPU, a few minutes)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
