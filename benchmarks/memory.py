@@ -13,9 +13,11 @@ in memory: only the slices it touches, as shared, reclaimable page-cache pages.
 
 Measured per run:
 
-- ``peak_rss_mb``: the training process's peak resident set (``ru_maxrss`` from ``wait4`` of the
-  child: the largest of the process and its loader workers, i.e. their VmHWM), the acceptance
-  figure (200 volumes / 20 volumes <= 1.5);
+- ``peak_rss_mb``: the training process's peak resident set, its ``VmHWM`` read by the process
+  itself as it exits, the acceptance figure (200 volumes / 20 volumes <= 1.5). (Not ``ru_maxrss``
+  of ``wait4``: Linux carries the spawning process's resident size into it, so a child started
+  from a large benchmark process reports that size.) The loader workers' own figure is
+  ``peak_workers_rss_mb`` (``ru_maxrss`` of the process's reaped children, the largest of them);
 - ``peak_pss_mb``: the peak over time of the proportional set size summed over the process and
   its workers (sampled every 0.25 s from ``/proc/<pid>/smaps_rollup``; a page shared by k
   processes counts 1/k in each, so the sum counts it once);
@@ -102,22 +104,44 @@ def fit_args(root: Path, runs: Path, steps: int, val_batches: int) -> list[str]:
     return args
 
 
+# ``medseg <args>`` that writes its own peak resident set (VmHWM, kB) and its reaped children's
+# (the loader workers') largest ru_maxrss (kB) to $MEDSEG_PEAK_FILE as it exits.
+CHILD = """
+import atexit, os, re, resource, sys
+from pathlib import Path
+from pipeline.cli import main
+
+def report():
+    hwm = re.search(r"VmHWM:\\s+(\\d+)", Path("/proc/self/status").read_text()).group(1)
+    workers = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    Path(os.environ["MEDSEG_PEAK_FILE"]).write_text(f"{hwm} {workers}")
+
+atexit.register(report)
+main(sys.argv[1:])
+"""
+
+
 def measure_fit(args: list[str], log: Path) -> dict:
     """Run ``medseg <args>`` in a child process and return its peak memory figures (MB)."""
+    peak_file = log.with_suffix(".peak")
     with log.open("w") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline", *args], stdout=out, stderr=subprocess.STDOUT
+            [sys.executable, "-c", CHILD, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=os.environ | {"MEDSEG_PEAK_FILE": str(peak_file)},
         )
         sampler = TreeSampler(proc.pid)
         sampler.start()
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)
+        proc.wait()
         sampler.stopped.set()
         sampler.join()
     if proc.returncode:
         raise RuntimeError(f"medseg fit failed ({proc.returncode}); its output: {log}")
+    hwm_kb, workers_kb = (int(x) for x in peak_file.read_text().split())
     return {
-        "peak_rss_mb": round(usage.ru_maxrss * 1024 / MB, 1),  # Linux reports kilobytes
+        "peak_rss_mb": round(hwm_kb * 1024 / MB, 1),
+        "peak_workers_rss_mb": round(workers_kb * 1024 / MB, 1),
         "peak_pss_mb": round(sampler.peaks["Pss"] / MB, 1),
         "peak_pss_anon_mb": round(sampler.peaks["Pss_Anon"] / MB, 1),
         "peak_pss_file_mb": round(sampler.peaks["Pss_File"] / MB, 1),

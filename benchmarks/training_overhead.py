@@ -28,7 +28,8 @@ optimiser, fetching the next batch). Each fit skips ``warmup`` steps, then times
 multiple of the logging interval, so logging steps count at their real share); a fit's images/s
 per arm is ``steps x batch / time``, and the figures are medians over ``repeats`` fits.
 ``ratio`` = pipeline / bare (target >= 0.95); ``cpu_ratio`` compares this process's CPU seconds
-per step the same way.
+per step the same way; ``median_step_ratio`` the median step times over all fits (robust to load
+spikes, but blind to work done every n steps, such as logging).
 """
 
 from __future__ import annotations
@@ -207,13 +208,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8, help="training batch (default: %(default)s)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per fit (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: %(default)s)")
-    parser.add_argument("--repeats", type=int, default=3, help="fits (default: %(default)s)")
+    parser.add_argument("--repeats", type=int, default=5, help="fits (default: %(default)s)")
     parser.add_argument("--features", type=int, nargs="+", default=None, help="default: the model config's")
     parser.add_argument("--no-monai", action="store_true", help="leave out the MONAI BasicUNet arm")
     parser.add_argument("--output", type=Path, default=RESULTS / "training_overhead.json")
-    opts, extra = parser.parse_known_args(
-        argv
-    )  # the rest goes to medseg fit (e.g. --trainer.accelerator cpu)
+    # the other arguments go to medseg fit (e.g. --trainer.accelerator cpu)
+    opts, extra = parser.parse_known_args(argv)
     quiet()  # W&B offline; Lightning's set-up lines and known warnings off
     init_args = model_init_args() | ({"features": opts.features} if opts.features else {})
     features = list(init_args["features"])
@@ -222,6 +222,7 @@ def main(argv: list[str] | None = None) -> dict:
     if opts.features:
         extra += ["--model.net.init_args.features", str(features)]
     runs: list[dict] = []
+    steps: dict[str, list[float]] = {}  # every timed step's seconds, per arm
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = generate_dataset(work / "data", num_images=max(10, 2 * opts.batch_size), size=opts.size)
@@ -236,12 +237,18 @@ def main(argv: list[str] | None = None) -> dict:
             paired = PairedSteps(baselines, lr, clip)
             paired_fit(work, root, batches, paired, extra)
             runs.append(paired.rates(opts.warmup, opts.steps, opts.batch_size))
+            window = slice(opts.warmup, opts.warmup + opts.steps)
+            for name, seconds in paired.seconds.items():
+                steps.setdefault(name, []).extend(seconds[window])
     rates = {name: median(r[name]["images_per_s"] for r in runs) for name in runs[0]}
     cpu = {name: median(r[name]["cpu_s_per_step"] for r in runs) for name in runs[0]}
     result = {
         "images_per_s": {k: round(v, 3) for k, v in rates.items()},
         "ratio": ratio(rates["pipeline"], rates["bare"]),
         "cpu_ratio": ratio(cpu["bare"], cpu["pipeline"]),
+        # robust to load spikes, blind to work done every n steps (logging): a cross-check
+        "median_step_ratio": ratio(median(steps["bare"]), median(steps["pipeline"])),
+        "median_step_s": {k: round(median(v), 4) for k, v in steps.items()},
         "cpu_s_per_step": {k: round(v, 4) for k, v in cpu.items()},
         "runs": runs,
         "settings": {k: v for k, v in vars(opts).items() if k != "output"} | {"features": features},

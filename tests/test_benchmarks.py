@@ -82,6 +82,8 @@ def test_benchmarks_report_files_flag_missed_targets(tmp_path: Path) -> None:
                 "cpu_s_per_step": {"pipeline": 1.0, "bare": 1.0},
                 "ratio": 0.9,
                 "cpu_ratio": 1.0,
+                "median_step_s": {"pipeline": 0.8, "bare": 0.8},
+                "median_step_ratio": 1.0,
             },
             "memory": {
                 "figures_mb": {
