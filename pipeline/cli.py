@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
@@ -98,14 +99,17 @@ class MedsegCLI(LightningCLI):
             isinstance(c, ProgressBar) for c in callbacks
         ):
             callbacks.append(RichProgressBar())
+        for callback in callbacks:
+            if isinstance(callback, ModelCheckpoint):
+                callback.dirpath = str(run_dir / "checkpoints")
+        if self.subcommand != "fit" and trainer_config.get("logger") is not False:
+            # <run>/<stage>/metrics.csv, beside the fit's own files (not lightning_logs/version_N)
+            kwargs["logger"] = CSVLogger(save_dir=str(run_dir), name="", version=self.subcommand)
         if self.subcommand == "fit":
             run_dir.mkdir(parents=True, exist_ok=True)
             if trainer_config.get("logger") is not False:
                 resume = bool(config.get("ckpt_path"))
                 kwargs["logger"] = build_loggers(run_dir, run, name, knob_tags(knobs), resume)
-            for callback in callbacks:
-                if isinstance(callback, ModelCheckpoint):
-                    callback.dirpath = str(run_dir / "checkpoints")
             # Before RunSummary, so their on_exception runs first and summary.json records it.
             callbacks += [DivergenceGuard(), BatchSeed(), SigtermCheckpoint()]
             callbacks.append(RunSummary(run_dir, name, run.experiment, seed))

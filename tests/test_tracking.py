@@ -134,3 +134,6 @@ def test_tracking_test_stage_writes_per_case_csv_and_confusion_png_into_the_run(
     assert {"dice", "dice_organ", "hd95_vessel", "specificity"} <= set(rows[0])
     assert all(row["slice_index"] == "-1" for row in rows)
     assert (run_dir / "plots" / "test_confusion.png").stat().st_size > 1000
+    with open(run_dir / "test" / "metrics.csv") as f:  # the stage's own log, not lightning_logs/
+        assert "test/dice" in next(csv.reader(f))
+    assert not (run_dir / "lightning_logs").exists()
