@@ -34,6 +34,7 @@ class SegmentationModule(pl.LightningModule):
         patch_size: training patch (H, W) (linked from the data module); larger validation and
             test images go through Gaussian-weighted sliding-window inference with this window.
         sw_overlap: sliding-window overlap fraction.
+        sw_batch_size: windows per forward pass in sliding-window inference (raise it on a GPU).
         hd95: compute HD95 in validation and test (CPU cost: distance transforms).
         channels_last: use the channels-last memory format on CUDA (faster convolutions).
         compile: compile the network with ``torch.compile`` (through ``nn.Module.compile``, in
@@ -52,6 +53,7 @@ class SegmentationModule(pl.LightningModule):
         min_lr_ratio: float = 0.01,
         patch_size: tuple[int, int] | None = None,
         sw_overlap: float = 0.5,
+        sw_batch_size: int = 4,
         hd95: bool = True,
         channels_last: bool = True,
         compile: bool = False,
@@ -90,7 +92,7 @@ class SegmentationModule(pl.LightningModule):
             return sliding_window_inference(
                 x,
                 self.patch_size,
-                sw_batch_size=4,
+                sw_batch_size=self.hparams.sw_batch_size,
                 predictor=self.net,
                 overlap=self.hparams.sw_overlap,
                 mode="gaussian",

@@ -19,3 +19,14 @@ def test_module_compile_keeps_checkpoint_keys() -> None:
     assert not any("_orig_mod" in key for key in keys)
     plain.load_state_dict(compiled.state_dict())  # strict: a compiled run's checkpoint loads as is
     assert compiled.hparams.compile is True
+
+
+def test_module_sliding_window_batches_the_configured_number_of_windows() -> None:
+    torch.manual_seed(0)
+    module = SegmentationModule(UNet(1, 3, features=(4, 8)), patch_size=(16, 16), sw_batch_size=3).eval()
+    seen: list[int] = []
+    module.net.register_forward_pre_hook(lambda _, args: seen.append(args[0].shape[0]))
+    with torch.no_grad():
+        logits = module.predict_logits(torch.rand(1, 1, 32, 32))
+    assert logits.shape == (1, 3, 32, 32)
+    assert max(seen) == 3 and sum(seen) == 9  # 3x3 windows at overlap 0.5, three per forward

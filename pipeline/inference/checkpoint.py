@@ -107,6 +107,7 @@ def load_model(path: str | Path) -> tuple[SegmentationModule, Preprocessing]:
         class_names=prep.class_names,
         patch_size=prep.patch_size,
         sw_overlap=hparams.get("sw_overlap", 0.5),
+        sw_batch_size=hparams.get("sw_batch_size", 4),
         hd95=False,
         channels_last=hparams.get("channels_last", True),
     )
