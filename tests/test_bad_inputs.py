@@ -231,6 +231,17 @@ def test_bad_inputs_infer_names_the_file_and_writes_no_prediction(
     assert [p.name for p in out.rglob("*") if p.is_file()] == ["predictions.csv"]
 
 
+def test_bad_inputs_infer_names_a_symlink_loop_given_as_input(phantom_dir, checkpoint, tmp_path, capsys):
+    root = tmp_path / "data"
+    shutil.copytree(phantom_dir, root)
+    path, out = symlink_loop(root), tmp_path / "out"
+    code, _, err = medseg(
+        capsys, "infer", "--checkpoint", str(checkpoint), "--input", str(path), "--output", str(out)
+    )
+    assert code == 1 and not out.exists()
+    error_line(err, path, "symbolic link loop")
+
+
 def test_bad_inputs_empty_folder_everywhere(phantom_dir, checkpoint, tmp_path, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -12,6 +12,8 @@ canonical RAS+ volume, and ``standardize(to_unit(x))`` with the case's own stati
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import re
 import time
 from collections import defaultdict
@@ -127,7 +129,7 @@ def find_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[Inpu
     for raw in inputs:
         path = Path(raw)
         if not path.exists():
-            raise DataError(path, "input not found")
+            raise DataError(path, _missing(path))
         cases.extend(_walk(path))
     if in_channels > 1:
         cases = _group_channels(cases)
@@ -140,6 +142,18 @@ def find_inputs(inputs: Sequence[str | Path], in_channels: int = 1) -> list[Inpu
             raise DataError(case.path, f"gives the same output name {case.name!r} as {seen[case.name]}")
         seen[case.name] = case.path
     return cases
+
+
+def _missing(path: Path) -> str:
+    """Why an input that ``exists()`` denies is not there: a symlink loop, a dangling link, or absent."""
+    if not path.is_symlink():
+        return "input not found"
+    try:
+        path.resolve(strict=True)
+    except (OSError, RuntimeError) as err:  # Python < 3.13 raises RuntimeError on a loop
+        if isinstance(err, RuntimeError) or err.errno == errno.ELOOP:
+            return "symbolic link loop (Too many levels of symbolic links)"
+    return f"dangling symbolic link to {os.readlink(path)}"
 
 
 def volume_stats(slices: np.ndarray, norms: Sequence[Normalization]) -> IntensityStats:
