@@ -49,6 +49,22 @@ def test_split_is_by_case_seeded_and_written(phantom_dir, tmp_path):
     assert other["val"] != dm.split["val"]
 
 
+def test_training_draws_follow_the_run_seed_and_the_split_does_not(phantom_dir, monkeypatch):
+    def first_epoch(run_seed: int) -> tuple[dict, list[str], torch.Tensor]:
+        monkeypatch.setenv("PL_GLOBAL_SEED", str(run_seed))  # what seed_everything sets
+        dm = SegmentationDataModule(root=str(phantom_dir), batch_size=4, num_workers=0, seed=3)
+        dm.setup("fit")
+        batches = list(dm.train_dataloader())
+        return dm.split, [c for b in batches for c in b["case_id"]], batches[0]["image"]
+
+    split0, order0, image0 = first_epoch(0)
+    split1, order1, image1 = first_epoch(1)
+    again = first_epoch(0)
+    assert split0 == split1  # the same cases for every seed of a variant
+    assert order0 != order1 or not torch.equal(image0, image1)
+    assert again[1] == order0 and torch.equal(again[2], image0)
+
+
 def test_kfold_validation_sets_partition_the_cases():
     ids = [f"c{i}" for i in range(10)]
     folds = [make_split(ids, 0.2, 0.0, seed=0, num_folds=5, fold=k)["val"] for k in range(5)]

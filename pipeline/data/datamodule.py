@@ -22,7 +22,7 @@ from pipeline.data.dataset import CaseArrays, SliceDataset
 from pipeline.data.io import DataError
 from pipeline.data.layouts import Case, describe, resolve_class_names
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
-from pipeline.data.order import resumable_loader, resume_position
+from pipeline.data.order import global_seed, resumable_loader, resume_position
 from pipeline.data.sampling import EvalBatches, ForegroundSampler
 from pipeline.data.sources import case_source
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
@@ -101,7 +101,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_folds: > 1 for k-fold cross-validation; ``fold`` picks the validation fold.
         fold: validation fold index in 0..num_folds-1.
         split_file: a ``split.json`` to use instead of a seeded split.
-        seed: seed of the split.
+        seed: seed of the split, fixed across a run's seeds so that they compare on the same cases.
+            The training order, foreground oversampling and augmentation follow the run's seed
+            (``seed_everything``), so runs with different seeds also see different draws.
         batch_size: training batch size; ``val_batch_size`` for validation/test (default: the same).
         num_workers: loader worker processes; None: one per CPU core, shared among the node's
             devices, at most 16 (``auto_workers``).
@@ -250,12 +252,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
         if name != "train":
             return DataLoader(EvalBatches(dataset, self.val_batch_size), batch_size=None, **common)
-        sampler = ForegroundSampler(dataset.has_foreground(), self.foreground_fraction, self.seed)
+        seed = global_seed(self.seed)
+        sampler = ForegroundSampler(dataset.has_foreground(), self.foreground_fraction, seed)
         drop_last = len(dataset) > self.batch_size
         # Resumable mid-epoch, split across DDP ranks, augmentation seeded per sample (pipeline.data.order).
         start, self._train_start = getattr(self, "_train_start", (0, 0)), (0, 0)
         return resumable_loader(
-            self.trainer, dataset, sampler, self.batch_size, self.seed, start, drop_last=drop_last, **common
+            self.trainer, dataset, sampler, self.batch_size, seed, start, drop_last=drop_last, **common
         )
 
     def train_dataloader(self) -> DataLoader:
