@@ -25,6 +25,12 @@ BEST = {  # as in configs/default.yaml
     },
 }
 
+# The monitors whose state a resumed run continues (their history is in the checkpoint).
+MONITORS = [
+    {"class_path": "pipeline.callbacks.gradients.GradientFlowMonitor"},
+    {"class_path": "pipeline.callbacks.updates.WeightUpdateMonitor"},
+]
+
 
 def last_every(n_steps: int) -> dict:
     """configs/default.yaml's ``last.ckpt`` callback; ``n_steps`` > 0 writes it every that many steps instead."""

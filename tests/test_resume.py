@@ -11,13 +11,14 @@ import torch
 
 from pipeline.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
 from pipeline.cli import main
-from tests.resume_helpers import BEST, finish, kill_at, last_every, run_args, start_fit
+from tests.resume_helpers import BEST, MONITORS, finish, kill_at, last_every, run_args, start_fit
 
 RUN = "resume/unet-relu-kaiming-d3-s0"
 
 
-def final_state(run: Path) -> tuple[dict, float, list[tuple[int, float]]]:
-    """The last checkpoint's weights, the final val/dice and metrics.csv's (step, train loss) rows."""
+def final_state(run: Path) -> tuple[dict, float, list[tuple[int, float]], dict]:
+    """The last checkpoint's weights, the final val/dice, metrics.csv's (step, train loss) rows and
+    the monitors' summaries."""
     weights = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 6
@@ -25,7 +26,8 @@ def final_state(run: Path) -> tuple[dict, float, list[tuple[int, float]]]:
         losses = [
             (int(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f) if r["train/loss_step"]
         ]
-    return weights, summary["final"]["val/dice"], losses
+    monitors = {k: summary.get(k) for k in ("GradientFlowMonitor", "WeightUpdateMonitor")}
+    return weights, summary["final"]["val/dice"], losses, monitors
 
 
 def max_difference(a: dict, b: dict) -> float:
@@ -36,14 +38,14 @@ def max_difference(a: dict, b: dict) -> float:
 @pytest.fixture(scope="module")
 def uninterrupted(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     runs = tmp_path_factory.mktemp("uninterrupted")
-    main(run_args(phantom_dir, runs, [BEST, last_every(2)], "--run.wandb", "false"))
+    main(run_args(phantom_dir, runs, [BEST, last_every(2), *MONITORS], "--run.wandb", "false"))
     return final_state(runs / RUN)
 
 
 def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterrupted):
     runs = tmp_path / "runs"
     # Killed in the middle of step 5 (epoch 1, third batch); last.ckpt is from step 4, mid-epoch.
-    child = start_fit(run_args(phantom_dir, runs, [BEST, last_every(2), kill_at(5, "SIGKILL")]))
+    child = start_fit(run_args(phantom_dir, runs, [BEST, last_every(2), *MONITORS, kill_at(5, "SIGKILL")]))
     code, err = finish(child)
     assert code == -9, err[-2000:]
     run = runs / RUN
@@ -52,15 +54,23 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterr
     assert checkpoint["SegmentationDataModule"]["train_position"] == (1, 1)
     wandb_id = (run / "wandb_id.txt").read_text()
 
-    main(run_args(phantom_dir, runs, [BEST, last_every(2)], "--ckpt_path", "last"))
+    main(run_args(phantom_dir, runs, [BEST, last_every(2), *MONITORS], "--ckpt_path", "last"))
 
-    weights, dice, losses = final_state(run)
-    reference_weights, reference_dice, reference_losses = uninterrupted
+    weights, dice, losses, monitors = final_state(run)
+    reference_weights, reference_dice, reference_losses, reference_monitors = uninterrupted
     assert max_difference(weights, reference_weights) <= 1e-6
     assert dice == pytest.approx(reference_dice, abs=1e-6)
     # metrics.csv keeps the steps logged before the kill, each step once, with the same losses
     assert [step for step, _ in losses] == [step for step, _ in reference_losses] == list(range(6))
     assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference_losses], abs=1e-6)
+    # the monitors continue from the checkpoint: all 6 gradient logs, the first one from before the kill
+    grads, reference_grads = monitors["GradientFlowMonitor"], reference_monitors["GradientFlowMonitor"]
+    assert grads["logs"] == reference_grads["logs"] == 6
+    assert grads["first_last_ratio"] == pytest.approx(reference_grads["first_last_ratio"], rel=1e-5)
+    # epoch 1 resumed mid-way has no start-of-epoch weights: the record is epoch 0's, from the checkpoint
+    assert set(monitors["WeightUpdateMonitor"]["last"]) == set(
+        reference_monitors["WeightUpdateMonitor"]["last"]
+    )
     # the same W&B run continues: both offline run folders carry the first run's id
     assert (run / "wandb_id.txt").read_text() == wandb_id
     assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
@@ -95,8 +105,8 @@ def test_resume_after_sigterm_is_exact(phantom_dir, tmp_path, uninterrupted):
     runs = tmp_path / "runs"
     run = stopped_by_sigterm(phantom_dir, runs)
     main(run_args(phantom_dir, runs, [BEST, last_every(0)], "--run.wandb", "false", "--ckpt_path", "last"))
-    weights, dice, _ = final_state(run)
-    reference_weights, reference_dice, _ = uninterrupted
+    weights, dice, *_ = final_state(run)
+    reference_weights, reference_dice, *_ = uninterrupted
     assert max_difference(weights, reference_weights) <= 1e-6
     assert dice == pytest.approx(reference_dice, abs=1e-6)
 

@@ -10,6 +10,7 @@ norm of each layer over the epoch's logs) and a layer x step heatmap go to ``<ru
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytorch_lightning as pl
@@ -70,11 +71,10 @@ class GradientFlowMonitor(pl.Callback):
         self._param_layer: list[int] = []
         self._index: torch.Tensor | None = None
         self.steps: list[int] = []
+        self.epochs: list[int] = []  # the training epoch of each log
         self.history: list[np.ndarray] = []  # one (num_layers,) row per log, NaN where no gradient
         self.ratios: list[float] = []
         self.global_norms: list[float] = []
-        self.profiles: list[tuple[int, np.ndarray]] = []
-        self._epoch_start = 0
         self._below: list[int] = []  # steps of the current run of logs below vanishing_ratio
         self.vanishing: dict | None = None
         self.exploding: list[dict] = []
@@ -89,9 +89,6 @@ class GradientFlowMonitor(pl.Callback):
 
     def _every(self, trainer: pl.Trainer) -> int:
         return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._epoch_start = len(self.history)
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -127,6 +124,7 @@ class GradientFlowMonitor(pl.Callback):
             metrics["grad/first_last_ratio"] = ratio
         log_scalars(trainer, metrics)
         self.steps.append(step)
+        self.epochs.append(trainer.current_epoch)
         self.history.append(row)
         self.ratios.append(ratio)
         self.global_norms.append(total)
@@ -164,19 +162,22 @@ class GradientFlowMonitor(pl.Callback):
             )
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        rows = self.history[self._epoch_start :]
-        if not rows or not trainer.is_global_zero:
-            return
-        with np.errstate(all="ignore"):
-            self.profiles.append((trainer.current_epoch, np.nanmean(np.stack(rows), axis=0)))
         n = self.plot_every_n_epochs
-        if n and (trainer.current_epoch + 1) % n == 0:
+        if n and (trainer.current_epoch + 1) % n == 0 and trainer.is_global_zero and self.history:
             self._plot(trainer)
+
+    def profiles(self) -> list[tuple[int, np.ndarray]]:
+        """(epoch, (num_layers,) mean norm of each layer over the epoch's logs) per logged epoch."""
+        rows, epochs = np.stack(self.history), np.asarray(self.epochs)
+        with warnings.catch_warnings():  # a layer without gradients all epoch stays NaN
+            warnings.simplefilter("ignore", RuntimeWarning)
+            return [(int(e), np.nanmean(rows[epochs == e], axis=0)) for e in np.unique(epochs)]
 
     def _plot(self, trainer: pl.Trainer) -> None:
         names = [layer.name for layer in self.layers]
         folder = plot_dir(trainer)
-        depth_profile_png(folder / "grad_depth_profile.png", names, self.profiles, "mean gradient L2 norm")
+        profiles = self.profiles()
+        depth_profile_png(folder / "grad_depth_profile.png", names, profiles, "mean gradient L2 norm")
         heatmap = heatmap_png(
             folder / "grad_heatmap.png", names, self.steps, np.stack(self.history).T, "gradient L2 norm"
         )
@@ -186,14 +187,38 @@ class GradientFlowMonitor(pl.Callback):
 
         line = wandb.plot.line_series(
             xs=list(range(len(names))),
-            ys=[np.nan_to_num(values, nan=0.0).tolist() for _, values in self.profiles],
-            keys=[f"epoch {epoch}" for epoch, _ in self.profiles],
+            ys=[np.nan_to_num(values, nan=0.0).tolist() for _, values in profiles],
+            keys=[f"epoch {epoch}" for epoch, _ in profiles],
             title="mean gradient L2 norm by layer depth (input -> output)",
             xname="layer depth",
         )
         log_media(
             trainer, {"plots/grad_depth_profile": line, "plots/grad_heatmap": wandb.Image(str(heatmap))}
         )
+
+    def state_dict(self) -> dict:
+        """Everything logged so far (plain types and tensors, loadable with ``weights_only``), so a
+        resumed run's plots, summary and vanishing check continue the interrupted run's."""
+        return {
+            "steps": self.steps,
+            "epochs": self.epochs,
+            "history": torch.from_numpy(np.stack(self.history)) if self.history else None,
+            "ratios": self.ratios,
+            "global_norms": self.global_norms,
+            "below": self._below,
+            "vanishing": self.vanishing,
+            "exploding": self.exploding,
+            "exploding_count": self.exploding_count,
+            "overflow_count": self.overflow_count,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state = dict(state_dict)
+        history = state.pop("history")
+        self.history = list(history.numpy()) if history is not None else []
+        self._below = list(state.pop("below"))
+        for name, value in state.items():
+            setattr(self, name, value)
 
     def summary(self) -> dict:
         """The gradient summary for ``summary.json``."""

@@ -77,6 +77,15 @@ class WeightUpdateMonitor(pl.Callback):
                 f"update below {self.min_update:g}): {', '.join(stuck[:8])}{' ...' if len(stuck) > 8 else ''}"
             )
 
+    def state_dict(self) -> dict:
+        """The last measurement and the not-learning record. (A run resumed in the middle of an
+        epoch has no start-of-epoch copy of the weights, so that epoch goes unmeasured.)"""
+        return {"last": self.last, "not_learning": self.not_learning, "warned": self._warned}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.last, self.not_learning = dict(state_dict["last"]), dict(state_dict["not_learning"])
+        self._warned = state_dict["warned"]
+
     def summary(self) -> dict:
         """Last epoch's relative updates and the layers found not learning, for ``summary.json``."""
         return {
