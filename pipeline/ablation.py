@@ -211,7 +211,7 @@ def run_all(
     """Fit every run that is not done, one after the other; returns the count of each outcome.
 
     A run that raises is reported and the suite goes on; ``SystemExit`` (Ctrl-C, SIGTERM, a bad
-    flag) stops it. ``record`` (``suite.json``) is rewritten after every run.
+    flag) and ``DataError`` (bad or missing data, shared by every run) stop it. ``record`` (``suite.json``) is rewritten after every run.
 
     Args:
         runs: from ``plan``.
@@ -237,6 +237,8 @@ def run_all(
         error = None
         try:
             fit([*run.args, *(("--ckpt_path", "last") if before == "resume" else ())])
+        except DataError:  # the data every run reads: the others would fail the same way
+            raise
         except Exception as err:  # one broken variant must not stop the others
             error = f"{type(err).__name__}: {err}"
             log.exception("%s failed", run.name)

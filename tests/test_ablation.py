@@ -9,6 +9,7 @@ import pytest
 
 from pipeline.ablation import Run, plan, run_all, run_state
 from pipeline.cli import main
+from pipeline.data.io import DataError
 from tests.ablation_helpers import RUNS, ablation_args
 from tests.conftest import REPO
 
@@ -110,3 +111,16 @@ def test_ablation_micro_suite_trains_every_run_then_skips_them(micro_ablation, p
     out = capsys.readouterr().out
     assert out.count(": skipped (completed)") == 2 and "2 skipped" in out
     assert written == {name: (micro_ablation / name / "summary.json").stat().st_mtime_ns for name in RUNS}
+
+
+def test_ablation_stops_at_a_data_error_instead_of_failing_every_run(tmp_path):
+    runs = [Run(name, tmp_path / name, (name,)) for name in ("first", "second")]
+    calls = []
+
+    def fit(args):
+        calls.append(args[0])
+        raise DataError("data/synthetic", "data folder not found")
+
+    with pytest.raises(DataError, match="data folder not found"):
+        run_all(runs, tmp_path / "suite.json", "medseg ablation", fit, lambda line: None)
+    assert calls == ["first"]
