@@ -57,6 +57,24 @@ def test_sampling_foreground_draws_crop_around_foreground():
     assert random_hits < 20  # a random 16x16 crop of 96x96 rarely holds the 3x3 lesion
 
 
+def test_sampling_foreground_crop_draws_the_class_first():
+    # a 60x60 organ (3600 px) and a 2x2 lesion (4 px) far from it: a pixel-weighted draw centres
+    # the lesion about once in 900 crops, a class-first draw in about half of them
+    mask = np.zeros((128, 128), np.uint8)
+    mask[4:64, 4:64] = 1
+    mask[120:122, 120:122] = 2
+    image = np.zeros((128, 128, 1), np.float32)
+    crop = build_train_transform(Augmentation(enabled=False), (16, 16), foreground_crop=True)
+    crop.set_random_seed(0)
+    crops = [crop(image=image, mask=mask)["mask"] for _ in range(400)]
+    assert all(c.shape == (16, 16) and c.any() for c in crops)
+    lesion = np.mean([(c == 2).any() for c in crops])
+    organ = np.mean([(c == 1).any() for c in crops])
+    assert 0.4 < lesion < 0.6 and 0.4 < organ < 0.6
+    empty = crop(image=image, mask=np.zeros_like(mask))["mask"]  # no foreground: a random crop
+    assert empty.shape == (16, 16)
+
+
 def test_sampling_eval_batches_never_mix_slice_sizes():
     cases = [_case("a", 3, (8, 8)), _case("b", 5, (6, 10)), _case("c", 1, (8, 8))]
     batches = EvalBatches(SliceDataset(cases, build_eval_transform()), batch_size=2)

@@ -115,7 +115,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         slice_axis: volumes: the axis (0, 1, 2 of the RAS+ array: sagittal, coronal, axial) to cut
             2D slices along; ``auto`` = the coarsest median spacing of the data set.
         foreground_fraction: probability that a training draw is forced to show foreground
-            (slice and patch), as nnU-Net's 1/3.
+            (slice and patch; the patch around a foreground class drawn first), as nnU-Net's 1/3.
         cache_dir: volume cache folder; default ``<root>/.medseg-cache``.
     """
 

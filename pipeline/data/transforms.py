@@ -15,6 +15,7 @@ os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # no network check at im
 
 import albumentations as A
 import cv2
+import numpy as np
 
 
 @dataclass(frozen=True)
@@ -57,12 +58,36 @@ class Augmentation:
                 raise ValueError(f"augmentation.{name} is a probability in [0, 1], got {value}")
 
 
+class ClassBalancedCrop(A.CropNonEmptyMaskIfExists):
+    """A ``height`` x ``width`` crop that holds a pixel of a foreground class drawn uniformly.
+
+    The class is drawn first, among the non-zero labels of the mask, then a pixel of it, as
+    nnU-Net does for its foreground patches: drawing a pixel of any class (the parent's rule)
+    picks classes in proportion to their area, so a 2 px vessel tree or a small lesion beside a
+    large organ is rarely centred. A mask without foreground gives a random crop.
+    Input: mask (H, W) class indices.
+    """
+
+    def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
+        mask = self._preprocess_mask(data["mask"])
+        labels = np.unique(mask)
+        labels = labels[labels != 0]
+        if labels.size == 0:
+            return super().get_params_dependent_on_data(params, data)
+        label = self.py_random.choice(labels.tolist())
+        pixels = np.flatnonzero(mask == label)
+        height, width = mask.shape[:2]
+        y, x = divmod(int(pixels[self.py_random.randrange(pixels.size)]), width)
+        x_min = int(np.clip(x - self.py_random.randint(0, self.width - 1), 0, width - self.width))
+        y_min = int(np.clip(y - self.py_random.randint(0, self.height - 1), 0, height - self.height))
+        return {"crop_coords": (x_min, y_min, x_min + self.width, y_min + self.height)}
+
+
 def _crop(patch_size: tuple[int, int] | None, foreground: bool = False) -> list[A.BasicTransform]:
     if patch_size is None:
         return []
     h, w = patch_size
-    # a foreground crop holds a random foreground pixel (random crop where the mask is empty)
-    crop = A.CropNonEmptyMaskIfExists(height=h, width=w) if foreground else A.RandomCrop(height=h, width=w)
+    crop = ClassBalancedCrop(height=h, width=w) if foreground else A.RandomCrop(height=h, width=w)
     return [
         A.PadIfNeeded(min_height=h, min_width=w, border_mode=cv2.BORDER_CONSTANT, fill=0, fill_mask=0),
         crop,
@@ -74,8 +99,8 @@ def build_train_transform(
 ) -> A.Compose:
     """Random geometric and intensity transforms, then a random ``patch_size`` crop if given.
 
-    ``foreground_crop`` places the crop around a random foreground pixel (for samples drawn to
-    show foreground). Input/output: image (H, W, C) float32 in [0, 1], mask (H, W) uint8.
+    ``foreground_crop`` places the crop around a pixel of a randomly drawn foreground class (for
+    samples drawn to show foreground; ``ClassBalancedCrop``). Input/output: image (H, W, C) float32 in [0, 1], mask (H, W) uint8.
     """
     if not aug.enabled:
         return A.Compose(_crop(patch_size, foreground_crop))
