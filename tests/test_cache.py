@@ -56,8 +56,10 @@ def test_cache_holds_canonical_slices_stats_and_foreground_indices(volume_dir, t
     image = np.load(tmp_path / entry["image"], mmap_mode="r")
     assert isinstance(image, np.memmap) and image.dtype == np.int16 and entry["shape"] == [12, 40, 40, 1]
     assert np.array_equal(image, np.moveaxis(volume.array, 2, 0))
-    assert entry["foreground_slices"] == [s for s in range(12) if mask[:, :, s].any()]
-    assert 0 < len(entry["foreground_slices"]) < 12 and entry["labels"] == [0, 1, 2]
+    assert entry["labels"] == [0, 1, 2] and set(entry["class_slices"]) == {"1", "2"}
+    for label, slices in entry["class_slices"].items():
+        assert slices == [s for s in range(12) if (mask[:, :, s] == int(label)).any()]
+        assert 0 < len(slices) < 12
     assert np.allclose(entry["spacing"], (0.9, 0.9, 3.0), atol=1e-5)
     # statistics from the manifest's moments equal measuring the voxels
     arrays = open_case(tmp_path, "vol_000", entry, [Normalization("zscore")])

@@ -8,28 +8,38 @@ from pipeline.data.transforms import Augmentation, build_eval_transform, build_t
 
 
 def test_sampling_forces_the_foreground_fraction_deterministically():
-    foreground = np.zeros(3000, bool)
-    foreground[::10] = True  # 10 % of the slices show foreground
-    sampler = ForegroundSampler(foreground, fraction=1 / 3, seed=4)
+    class_items = {1: np.arange(0, 3000, 10)}  # 10 % of the slices show foreground
+    sampler = ForegroundSampler(3000, class_items, fraction=1 / 3, seed=4)
     draws = list(sampler)
     assert len(draws) == len(sampler) == 3000
-    forced = [i for i, f in draws if f]
-    assert abs(len(forced) / 3000 - 1 / 3) < 0.03 and all(foreground[i] for i in forced)
-    shown = np.mean([foreground[i] for i, _ in draws])
+    forced = [i for i, label in draws if label]
+    assert abs(len(forced) / 3000 - 1 / 3) < 0.03 and all(i % 10 == 0 for i in forced)
+    shown = np.mean([i % 10 == 0 for i, _ in draws])
     assert shown > 0.37  # 1/3 forced + 10 % of the uniform rest
     assert list(sampler) == draws  # same seed and epoch: same draws
     sampler.set_epoch(1)
     assert list(sampler) != draws
-    assert list(ForegroundSampler(foreground, 1 / 3, seed=4)) == draws
+    assert list(ForegroundSampler(3000, class_items, 1 / 3, seed=4)) == draws
+
+
+def test_sampling_forced_draws_pick_the_class_first():
+    # an organ in 90 slices, a lesion in 3 of them: a draw among foreground slices would show the
+    # lesion 3 times in 90, a class-first draw half the time
+    class_items = {1: np.arange(10, 100), 2: np.array([40, 41, 42])}
+    draws = list(ForegroundSampler(3000, class_items, fraction=1.0, seed=0))
+    labels = np.array([label for _, label in draws])
+    assert set(labels.tolist()) == {1, 2} and 0.45 < np.mean(labels == 2) < 0.55
+    assert all(i in class_items[label] for i, label in draws)
+    assert {i for i, label in draws if label == 2} == {40, 41, 42}
 
 
 def test_sampling_without_fraction_is_a_permutation():
-    draws = list(ForegroundSampler([True, False] * 10, fraction=0.0, seed=0))
-    assert sorted(i for i, _ in draws) == list(range(20)) and not any(f for _, f in draws)
-    draws = list(ForegroundSampler([False] * 5, fraction=1.0, seed=0))  # no foreground: stays uniform
+    draws = list(ForegroundSampler(20, {1: np.arange(0, 20, 2)}, fraction=0.0, seed=0))
+    assert sorted(i for i, _ in draws) == list(range(20)) and not any(label for _, label in draws)
+    draws = list(ForegroundSampler(5, {}, fraction=1.0, seed=0))  # no foreground: stays uniform
     assert sorted(i for i, _ in draws) == list(range(5))
     with pytest.raises(ValueError, match=r"in \[0, 1\]"):
-        ForegroundSampler([True], fraction=1.5)
+        ForegroundSampler(1, {1: [0]}, fraction=1.5)
 
 
 def _case(case_id, slices, size, lesion_at=None):
@@ -50,10 +60,10 @@ def test_sampling_foreground_draws_crop_around_foreground():
         build_train_transform(aug, (16, 16)),
         foreground_transform=build_train_transform(aug, (16, 16), foreground_crop=True),
     )
-    assert dataset.has_foreground().tolist() == [False, True]
-    assert all(dataset[(1, True)]["mask"].sum() > 0 for _ in range(20))
-    assert dataset[(1, False)]["mask"].shape == (16, 16)
-    random_hits = sum(dataset[(1, False)]["mask"].sum() > 0 for _ in range(40))
+    assert {k: v.tolist() for k, v in dataset.class_items().items()} == {1: [1]}
+    assert all(dataset[(1, 1)]["mask"].sum() > 0 for _ in range(20))
+    assert dataset[(1, 0)]["mask"].shape == (16, 16)
+    random_hits = sum(dataset[(1, 0)]["mask"].sum() > 0 for _ in range(40))
     assert random_hits < 20  # a random 16x16 crop of 96x96 rarely holds the 3x3 lesion
 
 
@@ -71,6 +81,9 @@ def test_sampling_foreground_crop_draws_the_class_first():
     lesion = np.mean([(c == 2).any() for c in crops])
     organ = np.mean([(c == 1).any() for c in crops])
     assert 0.4 < lesion < 0.6 and 0.4 < organ < 0.6
+    assert all((crop(image=image, mask=mask, crop_class=2)["mask"] == 2).any() for _ in range(50))
+    absent = [crop(image=image, mask=mask, crop_class=3)["mask"] for _ in range(50)]  # not shown: drawn
+    assert all(c.any() for c in absent)
     empty = crop(image=image, mask=np.zeros_like(mask))["mask"]  # no foreground: a random crop
     assert empty.shape == (16, 16)
 

@@ -32,7 +32,7 @@ from pipeline.data.slicing import resolve_slice_axis, to_slices
 from pipeline.data.volumes import load_volume_case, probe
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: slices per class (class_slices) instead of foreground_slices
 MANIFEST = "manifest.json"
 FOREGROUND_SAMPLE = 10_000
 ARRAYS = ("image", "mask", "foreground_sample")  # manifest entry keys naming the case's files
@@ -105,6 +105,11 @@ def _save(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
+def slices_with(mask: np.ndarray, label: int) -> list[int]:
+    """Indices of the slices of ``mask`` (S, H, W) that hold ``label``."""
+    return np.flatnonzero((mask == label).reshape(len(mask), -1).any(axis=1)).tolist()
+
+
 def _write_case(case: Case, cache_dir: Path, axis: int, class_names, label_map, inputs: dict) -> dict:
     """Decode, check and cache one case; returns its manifest entry."""
     volume, mask = load_volume_case(case, class_names, label_map)
@@ -127,7 +132,7 @@ def _write_case(case: Case, cache_dir: Path, axis: int, class_names, label_map, 
             "mean": image.mean(axis=(0, 1, 2), dtype=np.float64).tolist(),
             "std": image.std(axis=(0, 1, 2), dtype=np.float64).tolist(),
         },
-        "foreground_slices": [],
+        "class_slices": {},
         "labels": [],
     }
     if mask is not None:
@@ -136,8 +141,8 @@ def _write_case(case: Case, cache_dir: Path, axis: int, class_names, label_map, 
         _save(cache_dir / "cases" / f"{case.case_id}.fg.npy", sample_foreground(image, slices, case.case_id))
         entry["mask"] = f"cases/{case.case_id}.mask.npy"
         entry["foreground_sample"] = f"cases/{case.case_id}.fg.npy"
-        entry["foreground_slices"] = np.flatnonzero(slices.reshape(len(slices), -1).any(axis=1)).tolist()
         entry["labels"] = np.unique(slices).tolist()
+        entry["class_slices"] = {str(label): slices_with(slices, label) for label in entry["labels"] if label}
     return entry
 
 
@@ -212,9 +217,8 @@ def open_case(cache_dir: str | Path, case_id: str, entry: dict, norms: Sequence[
     image = MappedArray(cache_dir / entry["image"], entry["shape"])
     mask = MappedArray(cache_dir / entry["mask"], entry["shape"][:3]) if entry["mask"] else None
     stats = stats_from_moments(entry["moments"], norms) or fit_intensity(image.open(), norms)
-    foreground = np.zeros(entry["shape"][0], dtype=bool)
-    foreground[entry["foreground_slices"]] = True
-    return CaseArrays(case_id, image, mask, stats, is_volume=True, foreground=foreground)
+    class_slices = {int(label): slices for label, slices in entry["class_slices"].items()}
+    return CaseArrays(case_id, image, mask, stats, is_volume=True, class_slices=class_slices)
 
 
 def foreground_sample(cache_dir: str | Path, entries: Sequence[dict]) -> np.ndarray | None:

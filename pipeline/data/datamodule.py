@@ -115,7 +115,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         slice_axis: volumes: the axis (0, 1, 2 of the RAS+ array: sagittal, coronal, axial) to cut
             2D slices along; ``auto`` = the coarsest median spacing of the data set.
         foreground_fraction: probability that a training draw is forced to show foreground
-            (slice and patch; the patch around a foreground class drawn first), as nnU-Net's 1/3.
+            (a class drawn first, then a slice and a patch that show it), as nnU-Net's 1/3.
         cache_dir: volume cache folder; default ``<root>/.medseg-cache``.
     """
 
@@ -253,7 +253,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         if name != "train":
             return DataLoader(EvalBatches(dataset, self.val_batch_size), batch_size=None, **common)
         seed = global_seed(self.seed)
-        sampler = ForegroundSampler(dataset.has_foreground(), self.foreground_fraction, seed)
+        sampler = ForegroundSampler(len(dataset), dataset.class_items(), self.foreground_fraction, seed)
         drop_last = len(dataset) > self.batch_size
         # Resumable mid-epoch, split across DDP ranks, augmentation seeded per sample (pipeline.data.order).
         start, self._train_start = getattr(self, "_train_start", (0, 0)), (0, 0)

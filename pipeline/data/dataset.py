@@ -30,7 +30,7 @@ class CaseArrays:
         mask: (S, H, W) uint8 class indices, or None for unlabelled cases.
         stats: intensity statistics of the whole case (see ``pipeline.data.normalization``).
         is_volume: False for 2D images (their ``slice_index`` is -1).
-        foreground: (S,) bool, slices whose mask has a foreground class (from the cache
+        class_slices: foreground class -> indices of the slices that show it (from the cache
             manifest); None reads it from ``mask``.
     """
 
@@ -39,7 +39,7 @@ class CaseArrays:
     mask: np.ndarray | None
     stats: IntensityStats
     is_volume: bool = False
-    foreground: np.ndarray | None = None
+    class_slices: dict[int, list[int]] | None = None
 
 
 def check_labels(mask: np.ndarray, num_classes: int, path: object, class_names: Sequence[str]) -> None:
@@ -134,8 +134,9 @@ class SliceDataset(Dataset):
             unit-range image (H, W, C) and the mask (H, W).
         slices: optional list of (case index, slice index) pairs; default every slice.
         foreground_transform: used instead of ``transform`` for the items a sampler asks for as
-            ``(index, True)``: drawn to show foreground (``pipeline.data.sampling``), so their
-            patch is cropped around it.
+            ``(index, label)`` with a label > 0: drawn to show that class
+            (``pipeline.data.sampling``), so it is called with ``crop_class=label`` and crops its
+            patch around the class (``pipeline.data.transforms.ClassBalancedCrop``).
     """
 
     def __init__(
@@ -157,24 +158,38 @@ class SliceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.slices)
 
-    def has_foreground(self) -> np.ndarray:
-        """(len(self),) bool: whether each item's mask holds a foreground class."""
-        flags = []
-        for c, s in self.slices:
-            case = self.cases[c]
-            if case.foreground is not None:
-                flags.append(bool(case.foreground[s]))
-            else:
-                flags.append(case.mask is not None and bool(np.asarray(case.mask[s]).any()))
-        return np.array(flags, dtype=bool)
+    def class_items(self) -> dict[int, np.ndarray]:
+        """Foreground class -> sorted indices of the items whose mask shows it."""
+        items: dict[int, list[int]] = {}
+        wanted = {c for c, _ in self.slices}
+        per_case = {c: self._class_slices(self.cases[c]) for c in wanted}
+        for index, (c, s) in enumerate(self.slices):
+            for label, slices in per_case[c].items():
+                if s in slices:
+                    items.setdefault(label, []).append(index)
+        return {label: np.array(found) for label, found in sorted(items.items())}
 
-    def __getitem__(self, index: int | tuple[int, bool]) -> dict:
-        index, foreground = index if isinstance(index, tuple) else (index, False)
+    @staticmethod
+    def _class_slices(case: CaseArrays) -> dict[int, set[int]]:
+        if case.class_slices is not None:
+            return {label: set(slices) for label, slices in case.class_slices.items()}
+        found: dict[int, set[int]] = {}
+        for s in range(len(case.mask) if case.mask is not None else 0):
+            for label in np.flatnonzero(np.bincount(np.asarray(case.mask[s]).ravel())).tolist():
+                if label:
+                    found.setdefault(label, set()).add(s)
+        return found
+
+    def __getitem__(self, index: int | tuple[int, int]) -> dict:
+        index, label = index if isinstance(index, tuple) else (index, 0)
         c, s = self.slices[index]
         case = self.cases[c]
         unit = to_unit(np.asarray(case.image[s]), case.stats)
         mask = np.asarray(case.mask[s]) if case.mask is not None else np.zeros(unit.shape[:2], np.uint8)
-        out = (self.foreground_transform if foreground else self.transform)(image=unit, mask=mask)
+        if label:
+            out = self.foreground_transform(image=unit, mask=mask, crop_class=label)
+        else:
+            out = self.transform(image=unit, mask=mask)
         image = standardize(out["image"], case.stats).transpose(2, 0, 1)
         return {
             "image": torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)),

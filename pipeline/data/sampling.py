@@ -4,8 +4,11 @@
 nnU-Net does (it forces 1/3 of each batch's patches to contain foreground): most slices of a
 volume are often background only, and a uniform draw would starve the small classes. Each
 epoch is a seeded permutation of all items in which each position is, with probability
-``fraction``, replaced by a random foreground item; those are yielded as ``(index, True)`` so the
-dataset crops the patch around foreground too (``SliceDataset.foreground_transform``).
+``fraction``, replaced by a forced draw: a foreground class drawn uniformly among those the data
+shows, then an item that shows it (nnU-Net's class-first rule: a lesion in 3 slices is drawn as
+often as an organ in 40). Forced draws are yielded as ``(index, label)``, the others as
+``(index, 0)``, so the dataset crops the patch around that class
+(``SliceDataset.foreground_transform``).
 
 It is deterministic for a seed and an epoch, so every DDP rank builds the same list and can take
 its own shard of it: the data module hands it to ``pipeline.data.order.ResumableSampler``, which
@@ -19,7 +22,7 @@ size and cannot be stacked; the loader then runs with ``batch_size=None``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 from torch.utils.data import Dataset, Sampler, default_collate
@@ -28,21 +31,25 @@ from pipeline.data.dataset import SliceDataset
 
 
 class ForegroundSampler(Sampler):
-    """Yields ``(index, forced)`` for one epoch of ``len(foreground)`` draws.
+    """Yields ``(index, label)`` for one epoch of ``size`` draws; ``label`` 0 for a uniform draw.
 
     Args:
-        foreground: (N,) bool, whether item i shows a foreground class.
-        fraction: probability in [0, 1] that a draw is a random foreground item (``forced``);
-            with no foreground item in the data, draws stay uniform.
+        size: number of items (and of draws per epoch).
+        class_items: foreground class -> indices of the items that show it
+            (``SliceDataset.class_items``).
+        fraction: probability in [0, 1] that a draw is forced to show foreground; with no
+            foreground in the data, draws stay uniform.
         seed: seed of the draws; epoch e draws from ``np.random.default_rng([seed, e])``.
     """
 
-    def __init__(self, foreground: Sequence[bool], fraction: float = 1 / 3, seed: int = 0) -> None:
+    def __init__(
+        self, size: int, class_items: Mapping[int, Sequence[int]], fraction: float = 1 / 3, seed: int = 0
+    ) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"foreground fraction must be in [0, 1], got {fraction}")
-        self.foreground = np.flatnonzero(np.asarray(foreground, dtype=bool))
-        self.size = len(foreground)
-        self.fraction = fraction
+        self.size = size
+        self.class_items = {int(k): np.asarray(v, dtype=np.int64) for k, v in class_items.items() if len(v)}
+        self.fraction = fraction if self.class_items else 0.0
         self.seed = seed
         self.epoch = 0
 
@@ -52,13 +59,21 @@ class ForegroundSampler(Sampler):
     def __len__(self) -> int:
         return self.size
 
-    def __iter__(self) -> Iterator[tuple[int, bool]]:
+    def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
         order = rng.permutation(self.size)
-        forced = rng.random(self.size) < self.fraction if self.foreground.size else np.zeros(self.size, bool)
-        picks = rng.choice(self.foreground, size=self.size) if self.foreground.size else order
-        for i, force, pick in zip(order.tolist(), forced.tolist(), picks.tolist(), strict=True):
-            yield (pick, True) if force else (i, False)
+        forced = rng.random(self.size) < self.fraction
+        labels = sorted(self.class_items)
+        drawn = rng.integers(len(labels), size=self.size) if labels else np.zeros(self.size, np.int64)
+        where = rng.random(self.size)  # the item within the drawn class's list, as a fraction
+        for i, force, k, u in zip(
+            order.tolist(), forced.tolist(), drawn.tolist(), where.tolist(), strict=True
+        ):
+            if force:
+                items = self.class_items[labels[k]]
+                yield int(items[int(u * len(items))]), labels[k]
+            else:
+                yield i, 0
 
 
 class EvalBatches(Dataset):

@@ -61,20 +61,22 @@ class Augmentation:
 class ClassBalancedCrop(A.CropNonEmptyMaskIfExists):
     """A ``height`` x ``width`` crop that holds a pixel of a foreground class drawn uniformly.
 
-    The class is drawn first, among the non-zero labels of the mask, then a pixel of it, as
-    nnU-Net does for its foreground patches: drawing a pixel of any class (the parent's rule)
-    picks classes in proportion to their area, so a 2 px vessel tree or a small lesion beside a
-    large organ is rarely centred. A mask without foreground gives a random crop.
-    Input: mask (H, W) class indices.
+    The class is the call's ``crop_class`` when the mask shows it (the class a
+    ``ForegroundSampler`` drew), else drawn uniformly among the mask's non-zero labels; then a
+    pixel of it, as nnU-Net does for its foreground patches: drawing a pixel of any class (the
+    parent's rule) picks classes in proportion to their area, so a 2 px vessel tree or a small
+    lesion beside a large organ rarely lands in the patch. A mask without foreground gives a
+    random crop. Input: mask (H, W) class indices.
     """
 
     def get_params_dependent_on_data(self, params: dict, data: dict) -> dict:
         mask = self._preprocess_mask(data["mask"])
-        labels = np.unique(mask)
-        labels = labels[labels != 0]
-        if labels.size == 0:
+        labels = np.flatnonzero(np.bincount(mask.ravel()))
+        labels = labels[labels != 0].tolist()
+        if not labels:
             return super().get_params_dependent_on_data(params, data)
-        label = self.py_random.choice(labels.tolist())
+        wanted = data.get("crop_class")
+        label = wanted if wanted in labels else self.py_random.choice(labels)
         pixels = np.flatnonzero(mask == label)
         height, width = mask.shape[:2]
         y, x = divmod(int(pixels[self.py_random.randrange(pixels.size)]), width)
