@@ -87,6 +87,14 @@ def _cat(state: list[Tensor] | Tensor) -> Tensor | None:
     return state
 
 
+def first_occurrences(ids: Tensor) -> Tensor:
+    """Sorted positions of the first occurrence of each distinct value of ``ids`` (N,)."""
+    order = torch.argsort(ids, stable=True)
+    first = torch.ones_like(order, dtype=torch.bool)
+    first[1:] = ids[order][1:] != ids[order][:-1]
+    return order[first].sort().values
+
+
 def nanmean(x: Tensor, dim: int | None = None) -> Tensor:
     """Mean ignoring NaN; NaN where nothing is defined."""
     return x.nanmean() if dim is None else x.nanmean(dim=dim)
@@ -130,12 +138,7 @@ class SegmentationMetrics(Metric):
     def _first_occurrences(self, n: int) -> Tensor | None:
         """Positions (in update order) of the first image with each sample id; None without ids."""
         ids = _cat(self.index)
-        if ids is None or len(ids) != n:
-            return None
-        order = torch.argsort(ids, stable=True)
-        first = torch.ones_like(order, dtype=torch.bool)
-        first[1:] = ids[order][1:] != ids[order][:-1]
-        return order[first].sort().values
+        return None if ids is None or len(ids) != n else first_occurrences(ids)
 
     def per_image(self) -> dict[str, Tensor]:
         """Per-image, per-class scores: each (N, C), one row per distinct image."""
@@ -161,3 +164,39 @@ class SegmentationMetrics(Metric):
             for c, class_name in enumerate(self.class_names[1:], start=1):
                 out[f"{name}_{class_name}"] = per_class[c]
         return {k: v.float() for k, v in out.items()}
+
+
+class BatchMeanOnce(Metric):
+    """Mean of a per-batch value (the loss) weighted by batch size, each batch counted once.
+
+    Under DDP, ``DistributedSampler`` pads the evaluation batches with whole repeated batches;
+    a batch is known by its smallest sample id, and a repeat does not count again, so the mean
+    equals one process's. Without ids every batch counts.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("values", default=[], dist_reduce_fx="cat")  # (batches,) value
+        self.add_state("sizes", default=[], dist_reduce_fx="cat")  # (batches,) images
+        self.add_state("ids", default=[], dist_reduce_fx="cat")  # (batches,) smallest sample id
+
+    def update(self, value: Tensor, size: int, index: Tensor | None = None) -> None:
+        """``value``: scalar for a batch of ``size`` images; ``index``: optional (size,) sample ids."""
+        device = value.device
+        self.values.append(value.detach().float().reshape(1))
+        self.sizes.append(torch.tensor([float(size)], device=device))
+        batch_id = (
+            torch.as_tensor(index, device=device).min().long() if index is not None else torch.tensor(-1)
+        )
+        self.ids.append(batch_id.to(device).reshape(1))  # -1: unknown
+
+    def compute(self) -> Tensor:
+        values, sizes, ids = _cat(self.values), _cat(self.sizes), _cat(self.ids)
+        if values is None:
+            return torch.tensor(float("nan"))
+        if (ids >= 0).all():
+            keep = first_occurrences(ids)
+            values, sizes = values[keep], sizes[keep]
+        return (values * sizes).sum() / sizes.sum()

@@ -12,7 +12,7 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
-from pipeline.metrics import SegmentationMetrics
+from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
 from pipeline.models import net_spec
 
 CHECKPOINT_KEY = "medseg"
@@ -66,6 +66,7 @@ class SegmentationModule(pl.LightningModule):
         self.patch_size = tuple(patch_size) if patch_size else None
         self.val_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
         self.test_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
+        self.eval_loss = nn.ModuleDict({"val": BatchMeanOnce(), "test": BatchMeanOnce()})
         self.val_dice_best = MaxMetric()
         self.val_dice_best.persistent(True)  # in checkpoints, so a resumed run keeps its best
         self._channels_last = False
@@ -112,16 +113,11 @@ class SegmentationModule(pl.LightningModule):
 
     def _eval_step(self, batch: dict, stage: str, metrics: SegmentationMetrics) -> Tensor:
         logits = self.predict_logits(batch["image"])
-        loss = self.loss(logits, batch["mask"][:, None])
-        self.log(
-            f"{stage}/loss",
-            loss,
-            on_epoch=True,
-            prog_bar=stage == "val",
-            batch_size=len(logits),
-            sync_dist=True,
+        # index: an image (and a batch) that DDP padding repeats counts once
+        self.eval_loss[stage].update(
+            self.loss(logits, batch["mask"][:, None]), len(logits), batch.get("index")
         )
-        metrics.update(logits.argmax(1), batch["mask"], batch.get("index"))  # index: no DDP padding repeats
+        metrics.update(logits.argmax(1), batch["mask"], batch.get("index"))
         return logits
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
@@ -131,6 +127,8 @@ class SegmentationModule(pl.LightningModule):
         self._eval_step(batch, "test", self.test_metrics)
 
     def _log_metrics(self, stage: str, metrics: SegmentationMetrics) -> dict[str, Tensor]:
+        self.log(f"{stage}/loss", self.eval_loss[stage].compute(), prog_bar=stage == "val")
+        self.eval_loss[stage].reset()
         values = metrics.compute()
         self.log(f"{stage}/dice", values["dice"], prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "dice"})

@@ -52,6 +52,7 @@ def test_ddp_two_processes_score_each_validation_image_once(phantom_dir, tmp_pat
 
     assert summary["final"]["val/images"] == single["val/images"] == 3  # 4 scored, one a padding repeat
     assert summary["final"]["val/dice"] == pytest.approx(single["val/dice"], abs=1e-6)
+    assert summary["final"]["val/loss"] == pytest.approx(single["val/loss"], abs=1e-6)  # the repeat once
     for name in ("organ", "lesion", "vessel"):
         assert summary["final"][f"val/dice_{name}"] == pytest.approx(single[f"val/dice_{name}"], abs=1e-6)
     # rank 0 alone writes the run directory's files

@@ -16,7 +16,13 @@ from monai.metrics import (
     get_confusion_matrix,
 )
 
-from pipeline.metrics import SegmentationMetrics, confusion_per_image, hd95_per_image, scores_from_confusion
+from pipeline.metrics import (
+    BatchMeanOnce,
+    SegmentationMetrics,
+    confusion_per_image,
+    hd95_per_image,
+    scores_from_confusion,
+)
 
 NAMES = ("background", "a", "b")
 NAN = float("nan")
@@ -199,3 +205,17 @@ def test_metrics_hd95_of_two_single_pixels_is_their_distance():
     target = torch.zeros_like(pred)
     pred[0, 4, 3], target[0, 4, 8] = 1, 1  # 5 pixels apart on a row
     assert hd95_per_image(pred, target, 2)[0, 1].item() == pytest.approx(5.0)
+
+
+def test_metrics_batch_mean_weights_by_size_and_counts_a_repeated_batch_once():
+    mean = BatchMeanOnce()
+    mean.update(torch.tensor(1.0), 3, torch.tensor([0, 1, 2]))
+    mean.update(torch.tensor(4.0), 1, torch.tensor([3]))
+    assert mean.compute().item() == pytest.approx((3 * 1.0 + 4.0) / 4)
+    mean.update(torch.tensor(1.0), 3, torch.tensor([2, 0, 1]))  # DDP padding: the first batch again
+    assert mean.compute().item() == pytest.approx(7 / 4)
+    without_ids = BatchMeanOnce()
+    for value in (1.0, 1.0, 4.0):
+        without_ids.update(torch.tensor(value), 2)
+    assert without_ids.compute().item() == pytest.approx(2.0)
+    assert math.isnan(BatchMeanOnce().compute().item())
