@@ -110,9 +110,11 @@ class MedsegCLI(LightningCLI):
             if trainer_config.get("logger") is not False:
                 resume = bool(config.get("ckpt_path"))
                 kwargs["logger"] = build_loggers(run_dir, run, name, knob_tags(knobs), resume)
-            # Before RunSummary, so their on_exception runs first and summary.json records it.
-            callbacks += [DivergenceGuard(), BatchSeed(), SigtermCheckpoint()]
-            callbacks.append(RunSummary(run_dir, name, run.experiment, seed))
+            # DivergenceGuard before RunSummary, so its on_exception runs first and summary.json
+            # records it; SigtermCheckpoint after every other callback (Lightning still moves the
+            # ModelCheckpoints last), so an epoch-end save holds their epoch-end state.
+            callbacks += [DivergenceGuard(), BatchSeed()]
+            callbacks += [RunSummary(run_dir, name, run.experiment, seed), SigtermCheckpoint()]
         kwargs["callbacks"] = callbacks
         params = sum(p.numel() for p in self.model.parameters())
         log.info("run %s -> %s (%s parameters, %s)", name, run_dir, f"{params:,}", knobs)

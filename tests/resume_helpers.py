@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+import json
 import os
 import signal
 import subprocess
@@ -12,6 +14,7 @@ import pytorch_lightning as pl
 import yaml
 from torch import Tensor
 
+from pipeline.checkpointing import load_checkpoint
 from tests.conftest import REPO, fit_args
 
 BEST = {  # as in configs/default.yaml
@@ -119,3 +122,22 @@ def finish(child: subprocess.Popen, timeout: float = 300) -> tuple[int, str]:
         _, err = child.communicate()
         raise AssertionError(f"medseg fit hung for {timeout} s and was killed:\n{err[-3000:]}") from None
     return child.returncode, err
+
+
+def final_state(run: Path, steps: int = 6) -> tuple[dict, float, list[tuple[int, float]], dict]:
+    """The last checkpoint's weights, the final val/dice, metrics.csv's (step, train loss) rows and
+    the monitors' summaries, after checking that the run completed 2 epochs in ``steps`` steps."""
+    weights = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["steps"] == steps and summary["epochs"] == 2
+    with (run / "metrics.csv").open() as f:
+        losses = [
+            (int(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f) if r["train/loss_step"]
+        ]
+    monitors = {k: summary.get(k) for k in ("GradientFlowMonitor", "WeightUpdateMonitor")}
+    return weights, summary["final"]["val/dice"], losses, monitors
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)

@@ -12,7 +12,16 @@ from pipeline.checkpointing import load_checkpoint
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import build_net
 from pipeline.module import SegmentationModule
-from tests.resume_helpers import BEST, finish, kill_at, last_every, run_args, start_fit
+from tests.resume_helpers import (
+    BEST,
+    final_state,
+    finish,
+    kill_at,
+    last_every,
+    max_difference,
+    run_args,
+    start_fit,
+)
 
 # 3 validation images, one a batch: DistributedSampler pads 3 batches to 4, so one image is seen twice
 VAL = ("--data.val_fraction", "0.25", "--data.val_batch_size", "1", "--trainer.limit_val_batches", "1.0")
@@ -61,14 +70,39 @@ def test_ddp_two_processes_score_each_validation_image_once(phantom_dir, tmp_pat
 
 
 @pytest.mark.slow
-def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_without_deadlock(phantom_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("batch_size", "steps_per_epoch"),
+    [
+        (2, 2),
+        (1, 3),
+    ],  # 10 training images over 2 ranks: SIGTERM in step 1 is the epoch's last / a middle step
+    ids=["last-batch-of-epoch", "mid-epoch"],
+)
+def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_and_resumes_exactly(
+    phantom_dir, tmp_path, batch_size, steps_per_epoch
+):
     # As SLURM signals every task: both ranks get SIGTERM in the middle of step 1.
     runs = tmp_path / "runs"
     ddp = ("--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp")
+    ddp += ("--run.wandb", "false", "--data.batch_size", str(batch_size))
     callbacks = [BEST, last_every(0), kill_at(1, "SIGTERM")]
-    code, err = finish(start_fit(run_args(phantom_dir, runs, callbacks, "--run.wandb", "false", *ddp)), 240)
+    code, err = finish(start_fit(run_args(phantom_dir, runs, callbacks, *ddp)), 240)
     assert code == 143, err[-3000:]
     run = runs / "resume" / "unet-relu-kaiming-d3-s0"
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and checkpoint["optimizer_states"][0]["state"]
     assert json.loads((run / "summary.json").read_text())["status"].startswith("preempted")
+
+    # resumed on 2 ranks, it ends where an uninterrupted 2-rank run ends
+    resumed = start_fit(run_args(phantom_dir, runs, [BEST, last_every(0)], *ddp, "--ckpt_path", "last"))
+    code, err = finish(resumed, 240)
+    assert code == 0, err[-3000:]
+    reference_runs = tmp_path / "reference"
+    code, err = finish(start_fit(run_args(phantom_dir, reference_runs, [BEST, last_every(0)], *ddp)), 240)
+    assert code == 0, err[-3000:]
+    steps = 2 * steps_per_epoch
+    weights, dice, losses, _ = final_state(run, steps=steps)
+    reference = final_state(reference_runs / "resume" / run.name, steps=steps)
+    assert max_difference(weights, reference[0]) <= 1e-6
+    assert dice == pytest.approx(reference[1], abs=1e-6)
+    assert [step for step, _ in losses] == [step for step, _ in reference[2]] == list(range(steps))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 
@@ -11,28 +10,19 @@ import torch
 
 from pipeline.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
 from pipeline.cli import main
-from tests.resume_helpers import BEST, MONITORS, finish, kill_at, last_every, run_args, start_fit
+from tests.resume_helpers import (
+    BEST,
+    MONITORS,
+    final_state,
+    finish,
+    kill_at,
+    last_every,
+    max_difference,
+    run_args,
+    start_fit,
+)
 
 RUN = "resume/unet-relu-kaiming-d3-s0"
-
-
-def final_state(run: Path) -> tuple[dict, float, list[tuple[int, float]], dict]:
-    """The last checkpoint's weights, the final val/dice, metrics.csv's (step, train loss) rows and
-    the monitors' summaries."""
-    weights = load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"]
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and summary["steps"] == 6
-    with (run / "metrics.csv").open() as f:
-        losses = [
-            (int(r["step"]), float(r["train/loss_step"])) for r in csv.DictReader(f) if r["train/loss_step"]
-        ]
-    monitors = {k: summary.get(k) for k in ("GradientFlowMonitor", "WeightUpdateMonitor")}
-    return weights, summary["final"]["val/dice"], losses, monitors
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max((a[k].double() - b[k].double()).abs().max().item() for k in a)
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +66,9 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterr
     assert len(list((run / "wandb").glob(f"offline-run-*-{wandb_id}"))) == 2
 
 
-def stopped_by_sigterm(data: Path, runs: Path) -> Path:
-    """A run sent SIGTERM during step 1; returns its run directory after checking the exit."""
-    callbacks = [BEST, last_every(0), kill_at(1, "SIGTERM")]  # in epoch 0 only SIGTERM writes last.ckpt
+def stopped_by_sigterm(data: Path, runs: Path, step: int = 1) -> Path:
+    """A run sent SIGTERM during ``step``; returns its run directory after checking the exit."""
+    callbacks = [BEST, last_every(0), kill_at(step, "SIGTERM")]  # in epoch 0 only SIGTERM writes last.ckpt
     child = start_fit(run_args(data, runs, callbacks, "--run.wandb", "false"))
     code, err = finish(child)
     assert code == 143, err[-2000:]
@@ -101,14 +91,19 @@ def test_resume_sigterm_saves_a_complete_checkpoint(phantom_dir, tmp_path):
 
 
 @pytest.mark.slow
-def test_resume_after_sigterm_is_exact(phantom_dir, tmp_path, uninterrupted):
+@pytest.mark.parametrize("step", [1, 2], ids=["mid-epoch", "last-batch-of-epoch"])
+def test_resume_after_sigterm_is_exact(phantom_dir, tmp_path, uninterrupted, step):
+    # step 2 is epoch 0's last batch: the checkpoint is written at the epoch's end, after validation
     runs = tmp_path / "runs"
-    run = stopped_by_sigterm(phantom_dir, runs)
+    run = stopped_by_sigterm(phantom_dir, runs, step)
     main(run_args(phantom_dir, runs, [BEST, last_every(0)], "--run.wandb", "false", "--ckpt_path", "last"))
-    weights, dice, *_ = final_state(run)
-    reference_weights, reference_dice, *_ = uninterrupted
+    weights, dice, losses, _ = final_state(run)
+    reference_weights, reference_dice, reference_losses, _ = uninterrupted
     assert max_difference(weights, reference_weights) <= 1e-6
     assert dice == pytest.approx(reference_dice, abs=1e-6)
+    # the step in flight at the signal is in the checkpoint and in metrics.csv, each step once
+    assert [step for step, _ in losses] == list(range(6))
+    assert [loss for _, loss in losses] == pytest.approx([loss for _, loss in reference_losses], abs=1e-6)
 
 
 def test_resume_checkpoint_write_is_atomic(tmp_path, monkeypatch):

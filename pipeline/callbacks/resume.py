@@ -61,8 +61,8 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path:
 class SigtermCheckpoint(pl.Callback):
     """On SIGTERM (as a cluster sends before pre-emption), writes ``last.ckpt`` and stops training.
 
-    The signal handler only sets a flag. At the next training batch boundary (after the end-of-epoch
-    validation for an epoch's last batch) all DDP ranks agree through one all-reduce of the flag
+    The signal handler only sets a flag. At the next training batch boundary (at the epoch's end,
+    after its validation, for an epoch's last batch) all DDP ranks agree through one all-reduce of the flag
     and stop together: ``last.ckpt`` is written where ``--ckpt_path last`` finds it, and
     ``SIGTERMException`` ends the fit (``medseg`` exits 143). Lightning's own handler is replaced
     while training: it broadcasts from inside the handler, which deadlocks DDP when ranks receive
@@ -89,17 +89,23 @@ class SigtermCheckpoint(pl.Callback):
         batch: object,
         batch_idx: int,
     ) -> None:
-        # An epoch's last batch waits for its validation (on_validation_end), as an uninterrupted run does.
+        # An epoch's last batch waits for the epoch's end (its validation included), as an
+        # uninterrupted run does.
         if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self._stop_if_requested(trainer)
+            self._stop_if_requested(trainer, log_step=True)
 
-    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not trainer.sanity_checking:
-            self._stop_if_requested(trainer)
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Not at on_validation_end: Lightning resumes a checkpoint saved there (epoch not yet
+        # marked processed) by skipping the next epoch's last batch and its validation.
+        self._stop_if_requested(trainer)
 
-    def _stop_if_requested(self, trainer: pl.Trainer) -> None:
+    def _stop_if_requested(self, trainer: pl.Trainer, log_step: bool = False) -> None:
         if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
             return
+        if log_step:
+            # Lightning sends a step's metrics to the loggers after on_train_batch_end: do it now,
+            # or the step this save includes would have no row in metrics.csv and W&B.
+            trainer._logger_connector.update_train_step_metrics()
         path = last_checkpoint_path(trainer)
         trainer.save_checkpoint(path, weights_only=False)  # the full state: optimiser, loops, callbacks
         self.saved = {"signal": "SIGTERM", "step": trainer.global_step, "checkpoint": str(path)}
