@@ -57,8 +57,8 @@ test-slow: install ## run only the slow checks
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
 lint: install ## check style with ruff
-	$(BIN)/ruff check pipeline tests benchmarks
-	$(BIN)/ruff format --check pipeline tests benchmarks
+	$(BIN)/ruff check pipeline tests benchmarks notebooks
+	$(BIN)/ruff format --check pipeline tests benchmarks notebooks
 
 clean: ## remove generated data, runs and caches (keeps .venv)
 	rm -rf data/synthetic runs .pytest_cache .ruff_cache
