@@ -70,13 +70,9 @@ def test_ddp_two_processes_score_each_validation_image_once(phantom_dir, tmp_pat
 
 
 @pytest.mark.slow
+# 10 training images over 2 ranks: SIGTERM in step 1 is the epoch's last step / a middle one
 @pytest.mark.parametrize(
-    ("batch_size", "steps_per_epoch"),
-    [
-        (2, 2),
-        (1, 3),
-    ],  # 10 training images over 2 ranks: SIGTERM in step 1 is the epoch's last / a middle step
-    ids=["last-batch-of-epoch", "mid-epoch"],
+    ("batch_size", "steps_per_epoch"), [(2, 2), (1, 3)], ids=["last-batch-of-epoch", "mid-epoch"]
 )
 def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_and_resumes_exactly(
     phantom_dir, tmp_path, batch_size, steps_per_epoch

@@ -61,9 +61,9 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path:
 class SigtermCheckpoint(pl.Callback):
     """On SIGTERM (as a cluster sends before pre-emption), writes ``last.ckpt`` and stops training.
 
-    The signal handler only sets a flag. At the next training batch boundary (at the epoch's end,
-    after its validation, for an epoch's last batch) all DDP ranks agree through one all-reduce of the flag
-    and stop together: ``last.ckpt`` is written where ``--ckpt_path last`` finds it, and
+    The signal handler only sets a flag. At the next training batch boundary (at the epoch's
+    end, after its validation, for an epoch's last batch) all DDP ranks agree through one
+    all-reduce of the flag and stop together: ``last.ckpt`` is written where ``--ckpt_path last`` finds it, and
     ``SIGTERMException`` ends the fit (``medseg`` exits 143). Lightning's own handler is replaced
     while training: it broadcasts from inside the handler, which deadlocks DDP when ranks receive
     the signal in different collectives (observed with 2 CPU ranks).

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.dataset import CaseArrays
+from pipeline.data.dataset import CaseArrays, slices_per_class
 from pipeline.data.io import DataError, atomic_write
 from pipeline.data.layouts import Case
 from pipeline.data.normalization import Normalization, fit_intensity, stats_from_moments
@@ -105,11 +105,6 @@ def _save(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
-def slices_with(mask: np.ndarray, label: int) -> list[int]:
-    """Indices of the slices of ``mask`` (S, H, W) that hold ``label``."""
-    return np.flatnonzero((mask == label).reshape(len(mask), -1).any(axis=1)).tolist()
-
-
 def _write_case(case: Case, cache_dir: Path, axis: int, class_names, label_map, inputs: dict) -> dict:
     """Decode, check and cache one case; returns its manifest entry."""
     volume, mask = load_volume_case(case, class_names, label_map)
@@ -142,7 +137,7 @@ def _write_case(case: Case, cache_dir: Path, axis: int, class_names, label_map, 
         entry["mask"] = f"cases/{case.case_id}.mask.npy"
         entry["foreground_sample"] = f"cases/{case.case_id}.fg.npy"
         entry["labels"] = np.unique(slices).tolist()
-        entry["class_slices"] = {str(label): slices_with(slices, label) for label in entry["labels"] if label}
+        entry["class_slices"] = {str(label): found for label, found in slices_per_class(slices).items()}
     return entry
 
 

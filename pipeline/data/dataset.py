@@ -42,6 +42,14 @@ class CaseArrays:
     class_slices: dict[int, list[int]] | None = None
 
 
+def slices_per_class(mask: np.ndarray) -> dict[int, list[int]]:
+    """Foreground class -> indices of the slices of ``mask`` (S, H, W) that show it."""
+    flat = mask.reshape(len(mask), -1)
+    return {
+        int(label): np.flatnonzero((flat == label).any(axis=1)).tolist() for label in np.unique(flat) if label
+    }
+
+
 def check_labels(mask: np.ndarray, num_classes: int, path: object, class_names: Sequence[str]) -> None:
     """Raise a ``DataError`` for ``path`` when ``mask`` holds a value outside 0..num_classes-1."""
     values = np.unique(mask)
@@ -160,25 +168,19 @@ class SliceDataset(Dataset):
 
     def class_items(self) -> dict[int, np.ndarray]:
         """Foreground class -> sorted indices of the items whose mask shows it."""
+        per_case: dict[int, dict[int, set[int]]] = {}
+        for c in {c for c, _ in self.slices}:
+            case = self.cases[c]
+            found = case.class_slices
+            if found is None:  # not from the cache (2D images): read the mask
+                found = slices_per_class(np.asarray(case.mask)) if case.mask is not None else {}
+            per_case[c] = {label: set(slices) for label, slices in found.items()}
         items: dict[int, list[int]] = {}
-        wanted = {c for c, _ in self.slices}
-        per_case = {c: self._class_slices(self.cases[c]) for c in wanted}
         for index, (c, s) in enumerate(self.slices):
             for label, slices in per_case[c].items():
                 if s in slices:
                     items.setdefault(label, []).append(index)
         return {label: np.array(found) for label, found in sorted(items.items())}
-
-    @staticmethod
-    def _class_slices(case: CaseArrays) -> dict[int, set[int]]:
-        if case.class_slices is not None:
-            return {label: set(slices) for label, slices in case.class_slices.items()}
-        found: dict[int, set[int]] = {}
-        for s in range(len(case.mask) if case.mask is not None else 0):
-            for label in np.flatnonzero(np.bincount(np.asarray(case.mask[s]).ravel())).tolist():
-                if label:
-                    found.setdefault(label, set()).add(s)
-        return found
 
     def __getitem__(self, index: int | tuple[int, int]) -> dict:
         index, label = index if isinstance(index, tuple) else (index, 0)

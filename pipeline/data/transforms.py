@@ -77,12 +77,9 @@ class ClassBalancedCrop(A.CropNonEmptyMaskIfExists):
             return super().get_params_dependent_on_data(params, data)
         wanted = data.get("crop_class")
         label = wanted if wanted in labels else self.py_random.choice(labels)
-        pixels = np.flatnonzero(mask == label)
-        height, width = mask.shape[:2]
-        y, x = divmod(int(pixels[self.py_random.randrange(pixels.size)]), width)
-        x_min = int(np.clip(x - self.py_random.randint(0, self.width - 1), 0, width - self.width))
-        y_min = int(np.clip(y - self.py_random.randint(0, self.height - 1), 0, height - self.height))
-        return {"crop_coords": (x_min, y_min, x_min + self.width, y_min + self.height)}
+        # the parent's crop around a random non-zero pixel, of a mask holding only that class
+        only_label = {**data, "mask": (mask == label).astype(np.uint8)}
+        return super().get_params_dependent_on_data(params, only_label)
 
 
 def _crop(patch_size: tuple[int, int] | None, foreground: bool = False) -> list[A.BasicTransform]:
@@ -102,7 +99,8 @@ def build_train_transform(
     """Random geometric and intensity transforms, then a random ``patch_size`` crop if given.
 
     ``foreground_crop`` places the crop around a pixel of a randomly drawn foreground class (for
-    samples drawn to show foreground; ``ClassBalancedCrop``). Input/output: image (H, W, C) float32 in [0, 1], mask (H, W) uint8.
+    samples drawn to show foreground; ``ClassBalancedCrop``). Input/output: image (H, W, C)
+    float32 in [0, 1], mask (H, W) uint8.
     """
     if not aug.enabled:
         return A.Compose(_crop(patch_size, foreground_crop))
