@@ -23,7 +23,7 @@ from typing import TypeVar
 
 import torch
 
-from pipeline.data.io import atomic_write
+from pipeline.files import atomic_write
 
 RESULTS = Path(__file__).resolve().parent / "results"
 T = TypeVar("T")

@@ -35,12 +35,12 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import pytorch_lightning as pl  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info, write_json  # noqa: E402
-from pipeline.callbacks.gradients import GradientFlowMonitor  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
 from pipeline.data.synthetic import generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
-from pipeline.module import SegmentationModule  # noqa: E402
-from pipeline.tracking import RunConfig, build_loggers  # noqa: E402
+from pipeline.monitors.gradients import GradientFlowMonitor  # noqa: E402
+from pipeline.run.loggers import RunConfig, build_loggers  # noqa: E402
+from pipeline.training.module import SegmentationModule  # noqa: E402
 
 
 class StepTimer(pl.Callback):

@@ -40,9 +40,9 @@ from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
 from pipeline.data.synthetic import CLASS_NAMES, generate_dataset, phantom  # noqa: E402
 from pipeline.inference import infer  # noqa: E402
 from pipeline.inference.cases import find_inputs, load_case  # noqa: E402
-from pipeline.inference.checkpoint import load_model  # noqa: E402
 from pipeline.models import UNet, net_spec  # noqa: E402
-from pipeline.module import CHECKPOINT_KEY, SegmentationModule  # noqa: E402
+from pipeline.training.checkpoint import load_model  # noqa: E402
+from pipeline.training.module import CHECKPOINT_KEY, SegmentationModule  # noqa: E402
 
 
 def make_volumes(folder: Path, cases: int, depth: int, size: int) -> None:
@@ -66,7 +66,7 @@ def make_checkpoint(path: Path, work: Path, features: list[int]) -> None:
             CHECKPOINT_KEY: {
                 "net": net_spec(net),
                 "class_names": CLASS_NAMES,
-                "preprocessing": data.preprocessing(),
+                "preprocessing": data.preprocessing().to_checkpoint(),
             },
         },
         path,

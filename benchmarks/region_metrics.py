@@ -22,11 +22,12 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.io import DataError, read_mask_2d
-from pipeline.data.normalization import from_plain
-from pipeline.inference.checkpoint import load_model
+from pipeline.data.io import read_mask_2d
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.errors import DataError
 from pipeline.metrics import confusion_per_image, scores_from_confusion
-from pipeline.module import CHECKPOINT_KEY, SegmentationModule
+from pipeline.training.checkpoint import load_model
+from pipeline.training.module import SegmentationModule
 
 
 @dataclass
@@ -96,24 +97,20 @@ def score(predictions: Iterable[Prediction], threshold: float = 0.5) -> tuple[di
     return summary, rows
 
 
-def load_module(checkpoint: str | Path) -> tuple[SegmentationModule, dict]:
-    """The trained module (eval mode, CPU; ``medseg infer``'s loader) and the stored preprocessing
-    settings as plain types (``SegmentationDataModule.preprocessing()``, label map included)."""
-    module, _ = load_model(checkpoint)
-    stored = torch.load(checkpoint, map_location="cpu", weights_only=True)[CHECKPOINT_KEY]
-    return module, stored["preprocessing"]
+def load_module(checkpoint: str | Path) -> tuple[SegmentationModule, Preprocessing]:
+    """The trained module (eval mode, CPU) and its preprocessing: ``medseg infer``'s loader."""
+    return load_model(checkpoint)
 
 
-def held_out_dataset(data: Path, split_file: Path, preprocessing: dict):
+def held_out_dataset(data: Path, split_file: Path, preprocessing: Preprocessing):
     """The ``test`` images of ``split_file``, preprocessed exactly as the checkpoint was trained."""
-    label_map = {int(k): v for k, v in preprocessing["label_map"].items()} or None
     dm = SegmentationDataModule(
         root=str(data),
-        class_names=preprocessing["class_names"],
-        label_map=label_map,
+        class_names=list(preprocessing.class_names),
+        label_map=dict(preprocessing.label_map) or None,
         split_file=str(split_file),
         num_workers=0,
-        normalization=from_plain(preprocessing["normalization"]),
+        normalization=preprocessing.configured,
     )
     dm.setup("test")
     if "test" not in dm.datasets:

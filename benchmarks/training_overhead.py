@@ -8,7 +8,7 @@ preloaded batches (default phantoms, 128x128, batch 8, augmented once by the tra
 kept in memory, so data loading is out of the comparison; ``data_loading.py`` measures it):
 
 - ``pipeline``: what ``medseg fit -c configs/default.yaml -c configs/model/unet.yaml -c
-  configs/data/synthetic.yaml`` builds (``pipeline.cli.run_lightning``): SegmentationModule, every
+  configs/data/synthetic.yaml`` builds (``pipeline.cli.lightning.run_lightning``): SegmentationModule, every
   callback of ``default.yaml`` (gradient-flow logging at its default ``log_every_n_steps`` 10,
   weight-update, activation and image monitors, checkpoints, learning-rate monitor), the callbacks
   ``medseg fit`` adds (divergence guard, batch seeds, SIGTERM checkpoint, run summary), W&B
@@ -56,7 +56,7 @@ from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, write_json  # noqa: E402
-from pipeline import cli  # noqa: E402
+from pipeline.cli import lightning as cli  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
 from pipeline.data.synthetic import generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402

@@ -1,3 +1,3 @@
-"""medseg: a PyTorch Lightning pipeline for 2D medical image segmentation."""
+"""medseg: a PyTorch Lightning pipeline for medical image segmentation."""
 
 __version__ = "0.1.0"

@@ -36,8 +36,8 @@ def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def micro_ablation(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The experiment folder of a two-variant `medseg ablation` (tiny UNet with and without long
-    skips, one epoch; tests/ablation_helpers.py), read-only."""
-    from tests.ablation_helpers import run_micro_ablation
+    skips, one epoch; tests/helpers/ablation.py), read-only."""
+    from tests.helpers.ablation import run_micro_ablation
 
     return run_micro_ablation(phantom_dir, tmp_path_factory.mktemp("ablation"))
 

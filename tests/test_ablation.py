@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.ablation import Run, plan, run_all, run_state
 from pipeline.cli import main
-from pipeline.data.io import DataError
-from tests.ablation_helpers import RUNS, ablation_args
+from pipeline.errors import DataError
+from pipeline.experiments.ablation import Run, plan, run_all, run_state
 from tests.conftest import REPO
+from tests.helpers.ablation import RUNS, ablation_args
 
 
 def test_ablation_plan_names_each_network_of_the_suite_once(monkeypatch):

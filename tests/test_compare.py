@@ -9,8 +9,8 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.compare import PLOTS
-from tests.ablation_helpers import RUNS
+from pipeline.experiments.compare import PLOTS
+from tests.helpers.ablation import RUNS
 
 
 @pytest.fixture(scope="module")

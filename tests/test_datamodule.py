@@ -7,8 +7,8 @@ import torch
 from PIL import Image
 
 from pipeline.data.datamodule import SegmentationDataModule, make_split
-from pipeline.data.io import DataError
 from pipeline.data.transforms import Augmentation
+from pipeline.errors import DataError
 
 NO_INTENSITY = dict(brightness_contrast_p=0.0, gamma_p=0.0, noise_p=0.0, elastic_p=0.0)
 

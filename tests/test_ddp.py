@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 import pytorch_lightning as pl
 
-from pipeline.checkpointing import load_checkpoint
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import build_net
-from pipeline.module import SegmentationModule
-from tests.resume_helpers import (
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.module import SegmentationModule
+from tests.helpers.resume import (
     BEST,
     final_state,
     finish,

@@ -8,10 +8,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from pipeline.callbacks.guards import DivergenceGuard, TrainingDiverged
-from pipeline.checkpointing import load_checkpoint
 from pipeline.cli import main
-from tests.resume_helpers import BEST, last_every, run_args
+from pipeline.errors import TrainingDiverged
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.guards import DivergenceGuard
+from tests.helpers.resume import BEST, last_every, run_args
 
 
 def test_guards_diverging_learning_rate_stops_at_that_step(phantom_dir, tmp_path, capsys):

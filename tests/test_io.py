@@ -7,7 +7,8 @@ import pytest
 from pydicom.data import get_testdata_file
 
 from pipeline.data.dicom import read_dicom_series
-from pipeline.data.io import DataError, read_nifti, write_nifti_like
+from pipeline.data.io import read_nifti, write_nifti_like
+from pipeline.errors import DataError
 
 
 def _oblique_affine() -> np.ndarray:

@@ -7,9 +7,10 @@ import pytest
 
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.dicom import read_dicom_series
-from pipeline.data.io import DataError, write_nifti_like
+from pipeline.data.io import write_nifti_like
 from pipeline.data.layouts import describe
 from pipeline.data.synthetic_volumes import CLASS_NAMES, generate_volumes
+from pipeline.errors import DataError
 from tests.test_io import _write_series
 
 
@@ -73,7 +74,7 @@ def test_layouts_dicom_series_with_nifti_masks(tmp_path):
     )
     assert dm.info.layout == "dicom" and dm.in_channels == 1 and dm.volumetric
     dm.setup("fit")
-    assert dm.preprocessing()["slice_axis"] == 2  # 5 mm between slices, 0.66 mm in plane
+    assert dm.preprocessing().slice_axis == 2  # 5 mm between slices, 0.66 mm in plane
     train = dm.datasets["train"]
     masks = [train[i]["mask"] for i in range(len(train))]
     assert len(masks) == 3 and masks[0].sum() == 0 and all(m.max() >= 1 for m in masks[1:])

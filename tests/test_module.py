@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from pipeline.models import UNet
-from pipeline.module import SegmentationModule
+from pipeline.training.module import SegmentationModule
 
 
 def test_module_compile_keeps_checkpoint_keys() -> None:

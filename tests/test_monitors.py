@@ -11,11 +11,11 @@ import torch
 import torchvision
 from torch import nn
 
-from pipeline.callbacks.activations import ActivationMonitor
-from pipeline.callbacks.gradients import GradientFlowMonitor
-from pipeline.callbacks.layers import parameter_layers
-from pipeline.callbacks.updates import WeightUpdateMonitor
 from pipeline.models import UNet
+from pipeline.monitors.activations import ActivationMonitor
+from pipeline.monitors.gradients import GradientFlowMonitor
+from pipeline.monitors.layers import parameter_layers
+from pipeline.monitors.updates import WeightUpdateMonitor
 
 
 class Recorder:

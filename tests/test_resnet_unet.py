@@ -7,11 +7,11 @@ import torch
 import torchvision
 
 from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.io import DataError
+from pipeline.errors import DataError
 from pipeline.models import ResNetUNet, build_net, net_spec
 from pipeline.models.blocks import expected_std
-from pipeline.module import SegmentationModule
-from pipeline.tracking import variant_name
+from pipeline.run.naming import variant_name
+from pipeline.training.module import SegmentationModule
 
 SMALL_DECODER = (32, 16, 16, 8, 8)
 
@@ -68,7 +68,7 @@ def test_resnet_unet_loads_a_local_torchvision_state_dict(resnet18_file):
         assert torch.equal(value, state[key]), key  # loaded, and not re-initialised afterwards
     gray = ResNetUNet(1, 2, "resnet18", encoder_weights=str(path))
     assert torch.allclose(gray.encoder.conv1.weight, state["conv1.weight"].sum(1, keepdim=True))
-    assert variant_name(gray.knobs) == "resnet_unet-resnet18-file-relu-kaiming"
+    assert variant_name(gray) == "resnet_unet-resnet18-file-relu-kaiming"
 
 
 def test_resnet_unet_rebuilds_from_its_spec_without_the_weights_file(resnet18_file, tmp_path):
@@ -120,7 +120,7 @@ def test_resnet_unet_imagenet_uses_torchvision_weights(monkeypatch, resnet18_fil
     net = ResNetUNet(3, 2, "resnet18", encoder_weights="imagenet")
     assert urls == [torchvision.models.ResNet18_Weights.IMAGENET1K_V1.url]
     assert torch.equal(net.encoder.conv1.weight, resnet18_file[1]["conv1.weight"])
-    assert variant_name(net.knobs) == "resnet_unet-resnet18-imagenet-relu-kaiming"
+    assert variant_name(net) == "resnet_unet-resnet18-imagenet-relu-kaiming"
 
 
 def test_resnet_unet_imagenet_offline_says_how_to_use_a_local_file(monkeypatch):

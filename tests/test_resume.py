@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from pipeline.checkpointing import CheckpointError, SafeCheckpointIO, load_checkpoint
 from pipeline.cli import main
-from tests.resume_helpers import (
+from pipeline.errors import CheckpointError
+from pipeline.training.checkpoint import SafeCheckpointIO, load_checkpoint
+from tests.helpers.resume import (
     BEST,
     MONITORS,
     final_state,

@@ -8,8 +8,8 @@ import pytest
 import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args, load_sweep_config
 
-from pipeline.ablation import load_suite
 from pipeline.cli import main
+from pipeline.experiments.ablation import load_suite
 from tests.conftest import CONFIGS, REPO
 
 SWEEP = CONFIGS / "sweeps" / "ablation.yaml"

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.callbacks.layers import parameter_layers
 from pipeline.cli import main
 from pipeline.models import UNet
+from pipeline.monitors.layers import parameter_layers
 from tests.conftest import fit_args
-from tests.wandb_records import OfflineRun, read_offline_run
+from tests.helpers.wandb_records import OfflineRun, read_offline_run
 
 CLASSES = ("organ", "lesion", "vessel")
 # batch 2 over the 10 training phantoms: 5 optimiser steps, each logged (log_every_n_steps 1)
@@ -27,7 +27,7 @@ def offline_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     hints: list[str] = []
     with warnings.catch_warnings(record=True) as caught, pytest.MonkeyPatch.context() as patch:
         warnings.simplefilter("always")
-        patch.setattr("pipeline.tracking.rank_zero_info", hints.append)
+        patch.setattr("pipeline.run.loggers.rank_zero_info", hints.append)
         main(fit_args(phantom_dir, runs, "--run.experiment", "wandb", "--run.log_model", "true", *FIVE_STEPS))
     run_dir = runs / "wandb" / "unet-relu-kaiming-d3-s0"
     (folder,) = (run_dir / "wandb").glob("offline-run-*")

@@ -7,7 +7,7 @@ import torch
 
 from pipeline.cli import main
 from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.normalization import Normalization, channel_normalizations, fit_intensity
+from pipeline.data.normalization import Normalization, fit_intensity
 from pipeline.data.slicing import to_slices
 from pipeline.data.transforms import Augmentation
 from tests.conftest import fit_args
@@ -85,14 +85,14 @@ def test_volumes_ct_uses_foreground_percentiles_of_the_data_set(volume_dir, tmp_
     dm = SegmentationDataModule(root=str(volume_dir), cache_dir=str(tmp_path / "cache"), num_workers=0)
     dm.setup("fit")
     pre = dm.preprocessing()
-    json.dumps(pre)  # plain types only
+    json.dumps(pre.to_checkpoint())  # plain types only
     foreground = []
     for path in sorted((volume_dir / "labelsTr").glob("*.nii.gz")):
         image = nib.load(volume_dir / "imagesTr" / path.name).get_fdata()
         foreground.append(image[nib.load(path).get_fdata() > 0])
     foreground = np.concatenate(foreground)
-    (norm,) = channel_normalizations(pre)
-    assert norm.mode == "ct" and pre["modalities"] == ["CT"] and pre["slice_axis"] == 2
+    (norm,) = pre.normalization
+    assert norm.mode == "ct" and pre.modalities == ("CT",) and pre.slice_axis == 2
     assert np.allclose(norm.window, np.percentile(foreground, [0.5, 99.5]))
     assert np.isclose(norm.mean, foreground.mean()) and np.isclose(norm.std, foreground.std())
     # a validation slice is clipped to the window and z-scored with the foreground moments

@@ -25,11 +25,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.dataset import CaseArrays, slices_per_class
-from pipeline.data.io import DataError, atomic_write
 from pipeline.data.layouts import Case
-from pipeline.data.normalization import Normalization, fit_intensity, stats_from_moments
+from pipeline.data.normalization import Normalization, case_stats, intensity_moments
 from pipeline.data.slicing import resolve_slice_axis, to_slices
 from pipeline.data.volumes import load_volume_case, probe
+from pipeline.errors import DataError
+from pipeline.files import atomic_write
 
 log = logging.getLogger(__name__)
 CACHE_VERSION = 2  # 2: slices per class (class_slices) instead of foreground_slices
@@ -121,12 +122,7 @@ def _write_case(case: Case, cache_dir: Path, axis: int, class_names, label_map, 
         "spacing": list(volume.spacing),
         "affine": volume.affine.tolist(),
         "slice_axis": axis,
-        "moments": {
-            "min": image.min(axis=(0, 1, 2)).astype(float).tolist(),
-            "max": image.max(axis=(0, 1, 2)).astype(float).tolist(),
-            "mean": image.mean(axis=(0, 1, 2), dtype=np.float64).tolist(),
-            "std": image.std(axis=(0, 1, 2), dtype=np.float64).tolist(),
-        },
+        "moments": intensity_moments(image),
         "class_slices": {},
         "labels": [],
     }
@@ -211,7 +207,7 @@ def open_case(cache_dir: str | Path, case_id: str, entry: dict, norms: Sequence[
     cache_dir = Path(cache_dir)
     image = MappedArray(cache_dir / entry["image"], entry["shape"])
     mask = MappedArray(cache_dir / entry["mask"], entry["shape"][:3]) if entry["mask"] else None
-    stats = stats_from_moments(entry["moments"], norms) or fit_intensity(image.open(), norms)
+    stats = case_stats(image.open(), norms, entry["moments"])
     class_slices = {int(label): slices for label, slices in entry["class_slices"].items()}
     return CaseArrays(case_id, image, mask, stats, is_volume=True, class_slices=class_slices)
 

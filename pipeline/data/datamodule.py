@@ -19,13 +19,14 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import cache
 from pipeline.data.dataset import CaseArrays, SliceDataset
-from pipeline.data.io import DataError
 from pipeline.data.layouts import Case, describe, resolve_class_names
-from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
+from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels
 from pipeline.data.order import global_seed, resumable_loader, resume_position
+from pipeline.data.preprocessing import DEFAULT_SLICE_AXIS, Preprocessing
 from pipeline.data.sampling import EvalBatches, ForegroundSampler
 from pipeline.data.sources import case_source
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
+from pipeline.errors import DataError
 
 log = logging.getLogger(__name__)
 SPLITS = ("train", "val", "test")
@@ -270,43 +271,25 @@ class SegmentationDataModule(pl.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         return self._loader("test" if "test" in self.datasets else "val")
 
-    def preprocessing(self) -> dict:
-        """What inference needs to reproduce the preprocessing, as plain types (JSON-able).
-
-        Stored in every checkpoint as ``checkpoint["medseg"]["preprocessing"]``:
-
-        - ``class_names`` (list[str]): index order, background first.
-        - ``in_channels`` (int): input channels, stacked in ``modalities`` order.
-        - ``normalization`` (dict): the configured ``Normalization`` (mode may be ``auto``).
-        - ``channel_normalization`` (list[dict], one per channel): the resolved ``Normalization``
-          of each channel, data-set statistics included (CT: ``window`` = foreground
-          percentiles, ``mean``/``std`` in HU). Inference applies these: ``fit_intensity(image,
-          channel_normalizations(preprocessing))`` (``pipeline.data.normalization``).
-        - ``modalities`` (list[str] | None): modality name per channel.
-        - ``slice_axis`` (int | None): the resolved axis (0, 1, 2 of the RAS+ array) volumes were
-          cut along (``pipeline.data.slicing``); None for 2D images.
-        - ``volumetric`` (bool): whether the training data were volumes.
-        - ``layout`` (str): the data layout (folders, dicom, msd, nnunet).
-        - ``patch_size`` (list[int] | None): training patch (H, W); larger inputs need sliding windows.
-        - ``label_map`` (dict[str, int]): stored mask value -> class index applied on load.
-        """
-        return {
-            "class_names": self.class_names,
-            "in_channels": self.in_channels,
-            "normalization": to_plain(self.normalization),
-            "channel_normalization": [to_plain(n) for n in self.channel_normalization()],
-            "modalities": self.modalities,
-            "slice_axis": self.source.slice_axis,
-            "volumetric": self.volumetric,
-            "layout": self.info.layout,
-            "patch_size": list(self.patch_size) if self.patch_size else None,
-            "label_map": {str(k): v for k, v in (self.label_map or {}).items()},
-        }
+    def preprocessing(self) -> Preprocessing:
+        """What inference needs to reproduce this data's preprocessing (stored in every checkpoint)."""
+        return Preprocessing(
+            class_names=tuple(self.class_names),
+            in_channels=self.in_channels,
+            normalization=tuple(self.channel_normalization()),
+            configured=self.normalization,
+            patch_size=self.patch_size,
+            slice_axis=self.source.slice_axis if self.volumetric else DEFAULT_SLICE_AXIS,
+            volumetric=self.volumetric,
+            modalities=tuple(self.modalities) if self.modalities else None,
+            layout=self.info.layout,
+            label_map=dict(self.label_map or {}),
+        )
 
     def state_dict(self) -> dict:
         # train_position: (epoch, batches trained in it), where a resumed fit's data order continues.
         position = resume_position(self.trainer)
-        return {"preprocessing": self.preprocessing(), "split": self.split, "train_position": position}
+        return {"preprocessing": self.preprocessing().to_checkpoint(), "split": self.split, "train_position": position}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_start = tuple(state_dict.get("train_position", (0, 0)))

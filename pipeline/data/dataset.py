@@ -15,9 +15,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.io import DataError, read_image_2d, read_mask_2d
+from pipeline.data.io import read_image_2d, read_mask_2d
 from pipeline.data.layouts import Case
 from pipeline.data.normalization import IntensityStats, Normalization, fit_intensity, standardize, to_unit
+from pipeline.errors import DataError
 
 
 @dataclass

@@ -14,7 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pipeline.data.io import DataError, Volume, _to_ras
+from pipeline.data.io import Volume, to_ras
+from pipeline.errors import DataError
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
 
@@ -75,5 +76,5 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
     affine_lps[:3, 3] = positions[0]
     affine = LPS_TO_RAS @ affine_lps
     array = np.stack(planes, axis=-1)[..., None]
-    ras, ras_affine = _to_ras(array, affine)
+    ras, ras_affine = to_ras(array, affine)
     return Volume(ras, ras_affine, affine, array.shape[:3], None, folder)

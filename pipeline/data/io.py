@@ -9,7 +9,6 @@ the input (``write_nifti_like``).
 from __future__ import annotations
 
 import os
-import tempfile
 import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,16 +19,10 @@ import numpy as np
 from nibabel.orientations import apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation, ornt_transform
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.errors import DataError
+from pipeline.files import atomic_write
+
 IMAGE_SUFFIXES_2D = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp", ".gif")
-
-
-class DataError(ValueError):
-    """A problem with one input file: the message is ``<path>: <problem>``."""
-
-    def __init__(self, path: str | os.PathLike, problem: str) -> None:
-        self.path = str(path)
-        self.problem = problem
-        super().__init__(f"{path}: {problem}")
 
 
 def is_image_2d(path: Path) -> bool:
@@ -73,32 +66,6 @@ def read_mask_2d(path: str | os.PathLike) -> np.ndarray:
             raise DataError(path, "mask holds non-integer values; store class indices")
         mask = mask.astype(np.int64)
     return mask
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write(path: str | os.PathLike, write, suffix: str | None = None) -> None:
-    """Call ``write(tmp_path)`` then rename to ``path``, so a crash never leaves a partial file.
-
-    The temporary file sits beside ``path`` (same file system, so the rename is atomic), is hidden
-    (leading dot) and ends in ``suffix`` (default: ``path``'s) so writers that pick a format from
-    the suffix behave.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix or path.suffix, dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; give the permissions open() would
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
@@ -146,7 +113,7 @@ class Volume:
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
 
 
-def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Reorder/flip the first three axes of ``array`` to RAS+; returns the array and its affine."""
     transform = ornt_transform(io_orientation(affine), axcodes2ornt("RAS"))
     ras = apply_orientation(array, transform)
@@ -154,7 +121,7 @@ def _to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarr
 
 
 def from_ras(array: np.ndarray, volume: Volume) -> np.ndarray:
-    """Undo ``_to_ras``: (X, Y, Z, ...) in canonical order -> the stored voxel order of ``volume``."""
+    """Undo ``to_ras``: (X, Y, Z, ...) in canonical order -> the stored voxel order of ``volume``."""
     transform = ornt_transform(axcodes2ornt("RAS"), io_orientation(volume.source_affine))
     return apply_orientation(array, transform)
 
@@ -193,7 +160,7 @@ def read_nifti(paths: Sequence[str | os.PathLike]) -> Volume:
         channels.append(data)
     image = reference[0]
     array = np.concatenate(channels, axis=-1)
-    ras, affine = _to_ras(array, image.affine)
+    ras, affine = to_ras(array, image.affine)
     return Volume(ras, affine, image.affine.copy(), array.shape[:3], image.header.copy(), paths[0])
 
 

@@ -22,7 +22,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.io import DataError, case_stem, is_image_2d, is_nifti
+from pipeline.data.io import case_stem, is_image_2d, is_nifti
+from pipeline.errors import DataError
 
 LAYOUTS = ("auto", "folders", "dicom", "msd", "nnunet")
 CHANNEL_FILE = re.compile(r"^(?P<case>.+)_(?P<channel>\d{4})$")

@@ -16,7 +16,7 @@ anything else (MR sequences, unknown) -> ``zscore``.
 
 ``resolve_channels`` turns the configured settings into one concrete ``Normalization`` per input
 channel, data-set statistics filled in; those are stored in the checkpoint
-(``preprocessing()["channel_normalization"]``) so inference reproduces them exactly.
+(``pipeline.data.preprocessing.Preprocessing``) so inference reproduces them exactly.
 """
 
 from __future__ import annotations
@@ -138,6 +138,30 @@ def stats_from_moments(
     return IntensityStats(*(np.concatenate([getattr(p, f) for p in parts]) for f in STATS_FIELDS))
 
 
+def intensity_moments(image: np.ndarray) -> dict[str, list[float]]:
+    """Per-channel raw ``min``, ``max``, ``mean`` and ``std`` of (..., C) intensities (float64 sums).
+
+    The one place they are computed: the volume cache stores them at build time and inference
+    computes them on the scan it reads, so both derive identical statistics from them.
+    """
+    axes = tuple(range(image.ndim - 1))
+    return {
+        "min": image.min(axis=axes).astype(float).tolist(),
+        "max": image.max(axis=axes).astype(float).tolist(),
+        "mean": image.mean(axis=axes, dtype=np.float64).tolist(),
+        "std": image.std(axis=axes, dtype=np.float64).tolist(),
+    }
+
+
+def case_stats(
+    image: np.ndarray, norm: Normalization | Sequence[Normalization], moments: dict | None = None
+) -> IntensityStats:
+    """The statistics of one case (..., C): from its ``intensity_moments`` where they determine
+    them (``stats_from_moments``), else measured on the voxels (``fit_intensity``)."""
+    stats = stats_from_moments(moments or intensity_moments(image), norm)
+    return stats if stats is not None else fit_intensity(image, norm)
+
+
 def to_unit(image: np.ndarray, stats: IntensityStats) -> np.ndarray:
     """(..., C) raw -> float32 in [0, 1]."""
     unit = (image.astype(np.float32) - stats.lo.astype(np.float32)) / (stats.hi - stats.lo).astype(np.float32)
@@ -204,15 +228,3 @@ def to_plain(norm: Normalization) -> dict:
 def from_plain(stored: dict) -> Normalization:
     """Inverse of ``to_plain``."""
     return Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
-
-
-def channel_normalizations(preprocessing: dict) -> list[Normalization]:
-    """The per-channel normalisation stored in a checkpoint's ``preprocessing`` dict.
-
-    Checkpoints written before per-channel normalisation hold only ``normalization`` (one
-    setting for every channel); it is repeated ``in_channels`` times.
-    """
-    stored = preprocessing.get("channel_normalization")
-    if stored:
-        return [from_plain(n) for n in stored]
-    return [from_plain(preprocessing["normalization"])] * int(preprocessing["in_channels"])

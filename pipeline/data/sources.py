@@ -15,10 +15,11 @@ import numpy as np
 
 from pipeline.data import cache
 from pipeline.data.dataset import CaseArrays, apply_label_map, load_case_2d
-from pipeline.data.io import DataError, read_image_2d, read_mask_2d
+from pipeline.data.io import read_image_2d, read_mask_2d
 from pipeline.data.layouts import Case
 from pipeline.data.normalization import Normalization
 from pipeline.data.volumes import is_volume_case, probe
+from pipeline.errors import DataError
 
 
 class ImageSource:

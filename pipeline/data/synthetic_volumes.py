@@ -20,7 +20,7 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 
-from pipeline.data.io import atomic_write
+from pipeline.files import atomic_write
 
 CLASS_NAMES = ["background", "organ", "lesion"]
 SPACING = (0.9, 0.9, 3.0)  # mm

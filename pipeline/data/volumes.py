@@ -16,8 +16,9 @@ from nibabel.orientations import io_orientation
 
 from pipeline.data.dataset import apply_label_map, pair_problems
 from pipeline.data.dicom import read_dicom_series
-from pipeline.data.io import DataError, Volume, is_nifti, read_nifti
+from pipeline.data.io import Volume, is_nifti, read_nifti
 from pipeline.data.layouts import Case
+from pipeline.errors import DataError
 
 
 def is_volume_case(case: Case) -> bool:

@@ -26,19 +26,13 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.data.dataset import CaseArrays, load_case_2d
-from pipeline.data.io import DataError, case_stem, is_image_2d, is_nifti
+from pipeline.data.io import case_stem, is_image_2d, is_nifti
 from pipeline.data.layouts import CHANNEL_FILE, Case
-from pipeline.data.normalization import (
-    IntensityStats,
-    Normalization,
-    fit_intensity,
-    standardize,
-    stats_from_moments,
-    to_unit,
-)
+from pipeline.data.normalization import case_stats, standardize, to_unit
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.slicing import to_slices
 from pipeline.data.volumes import load_volume_case
-from pipeline.inference.checkpoint import Preprocessing
+from pipeline.errors import DataError
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -156,18 +150,6 @@ def _missing(path: Path) -> str:
     return f"dangling symbolic link to {os.readlink(path)}"
 
 
-def volume_stats(slices: np.ndarray, norms: Sequence[Normalization]) -> IntensityStats:
-    """Intensity statistics of a (S, H, W, C) volume computed as the training cache computes them
-    (``pipeline.data.cache``: raw moments where they suffice), so they match to the last bit."""
-    moments = {
-        "min": slices.min(axis=(0, 1, 2)).astype(float).tolist(),
-        "max": slices.max(axis=(0, 1, 2)).astype(float).tolist(),
-        "mean": slices.mean(axis=(0, 1, 2), dtype=np.float64).tolist(),
-        "std": slices.std(axis=(0, 1, 2), dtype=np.float64).tolist(),
-    }
-    return stats_from_moments(moments, norms) or fit_intensity(slices, norms)
-
-
 def load_case(case: InputCase, prep: Preprocessing) -> dict:
     """Read and preprocess one case.
 
@@ -191,7 +173,7 @@ def load_case(case: InputCase, prep: Preprocessing) -> dict:
         )
         slices = np.ascontiguousarray(to_slices(array, prep.slice_axis))  # as cached for training
         _check_channels(case, slices.shape[-1], prep)
-        arrays = CaseArrays(case.name, slices, None, volume_stats(slices, prep.normalization), True)
+        arrays = CaseArrays(case.name, slices, None, case_stats(slices, prep.normalization), True)
         geometry = dataclasses.replace(volume, array=np.empty(0, np.float32))  # no second copy over IPC
         shape = volume.source_shape
         spacing = tuple(float(s) for s in np.linalg.norm(volume.source_affine[:3, :3], axis=0))

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from pipeline.inference.cases import describe
-from pipeline.module import SegmentationModule
+from pipeline.training.module import SegmentationModule
 
 MIRRORS = ((-1,), (-2,), (-2, -1))  # flip W, flip H, flip both
 
@@ -22,7 +22,7 @@ class CasePredictor(pl.LightningModule):
     for voxel. With ``tta`` the softmax is averaged over the image and its three mirrorings.
 
     Args:
-        segmenter: the trained module (``pipeline.inference.checkpoint.load_model``).
+        segmenter: the trained module (``pipeline.training.checkpoint.load_model``).
         batch_size: slices per forward pass.
         tta: mirroring test-time augmentation (4 forward passes per slice).
         probabilities: also return the softmax probabilities.

@@ -24,12 +24,12 @@ import torch
 from pytorch_lightning.callbacks import RichProgressBar
 from torch.utils.data import DataLoader
 
-from pipeline.cli import MedsegCLI
-from pipeline.data.io import DataError
+from pipeline.errors import DataError
 from pipeline.inference.cases import InferenceDataset, InputCase, find_inputs, first_item
-from pipeline.inference.checkpoint import load_model
 from pipeline.inference.predictor import CasePredictor
 from pipeline.inference.writer import CaseWriter, OutputLayout
+from pipeline.training.checkpoint import load_model
+from pipeline.training.precision import default_precision
 
 log = logging.getLogger(__name__)
 MAX_LISTED = 5
@@ -119,7 +119,7 @@ def infer(
         accelerator=accelerator,
         devices=devices,
         strategy="ddp" if devices > 1 else "auto",
-        precision=MedsegCLI._default_precision(accelerator),
+        precision=default_precision(accelerator),
         logger=False,
         callbacks=[writer, RichProgressBar()] if progress_bar else [writer],
         enable_progress_bar=progress_bar,

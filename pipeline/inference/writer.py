@@ -19,10 +19,12 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from pipeline.data.io import DataError, atomic_write, from_ras, write_nifti_like, write_png
+from pipeline.data.io import from_ras, write_nifti_like, write_png
+from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.slicing import from_slices
+from pipeline.errors import DataError
+from pipeline.files import atomic_write
 from pipeline.inference.cases import InputCase, describe
-from pipeline.inference.checkpoint import Preprocessing
 from pipeline.inference.postprocess import class_counts, keep_largest_component, overlay
 
 log = logging.getLogger(__name__)

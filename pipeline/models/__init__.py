@@ -1,7 +1,9 @@
 """Segmentation networks: plain ``nn.Module``s handed to ``SegmentationModule``.
 
-Every network records its constructor arguments in ``init_args`` (plain types), so a checkpoint
-can rebuild it with ``build_net(net_spec(net))`` without unpickling code.
+A checkpoint stores its network as ``{"class_path", "init_args"}`` in plain types and rebuilds it
+with ``build_net`` without unpickling code: medseg networks record their init args themselves
+(``pipeline.models.base.Network``); a network from another library (``monai.networks.nets.*``)
+given in the config has them recorded by ``medseg``'s config parser (``remember_spec``).
 """
 
 from __future__ import annotations
@@ -10,26 +12,46 @@ import importlib
 
 from torch import nn
 
+from pipeline.models.base import Network
 from pipeline.models.resnet_unet import ResNetUNet
 from pipeline.models.unet import UNet
 
-__all__ = ["ResNetUNet", "UNet", "build_net", "net_spec"]
+__all__ = ["Network", "ResNetUNet", "UNet", "build_net", "net_knobs", "net_spec", "remember_spec"]
+
+# Packages whose networks a checkpoint may name (building one imports and calls its class).
+TRUSTED = ("pipeline.models", "monai.networks.nets")
+SPEC = "medseg_spec"  # attribute holding a third-party network's recorded spec
+
+
+def remember_spec(net: nn.Module, class_path: str, init_args: dict) -> nn.Module:
+    """Record how a network from another library was built, so checkpoints can rebuild it."""
+    object.__setattr__(net, SPEC, {"class_path": class_path, "init_args": dict(init_args)})
+    return net
 
 
 def net_spec(net: nn.Module) -> dict:
-    """``{"class_path": ..., "init_args": {...}}`` for a network defined in ``pipeline.models``."""
-    init_args = getattr(net, "init_args", None)
-    if init_args is None:
+    """``{"class_path": ..., "init_args": {...}}`` of a medseg network or a recorded one."""
+    if isinstance(net, Network):
+        return {"class_path": f"{type(net).__module__}.{type(net).__qualname__}", "init_args": dict(net.init_args)}
+    spec = getattr(net, SPEC, None)
+    if spec is None:
         raise TypeError(
-            f"{type(net).__name__} records no init_args; only pipeline.models networks can be saved"
+            f"{type(net).__name__} records no init args: give it in the config (model.net: class_path, "
+            "init_args) or subclass pipeline.models.base.Network"
         )
-    return {"class_path": f"{type(net).__module__}.{type(net).__qualname__}", "init_args": dict(init_args)}
+    return spec
+
+
+def net_knobs(net: nn.Module) -> dict[str, object]:
+    """The variant's knobs; a network without declared knobs is known by its class name."""
+    return net.knobs if isinstance(net, Network) else {"arch": type(net).__name__.lower()}
 
 
 def build_net(spec: dict) -> nn.Module:
-    """Rebuild a network from ``net_spec`` output; only classes inside ``pipeline.models`` are allowed."""
+    """Rebuild a network from ``net_spec`` output; only classes in ``TRUSTED`` packages are built."""
     module_name, _, class_name = spec["class_path"].rpartition(".")
-    if not module_name.startswith("pipeline.models"):
-        raise ValueError(f"refusing to build {spec['class_path']!r}: not a pipeline.models network")
+    if not module_name.startswith(TRUSTED):
+        raise ValueError(f"refusing to build {spec['class_path']!r}: not a network of {', '.join(TRUSTED)}")
     cls = getattr(importlib.import_module(module_name), class_name)
-    return cls(**spec["init_args"])
+    net = cls(**spec["init_args"])
+    return net if isinstance(net, Network) else remember_spec(net, spec["class_path"], spec["init_args"])

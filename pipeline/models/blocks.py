@@ -61,18 +61,6 @@ def check_names(norm: str | None, act: str, init: str, block: str = "plain") -> 
     _check("block", block, BLOCKS)
 
 
-def shared_knobs(init_args: dict) -> dict[str, object]:
-    """The knobs every network has (skips, block, norm, act, init), read from its ``init_args``."""
-    a = init_args
-    return {
-        "skips": a["use_skips"],
-        "block": a["block"],
-        "norm": a["norm"] or "none",
-        "act": a["act"],
-        "init": a["init"],
-    }
-
-
 def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
     """Initialise every conv and linear weight under ``module`` in place.
 

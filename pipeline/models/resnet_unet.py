@@ -17,8 +17,9 @@ import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
-from pipeline.data.io import DataError
-from pipeline.models.blocks import check_names, init_weights, shared_knobs
+from pipeline.errors import DataError
+from pipeline.models.base import ACT, BLOCK, INIT, NORM, SKIPS, Knob, Network
+from pipeline.models.blocks import check_names, init_weights
 from pipeline.models.decoder import UNetDecoder
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ def imagenet_state_dict(name: str) -> dict[str, Tensor]:
         ) from None
 
 
-class ResNetUNet(nn.Module):
+class ResNetUNet(Network):
     """UNet with a torchvision ResNet encoder (optionally pretrained) and the shared UNet decoder.
 
     Args:
@@ -166,6 +167,14 @@ class ResNetUNet(nn.Module):
         torch.Size([2, 4, 97, 120])
     """
 
+    ARCH = "resnet_unet"
+    KNOBS = (
+        Knob("encoder", lambda net: net.init_args["encoder_name"]),
+        Knob("weights", lambda net: net.weights_kind, lambda v: None if v == "none" else v),
+        Knob("freeze", lambda net: net.init_args["freeze_encoder_epochs"], lambda v: f"freeze{v}" if v else None),
+        SKIPS, BLOCK, ACT, INIT, NORM,
+    )  # fmt: skip
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -182,8 +191,7 @@ class ResNetUNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.init_args["decoder_channels"] = list(decoder_channels)
+        self.record_init_args(locals())
         # A checkpoint already holds the trained weights: rebuilding it must not fetch them again.
         self.init_args["encoder_weights"] = None
         check_names(norm, act, init, block)
@@ -225,18 +233,6 @@ class ResNetUNet(nn.Module):
             log.info("loaded %s encoder weights from %s", encoder_name, source)
         init_weights(self.decoder, init, act)
         init_weights(self.head, init, act)
-
-    @property
-    def knobs(self) -> dict[str, object]:
-        """The variant's settings that name the run and become W&B tags."""
-        a = self.init_args
-        return {
-            "arch": "resnet_unet",
-            "encoder": a["encoder_name"],
-            "weights": self.weights_kind,
-            "freeze": a["freeze_encoder_epochs"],
-            **shared_knobs(a),
-        }
 
     def set_epoch(self, epoch: int) -> None:
         """Freeze the encoder while ``epoch < freeze_encoder_epochs`` (0-based), unfreeze after.

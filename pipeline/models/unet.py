@@ -12,7 +12,8 @@ from collections.abc import Sequence
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from pipeline.models.blocks import check_names, init_weights, make_block, shared_knobs
+from pipeline.models.base import ACT, BLOCK, INIT, NORM, SKIPS, Knob, Network
+from pipeline.models.blocks import check_names, init_weights, make_block
 from pipeline.models.decoder import UNetDecoder
 
 
@@ -47,7 +48,7 @@ class UNetEncoder(nn.ModuleDict):
         return features
 
 
-class UNet(nn.Module):
+class UNet(Network):
     """UNet for 2D segmentation.
 
     Args:
@@ -68,6 +69,12 @@ class UNet(nn.Module):
         torch.Size([2, 4, 97, 120])
     """
 
+    ARCH = "unet"
+    KNOBS = (
+        SKIPS, BLOCK, ACT, INIT, NORM,
+        Knob("depth", lambda net: len(net.init_args["features"]), lambda v: None if v == 5 else f"d{v}"),
+    )  # fmt: skip
+
     def __init__(
         self,
         in_channels: int = 1,
@@ -81,8 +88,7 @@ class UNet(nn.Module):
         dropout: float = 0.0,
     ) -> None:
         super().__init__()
-        self.init_args = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
-        self.init_args["features"] = list(features)
+        self.record_init_args(locals())
         check_names(norm, act, init, block)
         if len(features) < 2:
             raise ValueError(f"features needs at least 2 levels (encoder + bottleneck), got {list(features)}")
@@ -93,11 +99,6 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(features[0], out_channels, kernel_size=1)
         init_weights(self, init, act)
-
-    @property
-    def knobs(self) -> dict[str, object]:
-        """The variant's settings that name the run and become W&B tags."""
-        return {"arch": "unet", **shared_knobs(self.init_args), "depth": len(self.init_args["features"])}
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, in_channels, H, W) -> logits (B, out_channels, H, W)."""

@@ -11,15 +11,12 @@ import math
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 from matplotlib import colormaps
 
-from pipeline.callbacks.plots import _figure, _save  # the run directory's figures are drawn alike
-
-if TYPE_CHECKING:
-    from pipeline.compare import RunData
+from pipeline.experiments.runs import RunData
+from pipeline.monitors.plots import figure, save_png  # the run directory's figures are drawn alike
 
 
 def _groups(runs: Sequence[RunData]) -> dict[str, list[RunData]]:
@@ -53,7 +50,7 @@ def best_dice_png(path: Path, groups: dict[str, list[RunData]], classes: Sequenc
     keys = ["val/dice", *(f"val/dice_{c}" for c in classes)]
     labels = ["mean", *classes]
     names = list(groups)
-    fig = _figure(8.0, 1.2 + 0.22 * len(names) * len(keys) ** 0.5)
+    fig = figure(8.0, 1.2 + 0.22 * len(names) * len(keys) ** 0.5)
     ax = fig.add_subplot()
     height = 0.8 / len(keys)
     for k, (key, label) in enumerate(zip(keys, labels, strict=True)):
@@ -69,7 +66,7 @@ def best_dice_png(path: Path, groups: dict[str, list[RunData]], classes: Sequenc
     ax.set_xlabel("best validation Dice")
     ax.grid(True, axis="x", alpha=0.3)
     ax.legend(fontsize=7, loc="lower right")
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def val_dice_png(path: Path, groups: dict[str, list[RunData]], classes: Sequence[str]) -> Path:
@@ -77,7 +74,7 @@ def val_dice_png(path: Path, groups: dict[str, list[RunData]], classes: Sequence
     keys = ["val/dice", *(f"val/dice_{c}" for c in classes)]
     cols = min(2, len(keys))
     rows = math.ceil(len(keys) / cols)
-    fig = _figure(11.0, 3.2 * rows + 0.2 * len(groups) / cols)
+    fig = figure(11.0, 3.2 * rows + 0.2 * len(groups) / cols)
     axes = fig.subplots(rows, cols, squeeze=False, sharex=True).ravel()
     for ax, key in zip(axes, keys, strict=False):
         for i, (name, runs) in enumerate(groups.items()):
@@ -101,7 +98,7 @@ def val_dice_png(path: Path, groups: dict[str, list[RunData]], classes: Sequence
         ax.set_visible(False)
     handles, labels = axes[0].get_legend_handles_labels()
     fig.legend(handles, labels, loc="outside lower center", ncols=3, fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def profiles_png(path: Path, groups: dict[str, list[RunData]], attribute: str, ylabel: str) -> Path:
@@ -110,7 +107,7 @@ def profiles_png(path: Path, groups: dict[str, list[RunData]], attribute: str, y
     names = [n for n, runs in groups.items() if getattr(runs[0], attribute)]
     cols = min(5, max(1, len(names)))
     rows = max(1, math.ceil(len(names) / cols))
-    fig = _figure(3.2 * cols, 2.4 * rows + 0.4)
+    fig = figure(3.2 * cols, 2.4 * rows + 0.4)
     axes = fig.subplots(rows, cols, squeeze=False, sharey=True).ravel()
     for ax, name in zip(axes, names, strict=False):
         runs = groups[name]
@@ -131,12 +128,12 @@ def profiles_png(path: Path, groups: dict[str, list[RunData]], attribute: str, y
         ax.set_visible(False)
     for ax in axes[::cols]:
         ax.set_ylabel(ylabel, fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def dice_vs_gradient_png(path: Path, groups: dict[str, list[RunData]]) -> Path:
     """Best validation Dice against the first/last gradient ratio at the first log (log x axis)."""
-    fig = _figure(8.0, 5.5)
+    fig = figure(8.0, 5.5)
     ax = fig.add_subplot()
     for i, (name, runs) in enumerate(groups.items()):
         ratios = [
@@ -161,7 +158,7 @@ def dice_vs_gradient_png(path: Path, groups: dict[str, list[RunData]]) -> Path:
     ax.set_xlabel("grad first/last ratio at the first log (first conv layer / head)")
     ax.set_ylabel("best validation Dice")
     ax.grid(True, which="major", alpha=0.3)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def write_all(output: Path, runs: Sequence[RunData], classes: Sequence[str]) -> list[Path]:

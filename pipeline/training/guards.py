@@ -17,13 +17,10 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from pipeline.callbacks.resume import last_checkpoint_path
+from pipeline.errors import TrainingDiverged
+from pipeline.training.resume import last_checkpoint_path
 
 log = logging.getLogger(__name__)
-
-
-class TrainingDiverged(RuntimeError):
-    """Training stopped because a loss or gradient became NaN or infinite."""
 
 
 def gradient_norm(optimizer: torch.optim.Optimizer) -> Tensor:

@@ -33,9 +33,11 @@ from pathlib import Path
 import torch
 import yaml
 
-from pipeline.data.io import DataError, atomic_write
+from pipeline.cli.lightning import run_lightning
+from pipeline.errors import DataError
+from pipeline.files import atomic_write
 from pipeline.models import build_net
-from pipeline.tracking import variant_name
+from pipeline.run.naming import variant_name
 
 log = logging.getLogger(__name__)
 DEFAULT_SUITE = "configs/experiment/ablation.yaml"
@@ -154,7 +156,7 @@ def plan(
         overrides = {**(settings.get("net") or {}).get(class_name, {}), **knobs}
         spec = {"class_path": net["class_path"], "init_args": {**(net.get("init_args") or {}), **overrides}}
         with torch.device("meta"):  # shapes only: no memory, no init work
-            variant = variant_name(build_net(spec).knobs)
+            variant = variant_name(build_net(spec))
         if variant in networks:
             if networks[variant] != spec:
                 raise ValueError(f"two different networks of the suite are both named {variant!r}")
@@ -217,7 +219,7 @@ def run_all(
         runs: from ``plan``.
         record: the ``suite.json`` to write; entries of runs from earlier invocations are kept.
         command: the command line, for the record.
-        fit: runs ``medseg`` with the given arguments (``pipeline.cli.run_lightning``).
+        fit: runs ``medseg`` with the given arguments (``pipeline.cli.lightning.run_lightning``).
         report: where the progress lines go.
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
@@ -270,8 +272,6 @@ def run_all(
 
 def ablation_command(args: Sequence[str]) -> None:
     """``medseg ablation [options] [-- LightningCLI flags]``."""
-    from pipeline.cli import run_lightning  # pipeline.cli registers this command
-
     words = list(args)
     extra = words[words.index("--") + 1 :] if "--" in words else []
     words = words[: words.index("--")] if "--" in words else words

@@ -1,5 +1,6 @@
-"""``medseg data`` subcommands for volume data sets (``pipeline.cli.data_command`` registers them)::
+"""``medseg data``: generate, validate and cache data sets::
 
+medseg data synth [--output DIR] [--num-images N] [--size PX]      # the 2D phantom data set
 medseg data synth --volumes [--layout msd|nnunet] [--output DIR]   # small synthetic NIfTI set
 medseg data check <root> [--layout ...]       # every problem, one line each; exit 1 if any
 medseg data prepare <root> [--cache DIR]      # decode volumes once into the slice cache
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 from pipeline.data.layouts import LAYOUTS
 from pipeline.data.slicing import AXIS_NAMES
@@ -24,8 +26,15 @@ def _slice_axis(text: str) -> int | str:
     raise argparse.ArgumentTypeError(f"slice axis must be 0, 1, 2 or auto, got {text!r}")
 
 
-def add_arguments(sub: argparse._SubParsersAction, synth: argparse.ArgumentParser) -> None:
-    """Add ``synth --volumes`` options and the ``check`` and ``prepare`` subcommands."""
+def parser() -> argparse.ArgumentParser:
+    """The ``medseg data`` parser: ``synth``, ``check`` and ``prepare``."""
+    parser = argparse.ArgumentParser(prog="medseg data", description="Data set tools.")
+    sub = parser.add_subparsers(dest="action", required=True)
+    synth = sub.add_parser("synth", help="generate the procedural phantom data set (or --volumes)")
+    synth.add_argument("--output", default=None, help="output folder (default: data/synthetic)")
+    synth.add_argument("--num-images", type=int, default=None, help="number of images (default: 240)")
+    synth.add_argument("--size", type=int, default=128, help="image side in pixels (default: %(default)s)")
+    synth.add_argument("--seed", type=int, default=0, help="seed (default: %(default)s)")
     synth.add_argument(
         "--volumes", action="store_true", help=f"write NIfTI volumes (default output {VOLUMES_OUTPUT})"
     )
@@ -43,6 +52,15 @@ def add_arguments(sub: argparse._SubParsersAction, synth: argparse.ArgumentParse
     prepare.add_argument(
         "--slice-axis", type=_slice_axis, default="auto", help="0, 1, 2 or auto (coarsest spacing; default)"
     )
+    return parser
+
+
+def synth_images(opts: argparse.Namespace) -> None:
+    from pipeline.data.synthetic import generate_dataset
+
+    count = opts.num_images or 240
+    out = generate_dataset(opts.output or "data/synthetic", count, opts.size, opts.seed)
+    print(f"wrote {count} phantoms ({opts.size}x{opts.size}) to {out}")
 
 
 def synth_volumes(opts: argparse.Namespace) -> None:
@@ -88,14 +106,12 @@ def prepare(opts: argparse.Namespace) -> None:
     )
 
 
-def run(opts: argparse.Namespace) -> bool:
-    """Run ``opts.action`` if it is one of these; False otherwise."""
-    if opts.action == "synth" and opts.volumes:
-        synth_volumes(opts)
+def data_command(args: Sequence[str]) -> None:
+    """``medseg data <action> ...``."""
+    opts = parser().parse_args(args)
+    if opts.action == "synth":
+        (synth_volumes if opts.volumes else synth_images)(opts)
     elif opts.action == "check":
         check(opts)
-    elif opts.action == "prepare":
-        prepare(opts)
     else:
-        return False
-    return True
+        prepare(opts)

@@ -8,7 +8,7 @@ import yaml
 
 from pipeline.cli import main
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 EXPERIMENT = "micro"
 RUNS = ("unet-relu-kaiming-d3-s0", "unet-noskip-relu-kaiming-d3-s0")
 TINY = [

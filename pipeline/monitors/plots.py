@@ -11,16 +11,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm
 from matplotlib.figure import Figure
 
-from pipeline.data.io import atomic_write
+from pipeline.files import atomic_write
 
 
-def _figure(width: float, height: float) -> Figure:
+def figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
     atomic_write(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
     return path
 
@@ -42,7 +42,7 @@ def depth_profile_png(
         profiles: ``(epoch, values)`` pairs, ``values`` shaped (len(layers),).
         label: the y-axis label.
     """
-    fig = _figure(max(6.0, 0.22 * len(layers)), 4.5)
+    fig = figure(max(6.0, 0.22 * len(layers)), 4.5)
     ax = fig.add_subplot()
     cmap = colormaps["viridis"]
     for i, (epoch, values) in enumerate(profiles):
@@ -56,7 +56,7 @@ def depth_profile_png(
     ax.grid(True, which="major", alpha=0.3)
     if len(profiles) <= 12:
         ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def heatmap_png(
@@ -64,7 +64,7 @@ def heatmap_png(
 ) -> Path:
     """Layer x step heatmap of ``values`` (len(layers), len(steps)), log colour scale."""
     values = _positive(values)
-    fig = _figure(8.0, max(3.0, 0.16 * len(layers) + 1.5))
+    fig = figure(8.0, max(3.0, 0.16 * len(layers) + 1.5))
     ax = fig.add_subplot()
     finite = values[np.isfinite(values)]
     norm = LogNorm(finite.min(), finite.max()) if finite.size and finite.min() < finite.max() else None
@@ -74,7 +74,7 @@ def heatmap_png(
     ax.set_yticks(range(len(layers)), layers, fontsize=6)
     ax.set_xlabel("training step")
     fig.colorbar(image, ax=ax, label=label)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def confusion_png(path: Path, confusion: np.ndarray, class_names: Sequence[str]) -> Path:
@@ -82,7 +82,7 @@ def confusion_png(path: Path, confusion: np.ndarray, class_names: Sequence[str])
     confusion = np.asarray(confusion, dtype=np.int64)
     fractions = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
     n = len(class_names)
-    fig = _figure(1.2 * n + 2.5, 1.1 * n + 1.5)
+    fig = figure(1.2 * n + 2.5, 1.1 * n + 1.5)
     ax = fig.add_subplot()
     image = ax.imshow(fractions, vmin=0, vmax=1, cmap="Blues")
     for i in range(n):
@@ -95,4 +95,4 @@ def confusion_png(path: Path, confusion: np.ndarray, class_names: Sequence[str])
     ax.set_xlabel("prediction")
     ax.set_ylabel("ground truth")
     fig.colorbar(image, ax=ax, label="fraction of the ground-truth pixels")
-    return _save(fig, path)
+    return save_png(fig, path)

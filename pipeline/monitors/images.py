@@ -12,8 +12,8 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor
 
-from pipeline.callbacks.outputs import log_media, wandb_run
-from pipeline.callbacks.samples import FixedSampleCallback
+from pipeline.monitors.outputs import log_media, wandb_run
+from pipeline.monitors.samples import FixedSampleCallback
 
 
 def display_image(image: Tensor) -> np.ndarray:

@@ -3,7 +3,7 @@
 Keys (every ``log_every_n_steps`` optimiser steps, to W&B and ``metrics.csv``): ``grad/<layer>``
 (L2 norm of the layer's gradient), ``grad/global`` (L2 norm over all parameters) and
 ``grad/first_last_ratio`` (first conv layer's norm / last conv layer's norm, the head for our
-networks). Layers are those of ``pipeline.callbacks.layers``. Each epoch the depth profile (mean
+networks). Layers are those of ``pipeline.monitors.layers``. Each epoch the depth profile (mean
 norm of each layer over the epoch's logs) and a layer x step heatmap go to ``<run>/plots/`` and W&B.
 """
 
@@ -17,9 +17,9 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from pipeline.callbacks.layers import Layer, grouped_norms, layer_index, monitored_net, parameter_layers
-from pipeline.callbacks.outputs import log_media, log_scalars, plot_dir, wandb_run
-from pipeline.callbacks.plots import depth_profile_png, heatmap_png
+from pipeline.monitors.layers import Layer, grouped_norms, layer_index, monitored_net, parameter_layers
+from pipeline.monitors.outputs import log_media, log_scalars, plot_dir, wandb_run
+from pipeline.monitors.plots import depth_profile_png, heatmap_png
 
 MAX_EVENTS = 10  # exploding-gradient steps kept for summary.json (the count is kept in full)
 

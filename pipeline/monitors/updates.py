@@ -11,8 +11,8 @@ import pytorch_lightning as pl
 import torch
 from pytorch_lightning.utilities import rank_zero_warn
 
-from pipeline.callbacks.layers import Layer, grouped_norms, layer_index, monitored_net, parameter_layers
-from pipeline.callbacks.outputs import log_scalars
+from pipeline.monitors.layers import Layer, grouped_norms, layer_index, monitored_net, parameter_layers
+from pipeline.monitors.outputs import log_scalars
 
 
 class WeightUpdateMonitor(pl.Callback):

@@ -14,7 +14,7 @@ import pytorch_lightning as pl
 import yaml
 from torch import Tensor
 
-from pipeline.checkpointing import load_checkpoint
+from pipeline.training.checkpoint import load_checkpoint
 from tests.conftest import REPO, fit_args
 
 BEST = {  # as in configs/default.yaml
@@ -30,8 +30,8 @@ BEST = {  # as in configs/default.yaml
 
 # The monitors whose state a resumed run continues (their history is in the checkpoint).
 MONITORS = [
-    {"class_path": "pipeline.callbacks.gradients.GradientFlowMonitor"},
-    {"class_path": "pipeline.callbacks.updates.WeightUpdateMonitor"},
+    {"class_path": "pipeline.monitors.gradients.GradientFlowMonitor"},
+    {"class_path": "pipeline.monitors.updates.WeightUpdateMonitor"},
 ]
 
 
@@ -46,7 +46,7 @@ def last_every(n_steps: int) -> dict:
 
 def kill_at(step: int, signal_name: str) -> dict:
     return {
-        "class_path": "tests.resume_helpers.KillAtStep",
+        "class_path": "tests.helpers.resume.KillAtStep",
         "init_args": {"step": step, "signal_name": signal_name},
     }
 

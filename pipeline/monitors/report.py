@@ -17,10 +17,10 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 
-from pipeline.callbacks.outputs import log_media, plot_dir, wandb_run
-from pipeline.callbacks.plots import confusion_png
-from pipeline.data.io import atomic_write
+from pipeline.files import atomic_write
 from pipeline.metrics import SegmentationMetrics
+from pipeline.monitors.outputs import log_media, plot_dir, wandb_run
+from pipeline.monitors.plots import confusion_png
 
 log = logging.getLogger(__name__)
 

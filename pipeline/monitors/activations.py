@@ -15,9 +15,9 @@ import pytorch_lightning as pl
 import torch
 from torch import Tensor, nn
 
-from pipeline.callbacks.layers import monitored_net, unit_name
-from pipeline.callbacks.outputs import log_scalars
-from pipeline.callbacks.samples import FixedSampleCallback
+from pipeline.monitors.layers import monitored_net, unit_name
+from pipeline.monitors.outputs import log_scalars
+from pipeline.monitors.samples import FixedSampleCallback
 
 
 class ActivationMonitor(FixedSampleCallback):

@@ -11,7 +11,10 @@ plain containers only). A file whose pickle would import or call anything else i
 a ``CheckpointError`` naming the file and what it tried to load; nothing in it runs.
 
 ``SafeCheckpointIO`` puts both behind Lightning's ``CheckpointIO`` interface; ``medseg`` installs it
-in every Trainer, so ``--ckpt_path`` for fit/validate/test/predict loads safely.
+in every Trainer, so ``--ckpt_path`` for fit/validate/test loads safely. ``load_model`` rebuilds a
+trained model for inference from the checkpoint alone: training stores, beside the weights,
+``checkpoint["medseg"]`` = ``{"net": {"class_path", "init_args"}, "class_names", "preprocessing"}``
+in plain types (``SegmentationModule.on_save_checkpoint``), so no config file is needed.
 """
 
 from __future__ import annotations
@@ -29,11 +32,11 @@ import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning_fabric.utilities.cloud_io import _load as remote_load
 
-from pipeline.data.io import DataError, atomic_write
-
-
-class CheckpointError(DataError):
-    """A checkpoint that is missing, unreadable, corrupt, or would run code when loaded."""
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.errors import CheckpointError
+from pipeline.files import atomic_write
+from pipeline.models import build_net
+from pipeline.training.module import CHECKPOINT_KEY, SegmentationModule
 
 
 def _refused_global(err: Exception) -> str:
@@ -136,3 +139,39 @@ class SafeCheckpointIO(TorchCheckpointIO):
         weights_only: bool | None = None,
     ) -> dict[str, Any]:
         return load_checkpoint(path, map_location=map_location)
+
+
+def load_model(path: str | os.PathLike) -> tuple[SegmentationModule, Preprocessing]:
+    """Rebuild the trained ``SegmentationModule`` (eval mode, CPU) and its preprocessing.
+
+    Raises:
+        CheckpointError: naming ``path``: missing, corrupt, unsafe (see ``load_checkpoint``), not
+            written by ``medseg fit``, or weights that do not fit the stored network.
+    """
+    checkpoint = load_checkpoint(path)
+    stored = checkpoint.get(CHECKPOINT_KEY)
+    if not isinstance(stored, dict):
+        raise CheckpointError(path, f"not a medseg checkpoint: no '{CHECKPOINT_KEY}' entry (written by medseg fit)")
+    if not stored.get("preprocessing"):
+        raise CheckpointError(path, "checkpoint lacks the preprocessing settings; it was not saved by medseg fit")
+    try:
+        prep = Preprocessing.from_checkpoint(stored["preprocessing"])
+        net = build_net(stored["net"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(path, f"cannot rebuild the network or preprocessing ({err})") from None
+    hparams = checkpoint.get("hyper_parameters") or {}
+    module = SegmentationModule(
+        net,
+        class_names=prep.class_names,
+        patch_size=prep.patch_size,
+        sw_overlap=hparams.get("sw_overlap", 0.5),
+        sw_batch_size=hparams.get("sw_batch_size", 4),
+        hd95=False,
+        channels_last=hparams.get("channels_last", True),
+    )
+    weights = {k[len("net.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("net.")}
+    try:
+        module.net.load_state_dict(weights)
+    except RuntimeError as err:
+        raise CheckpointError(path, f"weights do not fit the stored network ({err})") from None
+    return module.eval(), prep

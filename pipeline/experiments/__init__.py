@@ -1,0 +1,1 @@
+"""Experiments over many runs: the ablation suite, the comparison report and its plots."""

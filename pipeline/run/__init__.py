@@ -1,0 +1,1 @@
+"""A run: its identity and directory, its name from the network's knobs, its loggers and its ``summary.json``."""

@@ -1,0 +1,32 @@
+"""Where a run lives: ``RunConfig`` (the ``run:`` section of a config) and the run directory.
+
+Every fit writes ``runs/<experiment>/<run_name>/``: ``config.yaml``, ``split.json``,
+``checkpoints/{best,last}.ckpt``, ``metrics.csv``, ``summary.json`` and the W&B files.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass
+class RunConfig:
+    """Where a run is written and how it is tracked.
+
+    Args:
+        experiment: experiment name: the folder under ``root`` and the W&B group.
+        name: run name; default derived from the variant and seed (``unet-noskip-sigmoid-xavier-s0``).
+        root: folder holding all experiments.
+        wandb: log to Weights & Biases (online with a key, offline otherwise).
+        project: W&B project.
+        tags: extra W&B tags (the variant's knobs are always added).
+        log_model: upload checkpoints as W&B artifacts (``true``: at the end, ``all``: every save).
+    """
+
+    experiment: str = "default"
+    name: str | None = None
+    root: str = "runs"
+    wandb: bool = True
+    project: str = "medseg"
+    tags: list[str] = field(default_factory=list)
+    log_model: bool | str = False

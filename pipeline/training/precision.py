@@ -1,0 +1,12 @@
+"""The training and inference precision medseg picks for the machine when none is configured."""
+
+from __future__ import annotations
+
+import torch
+
+
+def default_precision(accelerator: str | None) -> str:
+    """bf16 mixed precision on a CUDA GPU that supports it, fp16 mixed on older GPUs, fp32 on CPU."""
+    if accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
+        return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
+    return "32-true"
