@@ -24,7 +24,7 @@ help: ## list the targets
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install $(PIP_QUIET) --upgrade pip
-	$(BIN)/pip install $(PIP_QUIET) -e ".[dev]"
+	$(BIN)/pip install $(PIP_QUIET) -e ".[dev,dicom,export]"
 	touch $@
 
 install: $(VENV)/.installed ## create .venv and install medseg with its dev tools (once)

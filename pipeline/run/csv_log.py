@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import csv
 
-from lightning_fabric.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers import CSVLogger
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 
 

@@ -29,8 +29,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
-from lightning_fabric.utilities.cloud_io import _load as remote_load
+import fsspec
+from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import CheckpointError
@@ -82,7 +82,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: Any = "cpu") -> dict[
     """
     try:
         if "://" in str(path):
-            checkpoint = remote_load(str(path), map_location=map_location, weights_only=True)
+            with fsspec.open(str(path), "rb") as f:
+                checkpoint = torch.load(f, map_location=map_location, weights_only=True)
         else:
             if Path(path).is_file() and Path(path).stat().st_size == 0:
                 raise CheckpointError(path, "empty file (0 bytes): its write was interrupted")
