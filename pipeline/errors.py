@@ -21,6 +21,5 @@ class CheckpointError(DataError):
     """A checkpoint that is missing, unreadable, corrupt, or would run code when loaded."""
 
 
-
 class TrainingDiverged(RuntimeError):
     """Training stopped because a loss or gradient became NaN or infinite."""

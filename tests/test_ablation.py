@@ -9,7 +9,8 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import DataError
-from pipeline.experiments.ablation import Run, plan, run_all, run_state
+from pipeline.experiments.ablation import run_all, run_state
+from pipeline.experiments.suite import Run, plan
 from tests.conftest import REPO
 from tests.helpers.ablation import RUNS, ablation_args
 

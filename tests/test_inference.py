@@ -173,7 +173,9 @@ def test_inference_refuses_a_checkpoint_that_needs_unpickling_code(checkpoint, t
     torch.save({**plain, "extra": Payload()}, tmp_path / "evil.ckpt")
     code = infer(tmp_path / "evil.ckpt", [tmp_path], tmp_path / "out")
     err = capsys.readouterr().err
-    assert code == 1 and "refused to load: unpickling it would call posix.system" in err and "evil.ckpt" in err
+    assert (
+        code == 1 and "refused to load: unpickling it would call posix.system" in err and "evil.ckpt" in err
+    )
     assert not marker.exists() and not (tmp_path / "out").exists()
 
 

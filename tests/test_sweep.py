@@ -9,7 +9,7 @@ import yaml
 from wandb.sdk.launch.sweeps.utils import create_sweep_command_args, load_sweep_config
 
 from pipeline.cli import main
-from pipeline.experiments.ablation import load_suite
+from pipeline.experiments.suite import load_suite
 from tests.conftest import CONFIGS, REPO
 
 SWEEP = CONFIGS / "sweeps" / "ablation.yaml"

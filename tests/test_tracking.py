@@ -137,3 +137,9 @@ def test_tracking_test_stage_writes_per_case_csv_and_confusion_png_into_the_run(
     with open(run_dir / "test" / "metrics.csv") as f:  # the stage's own log, not lightning_logs/
         assert "test/dice" in next(csv.reader(f))
     assert not (run_dir / "lightning_logs").exists()
+    # the scores went to the training run's own W&B run (resumed by id), beside its curves
+    run_id = (run_dir / "wandb_id.txt").read_text().strip()
+    folders = sorted((run_dir / "wandb").glob(f"offline-run-*-{run_id}"))
+    assert len(folders) == 2 and folders[0] == offline_run["folder"]
+    tested = read_offline_run(folders[1]).history_keys()  # folders are named by the run id
+    assert "test/dice" in tested and "test/cases/path" in tested  # the scores and the per-case table

@@ -20,13 +20,33 @@ from pipeline.errors import DataError, TrainingDiverged
 
 # name: (module, function taking the remaining words, one line of help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
-    "fit": ("pipeline.cli.lightning", "fit_command", "train a model (LightningCLI: -c configs..., --key value)"),
+    "fit": (
+        "pipeline.cli.lightning",
+        "fit_command",
+        "train a model (LightningCLI: -c configs..., --key value)",
+    ),
     "validate": ("pipeline.cli.lightning", "validate_command", "score a checkpoint on the validation split"),
     "test": ("pipeline.cli.lightning", "test_command", "score a checkpoint on the held-out test split"),
-    "infer": ("pipeline.inference.run", "infer_command", "segment new scans with a checkpoint (batch inference)"),
-    "data": ("pipeline.cli.data", "data_command", "data sets: synth (generate), check (validate), prepare (cache)"),
-    "ablation": ("pipeline.experiments.ablation", "ablation_command", "train every variant of an ablation suite"),
-    "compare": ("pipeline.experiments.compare", "compare_command", "compare run directories: report, tables, plots"),
+    "infer": (
+        "pipeline.inference.run",
+        "infer_command",
+        "segment new scans with a checkpoint (batch inference)",
+    ),
+    "data": (
+        "pipeline.cli.data",
+        "data_command",
+        "data sets: synth (generate), check (validate), prepare (cache)",
+    ),
+    "ablation": (
+        "pipeline.experiments.ablation",
+        "ablation_command",
+        "train every variant of an ablation suite",
+    ),
+    "compare": (
+        "pipeline.experiments.compare",
+        "compare_command",
+        "compare run directories: report, tables, plots",
+    ),
 }
 
 

@@ -24,6 +24,7 @@ from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import net_knobs, net_spec, remember_spec
+from pipeline.monitors.progress import TrainingCurves
 from pipeline.run.directory import RunConfig
 from pipeline.run.loggers import build_loggers, finish_wandb, read_wandb_id
 from pipeline.run.naming import knob_tags, variant_name
@@ -64,14 +65,17 @@ class SaveAndLogConfig(SaveConfigCallback):
             logger.log_hyperparams(config)
 
 
-def always_on_callbacks(subcommand: str, run_dir: Path, run: RunConfig, name: str, seed: int | None) -> list[Callback]:
+def always_on_callbacks(
+    subcommand: str, run_dir: Path, run: RunConfig, name: str, seed: int | None
+) -> list[Callback]:
     """The callbacks every fit gets, in this order: ``DivergenceGuard`` before ``RunSummary``, so its
     ``on_exception`` runs first and ``summary.json`` records it; ``SigtermCheckpoint`` after every
     other callback (Lightning still moves the ``ModelCheckpoint``s last), so an epoch-end save holds
     their epoch-end state. Validation and testing need none of them."""
     if subcommand != "fit":
         return []
-    return [DivergenceGuard(), BatchSeed(), RunSummary(run_dir, name, run.experiment, seed), SigtermCheckpoint()]
+    summary = RunSummary(run_dir, name, run.experiment, seed)
+    return [DivergenceGuard(), BatchSeed(), TrainingCurves(), summary, SigtermCheckpoint()]
 
 
 def record_network_spec(class_type: type, *args, **kwargs) -> object:
@@ -158,14 +162,18 @@ class MedsegCLI(LightningCLI):
                 callback.dirpath = str(run_dir / "checkpoints")
         return callbacks
 
-    def _loggers(self, configured: object, run: RunConfig, run_dir: Path, name: str, config: dict) -> list[Logger]:
+    def _loggers(
+        self, configured: object, run: RunConfig, run_dir: Path, name: str, config: dict
+    ) -> list[Logger]:
         """W&B and the CSV mirror, then the config's own loggers (TensorBoard, MLflow, ...).
 
         fit: ``<run>/metrics.csv`` and a new (or, with ``--ckpt_path``, the continued) W&B run.
         validate/test: ``<run>/<stage>/metrics.csv`` (first, so ``config.yaml`` goes there too) and
         the training run's own W&B run, resumed by its id, so the scores sit beside its curves.
         """
-        user = [c for c in (configured if isinstance(configured, list) else [configured]) if isinstance(c, Logger)]
+        user = [
+            c for c in (configured if isinstance(configured, list) else [configured]) if isinstance(c, Logger)
+        ]
         if self.subcommand == "fit":
             resume = bool(config.get("ckpt_path"))
             tags = knob_tags(net_knobs(self.model.net))

@@ -289,7 +289,11 @@ class SegmentationDataModule(pl.LightningDataModule):
     def state_dict(self) -> dict:
         # train_position: (epoch, batches trained in it), where a resumed fit's data order continues.
         position = resume_position(self.trainer)
-        return {"preprocessing": self.preprocessing().to_checkpoint(), "split": self.split, "train_position": position}
+        return {
+            "preprocessing": self.preprocessing().to_checkpoint(),
+            "split": self.split,
+            "train_position": position,
+        }
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_start = tuple(state_dict.get("train_position", (0, 0)))

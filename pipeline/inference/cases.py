@@ -213,8 +213,8 @@ def describe(err: BaseException) -> str:
 class InferenceDataset(Dataset):
     """One item per case (loaded and preprocessed in a loader worker); a failure becomes an item too.
 
-    Items are ``load_case`` dicts plus ``"seconds"`` (load time), or ``{"case", "error"}`` when
-    the case cannot be loaded, so one bad file is reported and the rest carry on.
+    Items are ``load_case`` dicts plus ``"seconds"`` (load time) and ``"index"`` (the case's
+    position), or ``{"case", "index", "error"}`` when the case cannot be loaded, so one bad file is reported and the rest carry on.
     """
 
     def __init__(self, cases: Sequence[InputCase], prep: Preprocessing) -> None:
@@ -230,8 +230,9 @@ class InferenceDataset(Dataset):
         try:
             item = load_case(case, self.prep)
         except Exception as err:  # any reader failure: report this case, keep going with the rest
-            return {"case": case, "error": describe(err)}
+            return {"case": case, "index": index, "error": describe(err)}
         item["seconds"] = time.perf_counter() - start
+        item["index"] = index
         return item
 
 

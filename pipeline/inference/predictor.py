@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytorch_lightning as pl
 import torch
@@ -42,6 +43,7 @@ class CasePredictor(pl.LightningModule):
         self.batch_size = batch_size
         self.tta = tta
         self.probabilities = probabilities
+        self.report_progress: Callable[[int, float], None] = lambda index, fraction: None  # SliceProgress
 
     def _segment(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
         """(B, C, H, W) -> labels (B, H, W) and probabilities (B, K, H, W) or None."""
@@ -67,12 +69,14 @@ class CasePredictor(pl.LightningModule):
             return {"error": batch["error"]}
         start = time.perf_counter()
         labels, probs = [], []
+        slices = len(batch["image"])
         try:
             for chunk in batch["image"].split(self.batch_size):
                 chunk_labels, chunk_probs = self._segment(chunk)
                 labels.append(chunk_labels.to(torch.uint8).cpu())
                 if chunk_probs is not None:
                     probs.append(chunk_probs.half().cpu())
+                self.report_progress(batch["index"], sum(map(len, labels)) / slices)
         except RuntimeError as err:  # e.g. out of memory on one huge case: report it, go on
             return {"error": describe(err)}
         return {

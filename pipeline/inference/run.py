@@ -12,21 +12,23 @@ is predicted and written by exactly one rank.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import logging
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import RichProgressBar
 from torch.utils.data import DataLoader
 
 from pipeline.errors import DataError
 from pipeline.inference.cases import InferenceDataset, InputCase, find_inputs, first_item
 from pipeline.inference.predictor import CasePredictor
+from pipeline.inference.progress import SliceProgress
 from pipeline.inference.writer import CaseWriter, OutputLayout
 from pipeline.training.checkpoint import load_model
 from pipeline.training.precision import default_precision
@@ -52,6 +54,24 @@ class InferenceResult:
     is_global_zero: bool
 
 
+def _trainer(
+    accelerator: str, devices: int, layout: OutputLayout, writer: CaseWriter, progress: SliceProgress | None
+) -> pl.Trainer:
+    """A Trainer that only predicts: no logger, no checkpoints, medseg's own progress bar."""
+    return pl.Trainer(
+        accelerator=accelerator,
+        devices=devices,
+        strategy="ddp" if devices > 1 else "auto",
+        precision=default_precision(accelerator),
+        logger=False,
+        callbacks=[writer, progress] if progress else [writer],
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=layout.folder,
+    )
+
+
 def check_outputs(cases: Sequence[InputCase], layout: OutputLayout, overwrite: bool) -> None:
     """Refuse, before any work, to replace an input or (without ``overwrite``) an existing output."""
     inputs = {p.resolve() for case in cases for p in case.paths}
@@ -67,6 +87,24 @@ def check_outputs(cases: Sequence[InputCase], layout: OutputLayout, overwrite: b
             f"{len(existing)} output(s) exist already ({', '.join(existing[:MAX_LISTED])}{more}); "
             "pass --overwrite to replace them",
         )
+
+
+@contextlib.contextmanager
+def quiet_lightning() -> Iterator[None]:
+    """Hide Lightning's start-up lines (accelerators found, tips) and the libraries' deprecation
+    notices, so ``medseg infer`` shows its own lines and real warnings only."""
+    loggers = [logging.getLogger(name) for name in ("pytorch_lightning", "lightning_fabric")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.setLevel(logging.WARNING)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            warnings.simplefilter("ignore", FutureWarning)
+            yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
 
 
 def infer(
@@ -99,7 +137,7 @@ def infer(
         save_probabilities: write float16 softmax probabilities per case (``.npz``).
         overlays: write overlay PNGs (the middle slice of volumes).
         largest_component: keep only the largest connected component of each class.
-        progress_bar: show a progress bar over cases.
+        progress_bar: show a progress bar over the input slices.
 
     Raises:
         DataError: a bad checkpoint, missing inputs, or outputs that exist already.
@@ -115,30 +153,26 @@ def infer(
         log.info("%d case(s): using %d device(s) instead of %d", len(cases), len(cases), devices)
         devices = len(cases)
     writer = CaseWriter(layout, prep, largest_component)
-    trainer = pl.Trainer(
-        accelerator=accelerator,
-        devices=devices,
-        strategy="ddp" if devices > 1 else "auto",
-        precision=default_precision(accelerator),
-        logger=False,
-        callbacks=[writer, RichProgressBar()] if progress_bar else [writer],
-        enable_progress_bar=progress_bar,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=layout.folder,
-    )
-    workers = min(num_workers, len(cases))
-    loader = DataLoader(
-        InferenceDataset(cases, prep),
-        batch_size=1,
-        collate_fn=first_item,
-        num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
-        prefetch_factor=2 if workers else None,
-    )
-    predictor = CasePredictor(module, batch_size, tta, save_probabilities)
-    trainer.predict(predictor, dataloaders=loader, return_predictions=False)
-    writer.write_table(trainer)
+    with quiet_lightning():
+        trainer = _trainer(
+            accelerator,
+            devices,
+            layout,
+            writer,
+            SliceProgress(cases, prep.slice_axis) if progress_bar else None,
+        )
+        workers = min(num_workers, len(cases))
+        loader = DataLoader(
+            InferenceDataset(cases, prep),
+            batch_size=1,
+            collate_fn=first_item,
+            num_workers=workers,
+            pin_memory=torch.cuda.is_available(),
+            prefetch_factor=2 if workers else None,
+        )
+        predictor = CasePredictor(module, batch_size, tta, save_probabilities)
+        trainer.predict(predictor, dataloaders=loader, return_predictions=False)
+        writer.write_table(trainer)
     with layout.table.open(newline="") as f:
         rows = list(csv.DictReader(f))
     return InferenceResult(

@@ -32,7 +32,10 @@ def remember_spec(net: nn.Module, class_path: str, init_args: dict) -> nn.Module
 def net_spec(net: nn.Module) -> dict:
     """``{"class_path": ..., "init_args": {...}}`` of a medseg network or a recorded one."""
     if isinstance(net, Network):
-        return {"class_path": f"{type(net).__module__}.{type(net).__qualname__}", "init_args": dict(net.init_args)}
+        return {
+            "class_path": f"{type(net).__module__}.{type(net).__qualname__}",
+            "init_args": dict(net.init_args),
+        }
     spec = getattr(net, SPEC, None)
     if spec is None:
         raise TypeError(

@@ -11,8 +11,8 @@ from __future__ import annotations
 import csv
 
 from pytorch_lightning.loggers import CSVLogger
-from pytorch_lightning.loggers.logger import rank_zero_experiment
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
+from pytorch_lightning.loggers.logger import rank_zero_experiment
 
 
 class _KeepingWriter(ExperimentWriter):

@@ -28,8 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import torch
 import fsspec
+import torch
 from pytorch_lightning.plugins.io import TorchCheckpointIO
 
 from pipeline.data.preprocessing import Preprocessing
@@ -152,9 +152,13 @@ def load_model(path: str | os.PathLike) -> tuple[SegmentationModule, Preprocessi
     checkpoint = load_checkpoint(path)
     stored = checkpoint.get(CHECKPOINT_KEY)
     if not isinstance(stored, dict):
-        raise CheckpointError(path, f"not a medseg checkpoint: no '{CHECKPOINT_KEY}' entry (written by medseg fit)")
+        raise CheckpointError(
+            path, f"not a medseg checkpoint: no '{CHECKPOINT_KEY}' entry (written by medseg fit)"
+        )
     if not stored.get("preprocessing"):
-        raise CheckpointError(path, "checkpoint lacks the preprocessing settings; it was not saved by medseg fit")
+        raise CheckpointError(
+            path, "checkpoint lacks the preprocessing settings; it was not saved by medseg fit"
+        )
     try:
         prep = Preprocessing.from_checkpoint(stored["preprocessing"])
         net = build_net(stored["net"])
@@ -170,7 +174,9 @@ def load_model(path: str | os.PathLike) -> tuple[SegmentationModule, Preprocessi
         hd95=False,
         channels_last=hparams.get("channels_last", True),
     )
-    weights = {k[len("net.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("net.")}
+    weights = {
+        k[len("net.") :]: v for k, v in checkpoint.get("state_dict", {}).items() if k.startswith("net.")
+    }
     try:
         module.net.load_state_dict(weights)
     except RuntimeError as err:

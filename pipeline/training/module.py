@@ -178,5 +178,7 @@ class SegmentationModule(pl.LightningModule):
         checkpoint[CHECKPOINT_KEY] = {
             "net": net_spec(self.net),
             "class_names": self.class_names,
-            "preprocessing": datamodule.preprocessing().to_checkpoint() if hasattr(datamodule, "preprocessing") else None,
+            "preprocessing": datamodule.preprocessing().to_checkpoint()
+            if hasattr(datamodule, "preprocessing")
+            else None,
         }

@@ -1,0 +1,73 @@
+"""The `medseg` command: fast help listing every subcommand, loggers of the config kept, W&B env."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from pipeline.cli import COMMANDS, main
+from tests.conftest import fit_args
+
+HELP_PROBE = "import sys; from pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
+
+
+def test_cli_help_lists_every_subcommand_without_importing_torch():
+    out = subprocess.run(
+        [sys.executable, "-c", HELP_PROBE], capture_output=True, text=True, check=True
+    ).stdout
+    for name in ("fit", "validate", "test", "infer", "data", "ablation", "compare"):
+        assert f"  {name} " in out, name
+    assert set(COMMANDS) >= {"fit", "validate", "test", "infer", "data", "ablation", "compare"}
+    assert out.strip().endswith("False")  # torch was never imported
+
+
+def test_cli_predict_is_not_a_subcommand(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["predict"])
+    assert exit_info.value.code == 2 and "unknown command 'predict'" in capsys.readouterr().err
+
+
+def test_cli_keeps_a_tensorboard_logger_of_the_config_beside_wandb(phantom_dir, tmp_path):
+    config = tmp_path / "tensorboard.yaml"
+    board = tmp_path / "tb"
+    config.write_text(
+        "trainer:\n  logger:\n    - class_path: pytorch_lightning.loggers.TensorBoardLogger\n"
+        f"      init_args:\n        save_dir: {board}\n        name: mine\n"
+    )
+    main([*fit_args(phantom_dir, tmp_path / "runs"), "-c", str(config)])
+    (events,) = board.rglob("events.out.tfevents.*")
+    scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
+    assert {"train/loss_step", "val/dice", "grad/global"} <= set(scalars)
+    run = tmp_path / "runs" / "default" / "unet-relu-kaiming-d3-s0"
+    assert any((run / "wandb").glob("offline-run-*")) and "val/dice" in (run / "metrics.csv").read_text()
+
+
+def test_cli_an_empty_wandb_mode_counts_as_unset(phantom_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+    main(fit_args(phantom_dir, tmp_path / "runs"))
+    run = tmp_path / "runs" / "default" / "unet-relu-kaiming-d3-s0"
+    assert any((run / "wandb").glob("offline-run-*"))  # offline: no key
+
+
+def test_cli_a_monai_network_from_the_config_trains_checkpoints_and_infers(phantom_dir, tmp_path):
+    net = [
+        "--model.net.class_path",
+        "monai.networks.nets.BasicUNet",
+        "--model.net.init_args.spatial_dims",
+        "2",
+    ]
+    net += ["--model.net.init_args.features", "[4, 4, 8, 16, 32, 4]", "--run.wandb", "false"]
+    main(fit_args(phantom_dir, tmp_path / "runs", *net))
+    checkpoint = tmp_path / "runs" / "default" / "basicunet-s0" / "checkpoints" / "best.ckpt"
+    images = phantom_dir / "images"
+    main(
+        ["infer", "--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "out")]
+    )
+    masks = sorted(Path(tmp_path / "out").glob("*.png"))
+    assert len(masks) == len(list(images.iterdir()))
