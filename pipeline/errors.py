@@ -16,6 +16,10 @@ class DataError(ValueError):
         self.problem = problem
         super().__init__(f"{path}: {problem}")
 
+    def __reduce__(self) -> tuple:
+        # rebuilt from (path, problem) when it crosses a process boundary (worker pools)
+        return (type(self), (self.path, self.problem))
+
 
 class CheckpointError(DataError):
     """A checkpoint that is missing, unreadable, corrupt, or would run code when loaded."""

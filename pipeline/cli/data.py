@@ -9,6 +9,7 @@ medseg data prepare <root> [--cache DIR]      # decode volumes once into the sli
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -16,6 +17,11 @@ from pipeline.data.layouts import LAYOUTS
 from pipeline.data.slicing import AXIS_NAMES
 
 VOLUMES_OUTPUT = "data/synthetic_volumes"
+
+
+def default_workers() -> int:
+    """The CPU cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def _slice_axis(text: str) -> int | str:
@@ -45,6 +51,9 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a data set and report every problem")
     check.add_argument("root", help="data set folder")
     check.add_argument("--layout", choices=LAYOUTS, default="auto", help="layout (default: auto-detect)")
+    check.add_argument(
+        "--workers", type=int, default=default_workers(), help="processes (default: %(default)s)"
+    )
     prepare = sub.add_parser("prepare", help="decode volumes once into the memory-mapped slice cache")
     prepare.add_argument("root", help="data set folder")
     prepare.add_argument("--cache", default=None, help="cache folder (default: <root>/.medseg-cache)")
@@ -76,7 +85,7 @@ def synth_volumes(opts: argparse.Namespace) -> None:
 def check(opts: argparse.Namespace) -> None:
     from pipeline.data.check import check_dataset
 
-    report = check_dataset(opts.root, opts.layout)
+    report = check_dataset(opts.root, opts.layout, workers=opts.workers, progress=sys.stderr.isatty())
     for problem in report.problems:
         print(problem)
     print(report.summary())

@@ -9,6 +9,7 @@ cases, and an empty data set.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from pipeline.data.io import read_image_2d, read_mask_2d
 from pipeline.data.layouts import Case, describe, resolve_class_names
 from pipeline.data.volumes import case_problems, is_volume_case, read_image, read_mask
 from pipeline.errors import DataError
+from pipeline.parallel import map_with_progress
 
 
 @dataclass
@@ -76,10 +78,26 @@ def _check_2d(case: Case, class_names: list[str], label_map) -> tuple[int | None
     return (None if image is None else 1 if image.ndim == 2 else image.shape[-1]), problems
 
 
+def check_case(case: Case, class_names: list[str], label_map) -> tuple[int | None, list[DataError]]:
+    """One case's channel count (None if unreadable) and every problem of it."""
+    check = _check_volume if is_volume_case(case) else _check_2d
+    return check(case, class_names, label_map)
+
+
 def check_dataset(
-    root: str | Path, layout: str = "auto", class_names: list[str] | None = None, label_map=None
+    root: str | Path,
+    layout: str = "auto",
+    class_names: list[str] | None = None,
+    label_map=None,
+    workers: int = 1,
+    progress: bool = False,
 ) -> CheckReport:
-    """Read every case under ``root`` and collect every problem (never raises ``DataError``)."""
+    """Read every case under ``root`` and collect every problem (never raises ``DataError``).
+
+    Args:
+        workers: processes reading cases side by side.
+        progress: show a progress bar over the cases.
+    """
     report = CheckReport(Path(root))
     try:
         info = describe(root, layout, problems=report.problems)
@@ -95,9 +113,14 @@ def check_dataset(
         report.problems.append(DataError(root, "empty data set: no cases found"))
     report.channels = len(info.modalities) if info.modalities else None
     first = None
-    for case in info.cases:
-        check = _check_volume if is_volume_case(case) else _check_2d
-        channels, problems = check(case, report.class_names, label_map)
+    checked = map_with_progress(
+        functools.partial(check_case, class_names=report.class_names, label_map=label_map),
+        info.cases,
+        workers,
+        "checking cases",
+        progress,
+    )
+    for case, (channels, problems) in zip(info.cases, checked, strict=True):
         report.problems += problems
         if first is None and channels is not None:
             first = case
