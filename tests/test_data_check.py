@@ -58,13 +58,13 @@ def test_data_check_reports_every_fault_naming_the_file(volume_dir, tmp_path):
     for text, count in expected.items():
         assert sum(text in line for line in lines) == count, (text, lines)
     assert len(lines) == len(expected) and not report.ok
+    assert report.summary().startswith("FAILED: 6 problem(s)")
 
 
 def test_data_check_two_workers_report_what_one_reports(volume_dir, tmp_path):
     root = _broken_msd(volume_dir, tmp_path)
     one, two = check_dataset(root, workers=1), check_dataset(root, workers=2)
     assert [str(p) for p in two.problems] == [str(p) for p in one.problems] and len(one.problems) == 6
-    assert report.summary().startswith("FAILED: 6 problem(s)")
 
 
 def test_data_check_cli_exit_codes(volume_dir, tmp_path, capsys):
