@@ -9,6 +9,7 @@ from pydicom.data import get_testdata_file
 from pipeline.data.dicom import read_dicom_series
 from pipeline.data.io import read_nifti, write_nifti_like
 from pipeline.errors import DataError
+from tests.helpers.dicom import write_series
 
 
 def _oblique_affine() -> np.ndarray:
@@ -60,15 +61,9 @@ def test_truncated_nifti_names_the_file(tmp_path):
 
 
 def _write_series(folder, z_positions):
-    template = pydicom.dcmread(get_testdata_file("CT_small.dcm"))
-    folder.mkdir()
-    for n, z in enumerate(z_positions):
-        ds = template.copy()
-        ds.ImagePositionPatient = [-158.135803, -179.035797, float(z)]
-        ds.InstanceNumber = n + 1
-        pixels = np.full((ds.Rows, ds.Columns), int(z), dtype=np.int16)
-        ds.PixelData = pixels.tobytes()
-        ds.save_as(folder / f"slice_{n:03d}.dcm")
+    """An axial series at ``z_positions`` (LPS mm); each slice holds its z everywhere."""
+    positions = [(-158.135803, -179.035797, z) for z in z_positions]
+    write_series(folder, positions, pixels=[np.full((128, 128), int(z), np.int16) for z in z_positions])
 
 
 def test_dicom_series_is_sorted_by_position_not_file_name(tmp_path):

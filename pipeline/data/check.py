@@ -2,9 +2,9 @@
 
 Training stops at the first bad file; before a long run (or after copying a data set) it is
 better to see them all. Each problem is a ``DataError`` naming one file: unreadable or truncated
-files, images without masks and masks without images, image/mask size or geometry mismatch,
-label values outside the classes, NaN/Inf intensities, channel counts that differ between
-cases, and an empty data set.
+files, DICOM series with duplicated, missing or unevenly spaced slices, images without masks
+and masks without images, image/mask size or geometry mismatch, label values outside the
+classes, NaN/Inf intensities, channel counts that differ between cases, and an empty data set.
 """
 
 from __future__ import annotations
