@@ -2,6 +2,7 @@ import json
 import logging
 import shutil
 
+import nibabel as nib
 import numpy as np
 import pydicom
 import pytest
@@ -130,3 +131,12 @@ def test_read_dicom_series_problems_reach_data_check(tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert len(out) == 2 and out[1].startswith("FAILED: 1 problem(s)")  # the tilted mask overlays its scan
     assert out[0].startswith(f"{root / 'images' / 'gappy'}: about 1 slice(s) missing between 5.00 mm")
+
+
+def test_read_dicom_series_tilted_mask_keeps_its_sheared_geometry_in_the_sform_only(tmp_path):
+    write_series(tmp_path / "s", _tilted(6), pixels=_marked(6))
+    volume = read_dicom_series(tmp_path / "s")
+    write_nifti_like(np.zeros(volume.array.shape[:3], np.uint8), volume, tmp_path / "mask.nii.gz")
+    header = nib.load(tmp_path / "mask.nii.gz").header
+    assert int(header["qform_code"]) == 0 and int(header["sform_code"]) == 1
+    assert np.allclose(header.get_sform(), volume.source_affine, atol=1e-4)

@@ -25,7 +25,8 @@ from pipeline.inference.writer import OutputLayout
 from pipeline.metrics import SegmentationMetrics
 from pipeline.training.module import SegmentationModule
 from tests.conftest import REPO, fit_args
-from tests.test_io import _oblique_affine, _write_series
+from tests.helpers.dicom import axial_series
+from tests.test_io import oblique_affine
 
 
 @pytest.fixture(scope="session")
@@ -62,7 +63,7 @@ def test_inference_nifti_keeps_oblique_geometry_and_slices_like_training(checkpo
     # exactly as the 2D image is; the volume is stored oblique, anisotropic, in LPS-like order.
     phantom = read_image_2d(phantom_dir / "images" / "phantom_00.png").astype(np.float32)
     canonical = np.repeat(phantom[:, :, None], 3, axis=2)  # (X, Y, Z) in RAS+ order
-    affine = _oblique_affine()
+    affine = oblique_affine()
     stored = canonical[::-1, ::-1].copy()  # the affine's first two axes point left and posterior
     nib.save(nib.Nifti1Image(stored, affine), tmp_path / "scan.nii.gz")
     flags = ("--save-probabilities", "--overlays")
@@ -97,7 +98,7 @@ def test_inference_nifti_keeps_oblique_geometry_and_slices_like_training(checkpo
 
 
 def test_inference_dicom_series_gives_nifti_in_patient_geometry(checkpoint, tmp_path):
-    _write_series(tmp_path / "series", [0.0, 5.0, 10.0])
+    axial_series(tmp_path / "series", [0.0, 5.0, 10.0])
     out = tmp_path / "out"
     assert infer(checkpoint, [tmp_path / "series"], out, "--batch-size", "2") == 0
     mask = nib.load(out / "series.nii.gz")
@@ -256,7 +257,7 @@ def test_inference_case_names_stay_inside_the_output_folder(tmp_path):
 
 def test_inference_finds_inputs_by_content_and_groups_channel_files(tmp_path):
     (tmp_path / "in").mkdir()
-    _write_series(tmp_path / "in" / "ct series", [0.0, 5.0])
+    axial_series(tmp_path / "in" / "ct series", [0.0, 5.0])
     for path in (tmp_path / "in" / "ct series").iterdir():
         path.rename(path.with_suffix(""))  # DICOM files often have no suffix: found by their preamble
     for name in ("b_0000.nii.gz", "b_0001.nii.gz", "a.png", "notes.txt"):

@@ -9,10 +9,10 @@ from pydicom.data import get_testdata_file
 from pipeline.data.dicom import read_dicom_series
 from pipeline.data.io import read_nifti, write_nifti_like
 from pipeline.errors import DataError
-from tests.helpers.dicom import write_series
+from tests.helpers.dicom import axial_series
 
 
-def _oblique_affine() -> np.ndarray:
+def oblique_affine() -> np.ndarray:
     theta = 0.3
     rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
     affine = np.eye(4)
@@ -22,7 +22,7 @@ def _oblique_affine() -> np.ndarray:
 
 
 def test_nifti_is_canonical_on_read_and_written_back_with_input_geometry(tmp_path):
-    affine = _oblique_affine()
+    affine = oblique_affine()
     data = np.random.default_rng(0).random((20, 24, 7)).astype(np.float32)
     nib.save(nib.Nifti1Image(data, affine), tmp_path / "scan.nii.gz")
     volume = read_nifti([tmp_path / "scan.nii.gz"])
@@ -60,14 +60,8 @@ def test_truncated_nifti_names_the_file(tmp_path):
         read_nifti([tmp_path / "notgz.nii.gz"])
 
 
-def _write_series(folder, z_positions):
-    """An axial series at ``z_positions`` (LPS mm); each slice holds its z everywhere."""
-    positions = [(-158.135803, -179.035797, z) for z in z_positions]
-    write_series(folder, positions, pixels=[np.full((128, 128), int(z), np.int16) for z in z_positions])
-
-
 def test_dicom_series_is_sorted_by_position_not_file_name(tmp_path):
-    _write_series(tmp_path / "series", [10, -5, 0, 5])  # files out of spatial order
+    axial_series(tmp_path / "series", [10, -5, 0, 5])  # files out of spatial order
     volume = read_dicom_series(tmp_path / "series")
     assert volume.array.shape == (128, 128, 4, 1)
     intercept = float(pydicom.dcmread(get_testdata_file("CT_small.dcm")).RescaleIntercept)
@@ -77,7 +71,7 @@ def test_dicom_series_is_sorted_by_position_not_file_name(tmp_path):
 
 
 def test_dicom_folder_with_a_stray_file_names_it(tmp_path):
-    _write_series(tmp_path / "series", [0, 5])
+    axial_series(tmp_path / "series", [0, 5])
     (tmp_path / "series" / "notes.txt").write_text("hello")
     with pytest.raises(DataError, match=r"notes\.txt: not a DICOM file"):
         read_dicom_series(tmp_path / "series")

@@ -11,7 +11,7 @@ from pipeline.data.io import write_nifti_like
 from pipeline.data.layouts import describe
 from pipeline.data.synthetic_volumes import CLASS_NAMES, generate_volumes
 from pipeline.errors import DataError
-from tests.test_io import _write_series
+from tests.helpers.dicom import axial_series
 
 
 def test_layouts_msd_reads_classes_modality_and_4d_channels(tmp_path):
@@ -63,7 +63,7 @@ def test_layouts_dicom_series_with_nifti_masks(tmp_path):
     root = tmp_path / "dicom"
     (root / "images").mkdir(parents=True)
     for i, case in enumerate(["p1", "p2"]):
-        _write_series(root / "images" / case, [0, 5, 10])
+        axial_series(root / "images" / case, [0, 5, 10])
         volume = read_dicom_series(root / "images" / case)
         labels = np.zeros(volume.array.shape[:3], np.uint8)
         labels[10:40, 20:50, 1:] = 1 + i

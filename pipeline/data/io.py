@@ -164,6 +164,12 @@ def read_nifti(paths: Sequence[str | os.PathLike]) -> Volume:
     return Volume(ras, affine, image.affine.copy(), array.shape[:3], image.header.copy(), paths[0])
 
 
+def is_sheared(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
+    """Whether the (4, 4) affine's voxel axes are not orthogonal (a NIfTI qform cannot hold it)."""
+    axes = affine[:3, :3] / np.linalg.norm(affine[:3, :3], axis=0)
+    return not np.allclose(axes.T @ axes, np.eye(3), atol=tolerance)
+
+
 def write_nifti_like(labels: np.ndarray, reference: Volume, path: str | os.PathLike) -> None:
     """Write (X, Y, Z) labels given in ``reference``'s canonical order with the input's geometry.
 
@@ -175,7 +181,9 @@ def write_nifti_like(labels: np.ndarray, reference: Volume, path: str | os.PathL
     image = nib.Nifti1Image(np.ascontiguousarray(stored.astype(np.uint8)), reference.source_affine, header)
     image.set_data_dtype(np.uint8)
     image.header.set_xyzt_units("mm")
-    image.set_qform(reference.source_affine, code=1)
+    # a sheared affine (a tilted DICOM series) fits only the sform: the qform would hold the
+    # nearest rotation, millimetres off, and readers that prefer it would misplace the mask
+    image.set_qform(reference.source_affine, code=0 if is_sheared(reference.source_affine) else 1)
     image.set_sform(reference.source_affine, code=1)
     image.header["scl_slope"], image.header["scl_inter"] = 1.0, 0.0
     suffix = ".nii.gz" if str(path).endswith(".nii.gz") else ".nii"

@@ -36,3 +36,9 @@ def write_series(
         plane = np.full((ds.Rows, ds.Columns), n, np.int16) if pixels is None else pixels[n]
         ds.PixelData = np.ascontiguousarray(plane, np.int16).tobytes()
         ds.save_as(folder / (names[n] if names is not None else f"slice_{n:03d}.dcm"))
+
+
+def axial_series(folder: Path, z_positions: Sequence[float]) -> None:
+    """An axial series at ``z_positions`` (LPS mm); each slice holds its z everywhere."""
+    positions = [(-158.135803, -179.035797, z) for z in z_positions]
+    write_series(folder, positions, pixels=[np.full((128, 128), int(z), np.int16) for z in z_positions])
