@@ -44,8 +44,15 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, data: object, indent: int | None = 2) -> None:
-    """Write ``data`` as JSON to ``path`` atomically (non-JSON values through ``str``)."""
-    write_text(path, json.dumps(data, indent=indent, default=str))
+    """Write ``data`` as JSON to ``path`` atomically (non-JSON values through ``str``); a file that
+    already holds exactly that text is left as it is (its modification time too)."""
+    text = json.dumps(data, indent=indent, default=str)
+    try:
+        if Path(path).read_text() == text:
+            return
+    except OSError:
+        pass
+    write_text(path, text)
 
 
 def read_json(path: str | os.PathLike) -> dict:

@@ -1,17 +1,21 @@
-"""Per-class segmentation metrics, accumulated per image and synchronised across processes.
+"""Per-class segmentation metrics, accumulated per image (2D) or per case (3D volumes) and
+synchronised across processes.
 
-For every image and class the metric keeps the confusion counts (TP, FP, FN, TN) and, optionally,
-the 95th-percentile Hausdorff distance (MONAI's ``compute_hausdorff_distance``, in pixels).
-From those: Dice, IoU, precision, recall (sensitivity), specificity and accuracy.
+For every item (a 2D image, or a whole volume scored in 3D on its own grid) and class the metric
+keeps the confusion counts (TP, FP, FN, TN) and, optionally, the 95th-percentile Hausdorff
+distance and the surface Dice (MONAI's ``compute_hausdorff_distance`` and ``compute_surface_dice``,
+in millimetres when the item's voxel spacing is given, else in pixels). From the counts: Dice,
+IoU, precision, recall (sensitivity), specificity and accuracy.
 
 How empty images count (the convention of MONAI's ``ignore_empty=True`` and of nnU-Net):
 - Dice, IoU, recall and HD95 are undefined for an image whose ground truth lacks the class; that
   image is left out of the class's mean. A false positive there still lowers precision and
   specificity.
 - Precision is undefined (left out) where the prediction lacks the class.
-- A class present in the ground truth but missing from the prediction scores Dice, IoU and recall
-  0 and HD95 the image diagonal, sqrt(H^2 + W^2) pixels (the largest possible distance), so a
-  missed structure counts as the worst case instead of dropping out of the mean.
+- A class present in the ground truth but missing from the prediction scores Dice, IoU, recall and
+  surface Dice 0 and HD95 the item's diagonal (sqrt(H^2 + W^2) pixels, or the volume's diagonal in
+  mm), the largest possible distance, so a missed structure counts as the worst case instead of
+  dropping out of the mean.
 - A class mean over no defined images is NaN; the foreground mean (``dice``, ``iou``, ...) is the
   mean over foreground classes with a defined value.
 """
@@ -23,7 +27,7 @@ import warnings
 from collections.abc import Sequence
 
 import torch
-from monai.metrics import compute_hausdorff_distance
+from monai.metrics import compute_hausdorff_distance, compute_surface_dice
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -31,7 +35,7 @@ METRICS = ("dice", "iou", "precision", "recall", "specificity", "accuracy")
 
 
 def confusion_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """(B, H, W) label maps -> (B, C, C) counts, rows = ground truth, columns = prediction."""
+    """(B, *spatial) label maps -> (B, C, C) counts, rows = ground truth, columns = prediction."""
     b = pred.shape[0]
     idx = target.reshape(b, -1).long() * num_classes + pred.reshape(b, -1).long()
     offset = torch.arange(b, device=pred.device)[:, None] * num_classes**2
@@ -64,20 +68,46 @@ def scores_from_confusion(confusion: Tensor) -> dict[str, Tensor]:
     }
 
 
-def hd95_per_image(pred: Tensor, target: Tensor, num_classes: int) -> Tensor:
-    """(B, H, W) label maps -> (B, C) HD95 in pixels.
+def _onehot(labels: Tensor, num_classes: int) -> Tensor:
+    return torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1)
 
-    NaN where the ground truth lacks the class; the image diagonal where only the prediction does.
+
+def hd95_per_image(
+    pred: Tensor, target: Tensor, num_classes: int, spacing: Sequence[float] | None = None
+) -> Tensor:
+    """(B, *spatial) label maps -> (B, C) HD95, in mm with ``spacing`` (per axis), else in pixels.
+
+    NaN where the ground truth lacks the class; the item's diagonal where only the prediction does.
     """
-    onehot_pred = torch.nn.functional.one_hot(pred.long(), num_classes).movedim(-1, 1)
-    onehot_gt = torch.nn.functional.one_hot(target.long(), num_classes).movedim(-1, 1)
+    onehot_pred, onehot_gt = _onehot(pred, num_classes), _onehot(target, num_classes)
     with warnings.catch_warnings():  # MONAI warns for every empty mask; those become NaN below
         warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(onehot_pred, onehot_gt, include_background=True, percentile=95)
+        hd = compute_hausdorff_distance(
+            onehot_pred, onehot_gt, include_background=True, percentile=95, spacing=spacing
+        )
     in_pred, in_gt = onehot_pred.flatten(2).any(-1), onehot_gt.flatten(2).any(-1)
-    diagonal = math.hypot(*pred.shape[-2:])
+    steps = spacing if spacing is not None else [1.0] * (pred.ndim - 1)
+    diagonal = math.hypot(*(n * s for n, s in zip(pred.shape[1:], steps, strict=True)))
     hd = torch.where(in_pred, hd.to(torch.float64), diagonal)
     return torch.where(in_gt, hd, torch.nan)
+
+
+def surface_dice_per_image(
+    pred: Tensor, target: Tensor, num_classes: int, tolerance: float, spacing: Sequence[float] | None = None
+) -> Tensor:
+    """(B, *spatial) label maps -> (B, C) surface Dice at ``tolerance`` (mm with ``spacing``): the
+    share of both boundaries within ``tolerance`` of the other (Nikolov et al. 2021).
+
+    NaN where the ground truth lacks the class; 0 where only the prediction misses it.
+    """
+    onehot_pred, onehot_gt = _onehot(pred, num_classes), _onehot(target, num_classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        nsd = compute_surface_dice(
+            onehot_pred, onehot_gt, [tolerance] * num_classes, include_background=True, spacing=spacing
+        )
+    in_gt = onehot_gt.flatten(2).any(-1)
+    return torch.where(in_gt, torch.nan_to_num(nsd.to(torch.float64), nan=0.0), torch.nan)
 
 
 def _cat(state: list[Tensor] | Tensor) -> Tensor | None:
@@ -101,37 +131,57 @@ def nanmean(x: Tensor, dim: int | None = None) -> Tensor:
 
 
 class SegmentationMetrics(Metric):
-    """Dice, IoU, precision, recall, specificity, accuracy and HD95 per class and foreground mean.
+    """Dice, IoU, precision, recall, specificity, accuracy, HD95 (and surface Dice) per class and
+    foreground mean, over items: 2D images, or whole volumes scored in 3D.
 
     Args:
         class_names: names in index order, background first.
         hd95: also compute the 95th-percentile Hausdorff distance (CPU cost: distance transforms).
+        surface_tolerance: also compute the surface Dice at this tolerance (mm with a spacing).
 
     ``compute()`` returns ``{"dice": ..., "dice_<class>": ..., "iou": ..., ..., "images": ...}`` as
     0-d tensors; the unsuffixed keys are means over foreground classes, ``images`` the number of
-    distinct images scored.
+    distinct items scored.
     """
 
     full_state_update = False
 
-    def __init__(self, class_names: Sequence[str], hd95: bool = True) -> None:
+    def __init__(
+        self, class_names: Sequence[str], hd95: bool = True, surface_tolerance: float | None = None
+    ) -> None:
         super().__init__()
         self.class_names = list(class_names)
         self.num_classes = len(self.class_names)
         self.hd95 = hd95
+        self.surface_tolerance = surface_tolerance
         self.add_state("confusion", default=[], dist_reduce_fx="cat")
         self.add_state("hausdorff", default=[], dist_reduce_fx="cat")
+        self.add_state("surface", default=[], dist_reduce_fx="cat")
         self.add_state("index", default=[], dist_reduce_fx="cat")
 
-    def update(self, pred: Tensor, target: Tensor, index: Tensor | None = None) -> None:
-        """``pred``, ``target``: (B, H, W) class indices; ``index``: optional (B,) sample ids.
+    def update(
+        self,
+        pred: Tensor,
+        target: Tensor,
+        index: Tensor | None = None,
+        spacing: Sequence[float] | Tensor | None = None,
+    ) -> None:
+        """``pred``, ``target``: (B, *spatial) class indices; ``index``: optional (B,) sample ids;
+        ``spacing``: voxel size per spatial axis in mm, shared by the B items (distances in mm).
 
-        With ids, an image scored more than once (DistributedSampler pads the last batch of a
+        With ids, an item scored more than once (DistributedSampler pads the last batch of a
         rank with repeats) counts once in ``compute``.
         """
         self.confusion.append(confusion_per_image(pred, target, self.num_classes))
+        steps = None if spacing is None else [float(s) for s in spacing]
         if self.hd95:
-            self.hausdorff.append(hd95_per_image(pred.cpu(), target.cpu(), self.num_classes).to(pred.device))
+            hd = hd95_per_image(pred.cpu(), target.cpu(), self.num_classes, steps)
+            self.hausdorff.append(hd.to(pred.device))
+        if self.surface_tolerance is not None:
+            nsd = surface_dice_per_image(
+                pred.cpu(), target.cpu(), self.num_classes, self.surface_tolerance, steps
+            )
+            self.surface.append(nsd.to(pred.device))
         if index is not None:
             self.index.append(torch.as_tensor(index, device=pred.device).long().reshape(-1))
 
@@ -141,12 +191,14 @@ class SegmentationMetrics(Metric):
         return None if ids is None or len(ids) != n else first_occurrences(ids)
 
     def per_image(self) -> dict[str, Tensor]:
-        """Per-image, per-class scores: each (N, C), one row per distinct image."""
+        """Per-item, per-class scores: each (N, C), one row per distinct image or case."""
         confusion = _cat(self.confusion)
         keep = self._first_occurrences(len(confusion))
         scores = scores_from_confusion(confusion)
         if self.hd95:
             scores["hd95"] = _cat(self.hausdorff)
+        if self.surface_tolerance is not None:
+            scores["surface_dice"] = _cat(self.surface)
         return scores if keep is None else {k: v[keep] for k, v in scores.items()}
 
     def total_confusion(self) -> Tensor:

@@ -26,11 +26,22 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """6 synthetic CT volumes of 40x40x12 voxels in MSD layout (read-only: give the data module a
-    ``cache_dir`` in ``tmp_path``, and copy the folder before changing it)."""
+    """6 synthetic CT volumes of 40x40x12 voxels at 0.9 x 0.9 x 3 mm in MSD layout (read-only: give
+    the data module a ``cache_dir`` in ``tmp_path``, and copy the folder before changing it)."""
     from pipeline.data.synthetic_volumes import generate_volumes
 
-    return generate_volumes(tmp_path_factory.mktemp("volumes") / "msd", num_cases=6, seed=0)
+    return generate_volumes(
+        tmp_path_factory.mktemp("volumes") / "msd", num_cases=6, shape=(40, 40, 12), spacing=(0.9, 0.9, 3.0)
+    )
+
+
+@pytest.fixture(scope="session")
+def mixed_volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """8 synthetic CT volumes, each with its own spacing (in-plane 0.6-1.2 mm, slices 1-5 mm) and
+    shape, in MSD layout (read-only, as ``volume_dir``)."""
+    from pipeline.data.synthetic_volumes import generate_volumes
+
+    return generate_volumes(tmp_path_factory.mktemp("mixed") / "msd", num_cases=8, seed=1)
 
 
 @pytest.fixture(scope="session")

@@ -6,73 +6,91 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.cli import main
-from pipeline.data.cache import MappedArray, open_case, prepare_cache, read_manifest
+from pipeline.data.cache import MappedArray, open_case, prepare_facts, prepare_grid, read_manifest
 from pipeline.data.layouts import describe
 from pipeline.data.normalization import Normalization, fit_intensity
+from pipeline.data.resample import resample_image
+from pipeline.data.slicing import in_slice_order, to_slices
 from pipeline.data.synthetic_volumes import CLASS_NAMES
+from pipeline.data.volumes import load_volume_case
+
+GRID = ((0.9, 0.9, 3.0), 2)  # the fixture's own spacing: resampling keeps every voxel
 
 
 def _mtimes(folder):
-    return {p.name: p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
+    return {p.relative_to(folder): p.stat().st_mtime_ns for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
 def test_cache_prepare_twice_is_a_no_op(volume_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
     main(["data", "prepare", str(volume_dir), "--cache", str(cache)])
-    assert "6 cases, 6 decoded, 0 unchanged; slice axis 2 (axial)" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "6 cases; resampled to" in out and "target spacing   0.9 x 0.9 x 3 mm" in out
     before = _mtimes(cache)
-    assert len(before) == 1 + 6 * 3  # manifest + image, mask, foreground sample per case
+    # facts manifest, plan, label + foreground sample per case; a grid: manifest, image, mask, voxels per case
+    assert len(before) == 2 + 6 * 2 + 1 + 6 * 3
     main(["data", "prepare", str(volume_dir), "--cache", str(cache)])
-    assert "6 cases, 0 decoded, 6 unchanged" in capsys.readouterr().out
-    assert _mtimes(cache) == before  # nothing rewritten, not even the manifest
+    assert _mtimes(cache) == before  # nothing rewritten: not a manifest, not the plan
 
 
 def test_cache_redecodes_only_what_changed(volume_dir, tmp_path):
     root, cache = tmp_path / "msd", tmp_path / "cache"
     shutil.copytree(volume_dir, root)
     cases = describe(root).cases
-    prepare_cache(cases, cache, CLASS_NAMES)
+    prepare_facts(cases, cache, CLASS_NAMES)
+    key, _ = prepare_grid(cases, cache, *GRID, CLASS_NAMES)
+    before = _mtimes(cache)
     image = nib.load(root / "imagesTr" / "vol_001.nii.gz")
     data = np.asanyarray(image.dataobj).copy()
     data[0, 0, 0] += 5
     nib.save(nib.Nifti1Image(data, image.affine, image.header), root / "imagesTr" / "vol_001.nii.gz")
-    manifest, written = prepare_cache(cases, cache, CLASS_NAMES)
+    prepare_facts(cases, cache, CLASS_NAMES)
+    prepare_grid(cases, cache, *GRID, CLASS_NAMES)
+    changed = {str(p) for p, t in _mtimes(cache).items() if before.get(p) != t}
+    assert {c for c in changed if "vol_" in c} == {
+        "cases/vol_001.label.npy", "cases/vol_001.fg.npy",
+        f"grids/{key}/vol_001.image.npy", f"grids/{key}/vol_001.mask.npy", f"grids/{key}/vol_001.where.npy",
+    }  # fmt: skip
     # stored voxel (0, 0, 0) of the x- and y-flipped file is canonical (-1, -1, 0): slice 0, row -1, column -1
-    assert written == 1 and np.load(cache / "cases" / "vol_001.image.npy")[0, -1, -1, 0] == data[0, 0, 0]
-    _, written = prepare_cache(cases[:4], cache, CLASS_NAMES)  # two cases gone: their files too
-    assert written == 0 and not (cache / "cases" / "vol_005.image.npy").exists()
-    manifest, written = prepare_cache(cases[:4], cache, CLASS_NAMES, slice_axis=0)  # new axis: all again
-    assert written == 4 and manifest["slice_axis"] == 0
-    assert np.load(cache / "cases" / "vol_000.mask.npy", mmap_mode="r").shape == (40, 40, 12)
+    assert np.load(cache / "grids" / key / "vol_001.image.npy")[0, -1, -1, 0] == data[0, 0, 0]
+    prepare_facts(cases[:4], cache, CLASS_NAMES)  # two cases gone: their files too
+    assert not (cache / "cases" / "vol_005.label.npy").exists()
+    key0, entries = prepare_grid(
+        cases[:4], cache, (0.9, 0.9, 3.0), 0, CLASS_NAMES
+    )  # another axis: a new grid
+    assert key0 != key and entries["vol_000"]["shape"] == [40, 40, 12, 1]
 
 
-def test_cache_holds_canonical_slices_stats_and_foreground_indices(volume_dir, tmp_path):
-    cases = describe(volume_dir).cases
-    manifest, _ = prepare_cache(cases, tmp_path, CLASS_NAMES)
-    entry = manifest["cases"]["vol_000"]
-    from pipeline.data.volumes import load_volume_case
-
+def test_cache_grid_holds_resampled_slices_stats_and_class_slices(mixed_volume_dir, tmp_path):
+    cases = describe(mixed_volume_dir).cases
+    facts = prepare_facts(cases, tmp_path, CLASS_NAMES)
+    target = (0.8, 0.8, 2.5)
+    key, grid = prepare_grid(cases, tmp_path, target, 2, CLASS_NAMES)
     volume, mask = load_volume_case(cases[0], CLASS_NAMES)
-    image = np.load(tmp_path / entry["image"], mmap_mode="r")
-    assert isinstance(image, np.memmap) and image.dtype == np.int16 and entry["shape"] == [12, 40, 40, 1]
-    assert np.array_equal(image, np.moveaxis(volume.array, 2, 0))
-    assert entry["labels"] == [0, 1, 2] and set(entry["class_slices"]) == {"1", "2"}
+    entry = grid[cases[0].case_id]
+    image = np.load(tmp_path / "grids" / key / entry["image"], mmap_mode="r")
+    expected = resample_image(to_slices(volume.array, 2), in_slice_order(volume.spacing, 2), (2.5, 0.8, 0.8))
+    assert isinstance(image, np.memmap) and image.dtype == np.float32 and np.array_equal(image, expected)
+    assert np.allclose(facts[cases[0].case_id]["spacing"], volume.spacing) and volume.spacing != target
+    labels = np.load(tmp_path / "grids" / key / entry["mask"])
+    assert labels.shape == image.shape[:3] and set(entry["class_slices"]) == {"1", "2"}
     for label, slices in entry["class_slices"].items():
-        assert slices == [s for s in range(12) if (mask[:, :, s] == int(label)).any()]
-        assert 0 < len(slices) < 12
-    assert np.allclose(entry["spacing"], (0.9, 0.9, 3.0), atol=1e-5)
-    # statistics from the manifest's moments equal measuring the voxels
-    arrays = open_case(tmp_path, "vol_000", entry, [Normalization("zscore")])
-    measured = fit_intensity(np.asarray(image), Normalization("zscore"))
+        assert slices == [s for s in range(len(labels)) if (labels[s] == int(label)).any()]
+    arrays = open_case(
+        tmp_path, key, cases[0].case_id, facts[cases[0].case_id], entry, [Normalization("zscore")], 2
+    )
+    measured = fit_intensity(np.asarray(image), Normalization("zscore"))  # the moments give the same
     for field in ("lo", "hi", "mean", "std"):
         assert np.allclose(getattr(arrays.stats, field), getattr(measured, field))
+    assert np.array_equal(arrays.original.labels_in_slice_order(), to_slices(mask, 2))
     assert json.loads((tmp_path / "manifest.json").read_text()) == read_manifest(tmp_path)
 
 
 def test_cache_mapped_arrays_pickle_as_their_path(volume_dir, tmp_path):
-    manifest, _ = prepare_cache(describe(volume_dir).cases[:1], tmp_path, CLASS_NAMES)
-    entry = manifest["cases"]["vol_000"]
-    array = MappedArray(tmp_path / entry["image"], entry["shape"])
+    cases = describe(volume_dir).cases[:1]
+    key, grid = prepare_grid(cases, tmp_path, *GRID, CLASS_NAMES)
+    entry = grid["vol_000"]
+    array = MappedArray(tmp_path / "grids" / key / entry["image"], entry["shape"])
     first = np.array(array[3])
     copy = pickle.loads(pickle.dumps(array))  # what a loader worker receives
     assert len(pickle.dumps(array)) < 1000 and np.array_equal(copy[3], first)

@@ -61,8 +61,9 @@ def test_data_check_reports_every_fault_naming_the_file(volume_dir, tmp_path):
     assert report.summary().startswith("FAILED: 6 problem(s)")
 
 
-def test_data_check_two_workers_report_what_one_reports(volume_dir, tmp_path):
+def test_data_check_two_workers_report_what_one_reports(volume_dir, tmp_path, monkeypatch):
     root = _broken_msd(volume_dir, tmp_path)
+    monkeypatch.setattr("pipeline.parallel.MIN_ITEMS_PER_WORKER", 1)  # a pool even for six cases
     one, two = check_dataset(root, workers=1), check_dataset(root, workers=2)
     assert [str(p) for p in two.problems] == [str(p) for p in one.problems] and len(one.problems) == 6
 

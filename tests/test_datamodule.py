@@ -157,10 +157,11 @@ def test_class_names_file_must_list_indices(tmp_path):
 
 
 def test_datamodule_auto_workers_share_the_cores_among_devices(monkeypatch):
+    from pipeline import parallel
     from pipeline.data import datamodule
 
-    monkeypatch.setattr(datamodule.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: set(range(32)), raising=False)
     assert datamodule.auto_workers(1) == 16  # capped
     assert datamodule.auto_workers(4) == 8
-    monkeypatch.setattr(datamodule.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert datamodule.auto_workers(1) == 2 and datamodule.auto_workers(8) == 1

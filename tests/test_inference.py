@@ -215,32 +215,50 @@ def test_inference_equals_what_validation_scores_2d(
         assert np.array_equal(read_mask_2d(out / f"{cid}.png"), expected), cid
 
 
+def scored_cases(run: Path, checkpoint: Path, monkeypatch) -> dict[str, np.ndarray]:
+    """``medseg validate`` on a volume run: {case: the (S, H, W) labels its 3D metrics scored, on the
+    case's own grid in slice order}."""
+    keys, preds = [], []
+    validation_step, update = SegmentationModule.validation_step, SegmentationMetrics.update
+
+    def record_step(self, batch, batch_idx):
+        keys.append(batch["case_id"])
+        return validation_step(self, batch, batch_idx)
+
+    def record_update(self, pred, *args):
+        if self.surface_tolerance is not None:  # the per-case metric, not the per-slice one
+            preds.append(pred[0].cpu().numpy())
+        return update(self, pred, *args)
+
+    monkeypatch.setattr(SegmentationModule, "validation_step", record_step)
+    monkeypatch.setattr(SegmentationMetrics, "update", record_update)
+    main(["validate", "-c", str(run / "config.yaml"), "--ckpt_path", str(checkpoint),
+          "--trainer.limit_val_batches", "1.0", "--trainer.logger", "false"])  # fmt: skip
+    monkeypatch.undo()
+    return dict(zip(keys, preds, strict=True))
+
+
 def test_inference_equals_what_validation_scores_on_volumes(tmp_path, monkeypatch):
     # Two-channel nnU-Net raw volumes (CT + MR: per-channel normalisation with data-set CT
-    # statistics), stored oblique and LPS-like; slices 40x40 > the 32x32 patch (sliding window).
-    data = generate_volumes(tmp_path / "data", num_cases=4, modalities=("CT", "T2"), layout="nnunet")
+    # statistics), stored oblique and LPS-like, each case with its own spacing and shape: both
+    # paths resample to the planned spacing and score on the case's own grid.
+    data = generate_volumes(tmp_path / "data", num_cases=5, modalities=("CT", "T2"), layout="nnunet", seed=3)
     extra = ["--run.experiment", "vol", "--run.name", "tiny", "--run.wandb", "false", "--model.hd95", "false",
-             "--data.patch_size", "[32, 32]", "--data.normalization.mode", "auto"]  # fmt: skip
+             "--data.patch_size", "[24, 24]", "--data.normalization.mode", "auto",
+             "--data.iterations_per_epoch", "2"]  # fmt: skip
     main(fit_args(data, tmp_path / "runs", *extra))
     run = tmp_path / "runs" / "vol" / "tiny"
     checkpoint = run / "checkpoints" / "last.ckpt"
-    scored = scored_by_validation(run, checkpoint, monkeypatch)
-    val_ids = sorted({cid for cid, _ in scored})
-    assert len(scored) == 12 * len(val_ids)
+    scored = scored_cases(run, checkpoint, monkeypatch)
+    assert sorted(scored) == json.loads((run / "split.json").read_text())["val"]
 
     out = tmp_path / "out"
-    assert (
-        infer(
-            checkpoint, [data / "imagesTr" / f"{cid}_{c:04d}.nii.gz" for cid in val_ids for c in (0, 1)], out
-        )
-        == 0
-    )
+    inputs = [data / "imagesTr" / f"{cid}_{c:04d}.nii.gz" for cid in scored for c in (0, 1)]
+    assert infer(checkpoint, inputs, out) == 0
     axis = torch.load(checkpoint, weights_only=True)["medseg"]["preprocessing"]["slice_axis"]
-    for cid in val_ids:
+    for cid, expected in scored.items():
         labels = to_slices(read_nifti([out / f"{cid}.nii.gz"]).array[..., 0], axis)
-        for (case_id, s), expected in scored.items():
-            if case_id == cid:
-                assert np.array_equal(labels[s], expected), (cid, s)
+        assert labels.shape == expected.shape and np.array_equal(labels, expected), cid
 
 
 def test_inference_case_names_stay_inside_the_output_folder(tmp_path):

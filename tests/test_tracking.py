@@ -125,12 +125,14 @@ def test_tracking_test_stage_writes_per_case_csv_and_confusion_png_into_the_run(
             str(run_dir / "checkpoints" / "best.ckpt"),
             "--run.root",
             str(run_dir.parent.parent / "elsewhere"),  # the checkpoint's run still gets the report
+            "--data.test_split",
+            "val",  # the run holds out no test cases: score the validation cases, on purpose
         ]
     )
     with open(run_dir / "test_cases.csv") as f:
         rows = list(csv.DictReader(f))
     split = json.loads((run_dir / "split.json").read_text())
-    assert sorted(row["case_id"] for row in rows) == sorted(split["test"] or split["val"])
+    assert not split["test"] and sorted(row["case_id"] for row in rows) == sorted(split["val"])
     assert {"dice", "dice_organ", "hd95_vessel", "specificity"} <= set(rows[0])
     assert all(row["slice_index"] == "-1" for row in rows)
     assert (run_dir / "plots" / "test_confusion.png").stat().st_size > 1000
@@ -143,3 +145,22 @@ def test_tracking_test_stage_writes_per_case_csv_and_confusion_png_into_the_run(
     assert len(folders) == 2 and folders[0] == offline_run["folder"]
     tested = read_offline_run(folders[1]).history_keys()  # folders are named by the run id
     assert "test/dice" in tested and "test/cases/path" in tested  # the scores and the per-case table
+
+
+def test_tracking_test_without_a_test_split_refuses_and_says_how(phantom_dir, tmp_path, capsys):
+    main(fit_args(phantom_dir, tmp_path / "runs", "--run.wandb", "false"))
+    run_dir = tmp_path / "runs" / "default" / "unet-relu-kaiming-d3-s0"
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            [
+                "test",
+                "-c",
+                str(run_dir / "config.yaml"),
+                "--ckpt_path",
+                str(run_dir / "checkpoints" / "best.ckpt"),
+            ]
+        )
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 1 and "this run has no test split" in err
+    assert "--data.test_fraction" in err and "--data.test_split val" in err
+    assert not (run_dir / "test").exists()  # refused before anything was written

@@ -1,4 +1,5 @@
 import json
+import shutil
 
 import nibabel as nib
 import numpy as np
@@ -81,15 +82,15 @@ def test_volumes_lps_and_ras_copies_give_identical_training_slices(tmp_path):
         assert (ca, sa) == (cb, sb) and np.array_equal(ia, ib) and np.array_equal(ma, mb)
 
 
-def test_volumes_ct_uses_foreground_percentiles_of_the_data_set(volume_dir, tmp_path):
+def test_volumes_ct_uses_foreground_percentiles_of_the_training_cases(volume_dir, tmp_path):
     dm = SegmentationDataModule(root=str(volume_dir), cache_dir=str(tmp_path / "cache"), num_workers=0)
     dm.setup("fit")
     pre = dm.preprocessing()
     json.dumps(pre.to_checkpoint())  # plain types only
     foreground = []
-    for path in sorted((volume_dir / "labelsTr").glob("*.nii.gz")):
-        image = nib.load(volume_dir / "imagesTr" / path.name).get_fdata()
-        foreground.append(image[nib.load(path).get_fdata() > 0])
+    for case in dm.split["train"]:
+        image = nib.load(volume_dir / "imagesTr" / f"{case}.nii.gz").get_fdata()
+        foreground.append(image[nib.load(volume_dir / "labelsTr" / f"{case}.nii.gz").get_fdata() > 0])
     foreground = np.concatenate(foreground)
     (norm,) = pre.normalization
     assert norm.mode == "ct" and pre.modalities == ("CT",) and pre.slice_axis == 2
@@ -99,7 +100,29 @@ def test_volumes_ct_uses_foreground_percentiles_of_the_data_set(volume_dir, tmp_
     case = dm.datasets["val"].cases[0]
     raw = np.asarray(case.image[6], dtype=float)[..., 0]
     expected = (np.clip(raw, *norm.window) - norm.mean) / norm.std
-    assert np.allclose(dm.datasets["val"][6]["image"][0].numpy(), expected, atol=1e-4)
+    assert np.allclose(dm.datasets["val"][0]["image"][0, 6].numpy(), expected, atol=1e-4)
+
+
+def test_volumes_statistics_and_plan_ignore_the_validation_and_test_cases(volume_dir, tmp_path):
+    def learned(root):
+        dm = SegmentationDataModule(
+            root=str(root), test_fraction=0.2, cache_dir=str(root / "cache"), num_workers=0
+        )
+        plan = dm.resolve_plan()
+        return dm.split, dm.preprocessing().normalization, plan.target_spacing, plan.net_2d
+
+    root = tmp_path / "msd"
+    shutil.copytree(volume_dir, root)
+    split, norms, spacing, net = learned(root)
+    for case in (*split["val"], *split["test"]):  # brighter, and at another spacing
+        path = root / "imagesTr" / f"{case}.nii.gz"
+        image = nib.load(path)
+        affine = image.affine @ np.diag([2.0, 2.0, 2.0, 1.0])
+        data = np.asanyarray(image.dataobj).astype(np.int16) + 300
+        nib.save(nib.Nifti1Image(data, affine), path)
+        mask = nib.load(root / "labelsTr" / f"{case}.nii.gz")
+        nib.save(nib.Nifti1Image(np.asanyarray(mask.dataobj), affine), root / "labelsTr" / f"{case}.nii.gz")
+    assert learned(root) == (split, norms, spacing, net)
 
 
 def test_volumes_per_channel_stats_match_fitting_each_channel_alone():
@@ -117,7 +140,7 @@ def test_volumes_one_epoch_fit_through_the_cli(volume_dir, tmp_path):
     args = fit_args(volume_dir, tmp_path / "runs", "--run.experiment", "vol", "--run.wandb", "false")
     args += ["--data.normalization.mode", "auto", "--data.cache_dir", str(tmp_path / "cache")]
     args += ["--data.patch_size", "[32, 32]", "--model.net.init_args.features", "[8, 16]"]
-    args += ["--trainer.limit_val_batches", "1.0"]  # every slice of the validation case: some hold foreground
+    args += ["--trainer.limit_val_batches", "1.0", "--data.iterations_per_epoch", "2"]
     main(args)
     run = next((tmp_path / "runs" / "vol").iterdir())
     summary = json.loads((run / "summary.json").read_text())

@@ -18,42 +18,35 @@ from collections.abc import Sequence
 
 from pipeline.errors import DataError, TrainingDiverged
 
-# name: (module, function taking the remaining words, one line of help)
-COMMANDS: dict[str, tuple[str, str, str]] = {
-    "fit": (
-        "pipeline.cli.lightning",
-        "fit_command",
-        "train a model (LightningCLI: -c configs..., --key value)",
-    ),
-    "validate": ("pipeline.cli.lightning", "validate_command", "score a checkpoint on the validation split"),
-    "test": ("pipeline.cli.lightning", "test_command", "score a checkpoint on the held-out test split"),
+# name: ("module:function" taking the remaining words, one line of help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("pipeline.cli.lightning:fit_command", "train a model (LightningCLI: -c configs..., --key value)"),
+    "validate": ("pipeline.cli.lightning:validate_command", "score a checkpoint on the validation split"),
+    "test": ("pipeline.cli.lightning:test_command", "score a checkpoint on the held-out test split"),
     "infer": (
-        "pipeline.inference.run",
-        "infer_command",
+        "pipeline.inference.run:infer_command",
         "segment new scans with a checkpoint (batch inference)",
     ),
+    "plan": (
+        "pipeline.cli.plan:plan_command",
+        "plan a volume data set: spacing, patch, batch, pooling (2D, 3D)",
+    ),
     "data": (
-        "pipeline.cli.data",
-        "data_command",
+        "pipeline.cli.data:data_command",
         "data sets: synth (generate), check (validate), prepare (cache)",
     ),
     "ablation": (
-        "pipeline.experiments.ablation",
-        "ablation_command",
+        "pipeline.experiments.ablation:ablation_command",
         "train every variant of an ablation suite",
     ),
-    "compare": (
-        "pipeline.experiments.compare",
-        "compare_command",
-        "compare run directories: report, tables, plots",
-    ),
+    "compare": ("pipeline.experiments.compare:compare_command", "compare run directories: report and plots"),
 }
 
 
 def usage() -> str:
     """``medseg --help``: every subcommand with its line of help."""
     width = max(map(len, COMMANDS))
-    lines = [f"  {name:<{width}}  {text}" for name, (_, _, text) in COMMANDS.items()]
+    lines = [f"  {name:<{width}}  {text}" for name, (_, text) in COMMANDS.items()]
     return "\n".join(
         [
             "usage: medseg <command> [options]     (medseg <command> --help for its options)",
@@ -78,7 +71,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(f"medseg: unknown command {words[0]!r}\n\n{usage()}", file=sys.stderr)
         sys.exit(2)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    module, function, _ = COMMANDS[words[0]]
+    module, function = COMMANDS[words[0]][0].split(":")
     try:
         getattr(importlib.import_module(module), function)(words[1:])
     except (DataError, TrainingDiverged) as err:

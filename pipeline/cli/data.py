@@ -3,33 +3,20 @@
 medseg data synth [--output DIR] [--num-images N] [--size PX]      # the 2D phantom data set
 medseg data synth --volumes [--layout msd|nnunet] [--output DIR]   # small synthetic NIfTI set
 medseg data check <root> [--layout ...]       # every problem, one line each; exit 1 if any
-medseg data prepare <root> [--cache DIR]      # decode volumes once into the slice cache
+medseg data prepare <root> [--cache DIR]      # plan, then resample every volume into the cache
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections.abc import Sequence
 
+from pipeline.cli.plan import add_plan_arguments
 from pipeline.data.layouts import LAYOUTS
-from pipeline.data.slicing import AXIS_NAMES
+from pipeline.parallel import usable_cores
 
 VOLUMES_OUTPUT = "data/synthetic_volumes"
-
-
-def default_workers() -> int:
-    """The CPU cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _slice_axis(text: str) -> int | str:
-    if text == "auto":
-        return text
-    if text in ("0", "1", "2"):
-        return int(text)
-    raise argparse.ArgumentTypeError(f"slice axis must be 0, 1, 2 or auto, got {text!r}")
 
 
 def parser() -> argparse.ArgumentParser:
@@ -51,16 +38,9 @@ def parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check", help="validate a data set and report every problem")
     check.add_argument("root", help="data set folder")
     check.add_argument("--layout", choices=LAYOUTS, default="auto", help="layout (default: auto-detect)")
-    check.add_argument(
-        "--workers", type=int, default=default_workers(), help="processes (default: %(default)s)"
-    )
-    prepare = sub.add_parser("prepare", help="decode volumes once into the memory-mapped slice cache")
-    prepare.add_argument("root", help="data set folder")
-    prepare.add_argument("--cache", default=None, help="cache folder (default: <root>/.medseg-cache)")
-    prepare.add_argument("--layout", choices=LAYOUTS, default="auto", help="layout (default: auto-detect)")
-    prepare.add_argument(
-        "--slice-axis", type=_slice_axis, default="auto", help="0, 1, 2 or auto (coarsest spacing; default)"
-    )
+    check.add_argument("--workers", type=int, default=usable_cores(), help="processes (default: %(default)s)")
+    prepare = sub.add_parser("prepare", help="plan, then resample every volume into the cache once")
+    add_plan_arguments(prepare)
     return parser
 
 
@@ -94,25 +74,17 @@ def check(opts: argparse.Namespace) -> None:
 
 
 def prepare(opts: argparse.Namespace) -> None:
-    from pipeline.data.cache import default_cache_dir, prepare_cache
-    from pipeline.data.layouts import describe, resolve_class_names
-    from pipeline.data.volumes import is_volume_case
+    """Plan the data set and resample every case into the cache, as ``medseg fit`` would."""
+    from pipeline.cli.plan import plan_table, planned_datamodule
 
-    info = describe(opts.root, opts.layout)
-    volumes = [case for case in info.cases if is_volume_case(case)]
-    if not volumes:
-        print(
-            f"{opts.root}: no volumes ({info.layout} layout); 2D images are read into memory, nothing to prepare"
-        )
+    dm = planned_datamodule(opts)
+    if dm.plan is None:
+        print(f"{opts.root}: 2D images are read into memory, nothing to prepare")
         return
-    cache_dir = opts.cache or default_cache_dir(opts.root)
-    names = resolve_class_names(opts.root, info)
-    manifest, written = prepare_cache(volumes, cache_dir, names, opts.slice_axis, None, info.layout)
-    axis = manifest["slice_axis"]
-    print(
-        f"cache {cache_dir}: {len(volumes)} cases, {written} decoded, {len(volumes) - written} unchanged; "
-        f"slice axis {axis} ({AXIS_NAMES[axis]})"
-    )
+    dm.setup("fit")
+    print(plan_table(dm))
+    grid = dm.cache_dir / "grids" / dm.source.grid
+    print(f"cache {dm.cache_dir}: {len(dm.cases)} cases; resampled to {grid}")
 
 
 def data_command(args: Sequence[str]) -> None:

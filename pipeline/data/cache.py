@@ -1,22 +1,30 @@
-"""Decode volumes once into a per-case array cache, read back with memory mapping.
+"""Volumes decoded once into a memory-mapped cache, in two passes.
 
-Training reads 2D slices; decompressing a ``.nii.gz`` for every slice would dominate the loop.
-``prepare_cache`` writes, for each case, its canonical (RAS+) arrays already cut along the slice
-axis, so one slice is one contiguous block of a ``.npy`` file::
+Facts (per case, whatever the plan): the case's spacing, shape, class voxel counts and a sample of
+foreground intensities (the fingerprint the plan is made from), and its labels on its own grid
+(where validation scores it)::
 
-    <cache>/manifest.json               settings, resolved slice axis, one entry per case
-    <cache>/cases/<case>.image.npy      (S, H, W, C) raw intensities (float32 for float inputs)
-    <cache>/cases/<case>.mask.npy       (S, H, W) uint8 class indices
-    <cache>/cases/<case>.fg.npy         (N, C) float32: up to 10,000 foreground intensities, for
-                                        data-set statistics (CT normalisation)
+    <cache>/manifest.json              settings and one entry per case (inputs' sizes and mtimes)
+    <cache>/cases/<case>.label.npy     (X, Y, Z) uint8 labels, RAS+ order, the case's own grid
+    <cache>/cases/<case>.fg.npy        (N, C) float32: up to 10,000 foreground intensities
 
-A case entry records its inputs' sizes and modification times; a case whose inputs and settings
-are unchanged is not decoded again, so re-running on an unchanged data set writes nothing.
+Grids (per target spacing and slice axis, ``grid_key``): the case resampled to the plan's spacing
+(``pipeline.data.resample``) and cut along the slice axis, so a slice, or a 3D patch, is a small
+contiguous read::
+
+    <cache>/grids/<key>/manifest.json
+    <cache>/grids/<key>/<case>.image.npy      (S, H, W, C) float32 intensities
+    <cache>/grids/<key>/<case>.mask.npy       (S, H, W) uint8 class indices
+    <cache>/grids/<key>/<case>.where.npy      (N, 4) int32 (class, s, h, w): up to 10,000 voxels
+                                              of each foreground class, for foreground patches
+
+An entry records its inputs' sizes and modification times; unchanged cases are not decoded again,
+so re-running on an unchanged data set writes nothing. Both passes spread cases over workers.
 """
 
 from __future__ import annotations
 
-import json
+import functools
 import logging
 import zlib
 from collections.abc import Sequence
@@ -24,19 +32,21 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.dataset import CaseArrays, slices_per_class
+from pipeline.data.dataset import CaseArrays, OriginalGrid, slices_per_class
+from pipeline.data.fingerprint import CaseFacts
 from pipeline.data.layouts import Case
 from pipeline.data.normalization import Normalization, case_stats, intensity_moments
-from pipeline.data.slicing import resolve_slice_axis, to_slices
-from pipeline.data.volumes import load_volume_case, probe
+from pipeline.data.resample import resample_image, resample_labels
+from pipeline.data.slicing import in_slice_order, to_slices
+from pipeline.data.volumes import load_volume_case
 from pipeline.errors import DataError
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, read_json, write_json
+from pipeline.parallel import map_with_progress
 
 log = logging.getLogger(__name__)
-CACHE_VERSION = 2  # 2: slices per class (class_slices) instead of foreground_slices
+CACHE_VERSION = 3  # 3: facts and resampled grids (2: slices per class)
 MANIFEST = "manifest.json"
-FOREGROUND_SAMPLE = 10_000
-ARRAYS = ("image", "mask", "foreground_sample")  # manifest entry keys naming the case's files
+SAMPLE = 10_000  # foreground intensities per case; voxels per class per case for foreground patches
 
 
 def default_cache_dir(root: str | Path) -> Path:
@@ -71,94 +81,99 @@ class MappedArray:
 
 
 def read_manifest(cache_dir: str | Path) -> dict | None:
-    """The cache's manifest, or None when there is none (or it is unreadable: rebuilt then)."""
-    try:
-        return json.loads((Path(cache_dir) / MANIFEST).read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
+    """The cache's facts manifest, or None when there is none (or it is unreadable: rebuilt then)."""
+    return read_json(Path(cache_dir) / MANIFEST) or None
 
 
-def _signature(case: Case) -> dict[str, list[int]]:
+def signature(case: Case) -> dict[str, list[int]]:
     """Size and modification time (ns) of every input file of ``case`` (DICOM: every file)."""
     paths = [p for image in case.images for p in (sorted(image.iterdir()) if image.is_dir() else [image])]
     paths += [case.mask] if case.mask is not None else []
-    signature = {}
+    found = {}
     for path in paths:
         try:
             stat = path.stat()
         except OSError as err:
             raise DataError(path, f"cannot read ({err.strerror})") from None
-        signature[str(path)] = [stat.st_size, stat.st_mtime_ns]
-    return signature
+        found[str(path)] = [stat.st_size, stat.st_mtime_ns]
+    return found
+
+
+def _rng(case_id: str) -> np.random.Generator:
+    return np.random.default_rng(zlib.crc32(case_id.encode()))
 
 
 def sample_foreground(image: np.ndarray, mask: np.ndarray, case_id: str) -> np.ndarray:
-    """(N, C) float32 intensities of up to ``FOREGROUND_SAMPLE`` foreground voxels, drawn with a
-    seed derived from ``case_id``. ``image``: (..., C); ``mask``: its spatial shape."""
+    """(N, C) float32 intensities of up to ``SAMPLE`` foreground voxels, drawn with a seed derived
+    from ``case_id``. ``image``: (..., C); ``mask``: its spatial shape."""
     foreground = image[mask > 0]
-    if len(foreground) > FOREGROUND_SAMPLE:
-        rng = np.random.default_rng(zlib.crc32(case_id.encode()))
-        foreground = foreground[np.sort(rng.choice(len(foreground), FOREGROUND_SAMPLE, replace=False))]
+    if len(foreground) > SAMPLE:
+        foreground = foreground[np.sort(_rng(case_id).choice(len(foreground), SAMPLE, replace=False))]
     return foreground.astype(np.float32)
+
+
+def class_voxels(mask: np.ndarray, case_id: str) -> np.ndarray:
+    """(N, 4) int32 rows (class, s, h, w): up to ``SAMPLE`` voxels of each foreground class of the
+    (S, H, W) ``mask``, seeded by ``case_id``."""
+    rows = []
+    for label in np.unique(mask):
+        if label == 0:
+            continue
+        where = np.argwhere(mask == label)
+        if len(where) > SAMPLE:
+            where = where[np.sort(_rng(f"{case_id}/{label}").choice(len(where), SAMPLE, replace=False))]
+        rows.append(np.column_stack([np.full(len(where), label), where]))
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
 
 
 def _save(path: Path, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
-def _write_case(case: Case, cache_dir: Path, axis: int, class_names, label_map, inputs: dict) -> dict:
-    """Decode, check and cache one case; returns its manifest entry."""
+def _fresh(entries: dict, folder: Path, inputs: dict[str, dict], files: Sequence[str]) -> dict:
+    """The entries whose inputs are unchanged and whose files all exist."""
+    return {
+        cid: entry
+        for cid, entry in entries.items()
+        if inputs.get(cid) == entry["inputs"]
+        and all((folder / entry[k]).is_file() for k in files if entry[k])
+    }
+
+
+def _drop_gone(old: dict, new: dict, folder: Path, files: Sequence[str]) -> None:
+    for gone in set(old) - set(new):
+        for key in files:
+            if old[gone].get(key):
+                (folder / old[gone][key]).unlink(missing_ok=True)
+
+
+def _facts_entry(case: Case, cache_dir: Path, class_names, label_map, inputs: dict) -> dict:
+    """Decode one case; write its own-grid labels and foreground sample; return its facts entry."""
     volume, mask = load_volume_case(case, class_names, label_map)
-    array = volume.array if np.issubdtype(volume.array.dtype, np.integer) else volume.array.astype(np.float32)
-    image = np.ascontiguousarray(to_slices(array, axis))
-    _save(cache_dir / "cases" / f"{case.case_id}.image.npy", image)
     entry = {
         "inputs": inputs,
-        "image": f"cases/{case.case_id}.image.npy",
-        "mask": None,
-        "foreground_sample": None,
-        "shape": list(image.shape),
-        "dtype": str(image.dtype),
         "spacing": list(volume.spacing),
-        "affine": volume.affine.tolist(),
-        "slice_axis": axis,
-        "moments": intensity_moments(image),
-        "class_slices": {},
-        "labels": [],
+        "shape": list(volume.array.shape[:3]),
+        "channels": int(volume.array.shape[-1]),
+        "label": None,
+        "foreground_sample": None,
+        "class_voxels": {},
     }
     if mask is not None:
-        slices = np.ascontiguousarray(to_slices(mask, axis))
-        _save(cache_dir / "cases" / f"{case.case_id}.mask.npy", slices)
-        _save(cache_dir / "cases" / f"{case.case_id}.fg.npy", sample_foreground(image, slices, case.case_id))
-        entry["mask"] = f"cases/{case.case_id}.mask.npy"
+        entry["label"] = f"cases/{case.case_id}.label.npy"
         entry["foreground_sample"] = f"cases/{case.case_id}.fg.npy"
-        entry["labels"] = np.unique(slices).tolist()
-        entry["class_slices"] = {str(label): found for label, found in slices_per_class(slices).items()}
+        _save(cache_dir / entry["label"], np.ascontiguousarray(mask))
+        _save(cache_dir / entry["foreground_sample"], sample_foreground(volume.array, mask, case.case_id))
+        labels, counts = np.unique(mask, return_counts=True)
+        entry["class_voxels"] = {str(k): int(n) for k, n in zip(labels, counts, strict=True)}
     return entry
 
 
-def prepare_cache(
-    cases: Sequence[Case],
-    cache_dir: str | Path,
-    class_names: Sequence[str],
-    slice_axis: int | str = "auto",
-    label_map: dict[int, int] | None = None,
-    layout: str = "",
-) -> tuple[dict, int]:
-    """Bring the cache of ``cases`` up to date; returns the manifest and how many cases were decoded.
+FACT_FILES = ("label", "foreground_sample")
+GRID_FILES = ("image", "mask", "where")
 
-    Args:
-        cases: volume cases (NIfTI or DICOM), with masks for training.
-        cache_dir: the cache folder (created if needed).
-        class_names: classes of the data set (labels outside them are an error).
-        slice_axis: 0, 1, 2 or ``"auto"`` (the coarsest median spacing over ``cases``).
-        label_map: ``{stored value: class index}`` applied to masks.
-        layout: the layout name, recorded in the manifest.
 
-    Raises:
-        DataError: an input cannot be read or is inconsistent (naming the file), or the cache
-            folder cannot be written.
-    """
+def _folder(cache_dir: str | Path) -> Path:
     cache_dir = Path(cache_dir)
     try:
         (cache_dir / "cases").mkdir(parents=True, exist_ok=True)
@@ -166,53 +181,167 @@ def prepare_cache(
         raise DataError(
             cache_dir, f"cannot create the cache ({err.strerror}); set data.cache_dir / --cache"
         ) from None
+    return cache_dir
+
+
+def prepare_facts(
+    cases: Sequence[Case],
+    cache_dir: str | Path,
+    class_names: Sequence[str],
+    label_map: dict[int, int] | None = None,
+    layout: str = "",
+    workers: int = 1,
+    progress: bool = False,
+) -> dict[str, dict]:
+    """Bring the facts of ``cases`` up to date; returns the entry of each case (by case id).
+
+    Raises:
+        DataError: an input cannot be read or is inconsistent (naming the file), or the cache
+            folder cannot be written.
+    """
+    cache_dir = _folder(cache_dir)
     settings = {
         "version": CACHE_VERSION,
-        "slice_axis_setting": slice_axis,
         "label_map": {str(k): int(v) for k, v in (label_map or {}).items()},
         "class_names": list(class_names),
     }
     old = read_manifest(cache_dir) or {}
     reusable = old.get("cases", {}) if old.get("settings") == settings else {}
-    inputs = {case.case_id: _signature(case) for case in cases}
-    fresh = {
-        cid: e
-        for cid, e in reusable.items()
-        if inputs.get(cid) == e["inputs"] and all((cache_dir / e[k]).is_file() for k in ARRAYS if e[k])
-    }
-    spacings = [fresh[c.case_id]["spacing"] if c.case_id in fresh else probe(c)[0] for c in cases]
-    axis = resolve_slice_axis(slice_axis, spacings) if cases else 2
-    stale = [c.case_id for c in cases if c.case_id not in fresh or fresh[c.case_id]["slice_axis"] != axis]
+    inputs = {case.case_id: signature(case) for case in cases}
+    fresh = _fresh(reusable, cache_dir, inputs, FACT_FILES)
+    stale = [case for case in cases if case.case_id not in fresh]
     if stale:
-        log.info("cache %s: decoding %d of %d cases (slice axis %d)", cache_dir, len(stale), len(cases), axis)
-    entries = {
-        case.case_id: _write_case(case, cache_dir, axis, class_names, label_map, inputs[case.case_id])
-        if case.case_id in stale
-        else fresh[case.case_id]
-        for case in cases
-    }
-    for gone in set(old.get("cases", {})) - set(entries):
-        for key in ARRAYS:
-            if old["cases"][gone].get(key):
-                (cache_dir / old["cases"][gone][key]).unlink(missing_ok=True)
-    manifest = {"settings": settings, "layout": layout, "slice_axis": axis, "cases": entries}
+        log.info("cache %s: reading %d of %d cases", cache_dir, len(stale), len(cases))
+    work = functools.partial(_decode_facts, cache_dir=cache_dir, class_names=class_names, label_map=label_map)
+    decoded = map_with_progress(
+        work, [(c, inputs[c.case_id]) for c in stale], workers, "reading cases", progress
+    )
+    entries = {**fresh, **{c.case_id: e for c, e in zip(stale, decoded, strict=True)}}
+    entries = {case.case_id: entries[case.case_id] for case in cases}
+    _drop_gone(old.get("cases", {}), entries, cache_dir, FACT_FILES)
+    manifest = {"settings": settings, "layout": layout, "cases": entries}
     if manifest != old:
-        atomic_write(cache_dir / MANIFEST, lambda tmp: Path(tmp).write_text(json.dumps(manifest, indent=1)))
-    return manifest, len(stale)
+        write_json(cache_dir / MANIFEST, manifest, indent=1)
+    return entries
 
 
-def open_case(cache_dir: str | Path, case_id: str, entry: dict, norms: Sequence[Normalization]) -> CaseArrays:
-    """A cached case as memory-mapped ``CaseArrays``, with its intensity statistics for ``norms``
-    (from the manifest's moments where they suffice, else measured on the cached image)."""
-    cache_dir = Path(cache_dir)
-    image = MappedArray(cache_dir / entry["image"], entry["shape"])
-    mask = MappedArray(cache_dir / entry["mask"], entry["shape"][:3]) if entry["mask"] else None
-    stats = case_stats(image.open(), norms, entry["moments"])
-    class_slices = {int(label): slices for label, slices in entry["class_slices"].items()}
-    return CaseArrays(case_id, image, mask, stats, is_volume=True, class_slices=class_slices)
+def _decode_facts(item: tuple[Case, dict], cache_dir: Path, class_names, label_map) -> dict:
+    case, inputs = item
+    return _facts_entry(case, cache_dir, class_names, label_map, inputs)
+
+
+def case_facts(case_id: str, entry: dict) -> CaseFacts:
+    """A facts entry as the planner's ``CaseFacts``."""
+    voxels = {int(k): int(v) for k, v in entry["class_voxels"].items()}
+    return CaseFacts(case_id, tuple(entry["spacing"]), tuple(entry["shape"]), voxels)
 
 
 def foreground_sample(cache_dir: str | Path, entries: Sequence[dict]) -> np.ndarray | None:
     """(N, C) foreground intensities of the given cases, concatenated; None when none has any."""
     parts = [np.load(Path(cache_dir) / e["foreground_sample"]) for e in entries if e["foreground_sample"]]
     return np.concatenate(parts) if parts else None
+
+
+def grid_key(target_spacing: Sequence[float], slice_axis: int) -> str:
+    """The folder name of a grid: slice axis and target spacing (RAS, mm)."""
+    return f"axis{slice_axis}_" + "x".join(f"{s:.5g}" for s in target_spacing)
+
+
+def _grid_entry(item: tuple[Case, dict], folder: Path, target, axis, class_names, label_map) -> dict:
+    """Decode, resample and cut one case onto the grid; return its grid entry."""
+    case, inputs = item
+    volume, mask = load_volume_case(case, class_names, label_map)
+    spacing = in_slice_order(volume.spacing, axis)
+    image = resample_image(to_slices(volume.array, axis), spacing, in_slice_order(target, axis))
+    entry = {
+        "inputs": inputs,
+        "image": f"{case.case_id}.image.npy",
+        "mask": None,
+        "where": None,
+        "shape": list(image.shape),
+        "moments": intensity_moments(image),
+        "class_slices": {},
+    }
+    _save(folder / entry["image"], image)
+    if mask is not None:
+        labels = resample_labels(to_slices(mask, axis), len(class_names), image.shape[:3])
+        entry["mask"], entry["where"] = f"{case.case_id}.mask.npy", f"{case.case_id}.where.npy"
+        _save(folder / entry["mask"], labels)
+        _save(folder / entry["where"], class_voxels(labels, case.case_id))
+        entry["class_slices"] = {str(k): found for k, found in slices_per_class(labels).items()}
+    return entry
+
+
+def prepare_grid(
+    cases: Sequence[Case],
+    cache_dir: str | Path,
+    target_spacing: Sequence[float],
+    slice_axis: int,
+    class_names: Sequence[str],
+    label_map: dict[int, int] | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> tuple[str, dict[str, dict]]:
+    """Bring the cases' arrays on the grid (``target_spacing`` RAS mm, ``slice_axis``) up to date.
+
+    Returns:
+        The grid key (its folder under ``<cache>/grids``) and each case's grid entry.
+    """
+    cache_dir = _folder(cache_dir)
+    key = grid_key(target_spacing, slice_axis)
+    folder = cache_dir / "grids" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "version": CACHE_VERSION,
+        "target_spacing": [float(s) for s in target_spacing],
+        "slice_axis": int(slice_axis),
+        "label_map": {str(k): int(v) for k, v in (label_map or {}).items()},
+        "class_names": list(class_names),
+    }
+    old = read_json(folder / MANIFEST)
+    reusable = old.get("cases", {}) if old.get("settings") == settings else {}
+    inputs = {case.case_id: signature(case) for case in cases}
+    fresh = _fresh(reusable, folder, inputs, GRID_FILES)
+    stale = [case for case in cases if case.case_id not in fresh]
+    if stale:
+        log.info(
+            "cache %s: resampling %d of %d cases to %s mm", folder, len(stale), len(cases), target_spacing
+        )
+    work = functools.partial(
+        _grid_entry, folder=folder, target=tuple(target_spacing), axis=slice_axis,
+        class_names=class_names, label_map=label_map,
+    )  # fmt: skip
+    made = map_with_progress(work, [(c, inputs[c.case_id]) for c in stale], workers, "resampling", progress)
+    entries = {**{k: v for k, v in reusable.items() if k not in inputs}, **fresh}
+    entries.update({c.case_id: e for c, e in zip(stale, made, strict=True)})
+    manifest = {"settings": settings, "cases": entries}
+    if manifest != old:
+        write_json(folder / MANIFEST, manifest, indent=1)
+    return key, {case.case_id: entries[case.case_id] for case in cases}
+
+
+def open_case(
+    cache_dir: str | Path,
+    key: str,
+    case_id: str,
+    facts: dict,
+    grid: dict,
+    norms: Sequence[Normalization],
+    slice_axis: int,
+) -> CaseArrays:
+    """A cached case as memory-mapped ``CaseArrays`` on the grid ``key``, with its intensity
+    statistics for ``norms`` and its own-grid labels and spacing (where validation scores it)."""
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / "grids" / key
+    image = MappedArray(folder / grid["image"], grid["shape"])
+    mask = MappedArray(folder / grid["mask"], grid["shape"][:3]) if grid["mask"] else None
+    where = MappedArray(folder / grid["where"], (0, 4)) if grid["where"] else None
+    original = None
+    if facts["label"]:
+        labels = MappedArray(cache_dir / facts["label"], facts["shape"])
+        original = OriginalGrid(labels, tuple(facts["spacing"]), slice_axis)
+    stats = case_stats(image.open(), norms, grid["moments"])
+    class_slices = {int(label): slices for label, slices in grid["class_slices"].items()}
+    return CaseArrays(
+        case_id, image, mask, stats, is_volume=True, class_slices=class_slices, original=original, where=where
+    )

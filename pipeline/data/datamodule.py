@@ -1,101 +1,58 @@
-"""SegmentationDataModule: discover cases, split by case, build augmented slice loaders.
+"""SegmentationDataModule: discover cases, split by case, plan volumes, build the loaders.
 
-2D images are read into memory. Volumes are decoded once into a memory-mapped cache
-(``pipeline.data.cache``, built by ``prepare_data`` or ``medseg data prepare``) and train as 2D
-slices along ``slice_axis``.
+2D images are read into memory and train as they are. Volumes follow nnU-Net's path: the training
+cases' fingerprint gives a plan (``pipeline.data.plan``: target spacing, slice axis, patch, batch;
+explicit settings win), the cases are resampled once into the memory-mapped cache
+(``pipeline.data.cache``), a 2D network trains on slices and a 3D network on patches of it, and
+validation scores each case in 3D on its own grid (``CaseDataset``).
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import os
+from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data import cache
-from pipeline.data.dataset import CaseArrays, SliceDataset
+from pipeline.data.dataset import CaseArrays, CaseDataset, SliceDataset
+from pipeline.data.fingerprint import Fingerprint
 from pipeline.data.layouts import Case, describe, resolve_class_names
-from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels
+from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
 from pipeline.data.order import global_seed, resumable_loader, resume_position
+from pipeline.data.plan import DEFAULT_FEATURES, Plan, PlanSettings, make_plan
 from pipeline.data.preprocessing import DEFAULT_SLICE_AXIS, Preprocessing
 from pipeline.data.sampling import EvalBatches, ForegroundSampler
 from pipeline.data.sources import case_source
+from pipeline.data.split import SPLITS, make_split, read_split
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
 from pipeline.errors import DataError
+from pipeline.files import write_json
+from pipeline.parallel import usable_cores
 
 log = logging.getLogger(__name__)
-SPLITS = ("train", "val", "test")
 MAX_AUTO_WORKERS = 16
+VOLUME_ITERATIONS = 250  # nnU-Net's epoch: a fixed number of steps, whatever the data set's size
+IMAGE_BATCH = 8  # 2D images are not planned: their batch unless set
 
 
 def auto_workers(devices: int = 1) -> int:
     """Loader workers for ``num_workers: null``: the CPU cores this process may use, shared among
     the node's ``devices`` (a fast GPU eats augmented 2D slices faster than two workers make them)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, min(MAX_AUTO_WORKERS, cores // max(1, devices)))
-
-
-def make_split(
-    case_ids: list[str],
-    val_fraction: float,
-    test_fraction: float,
-    seed: int,
-    num_folds: int = 0,
-    fold: int = 0,
-) -> dict[str, list[str]]:
-    """Seeded split of case ids into train/val/test.
-
-    With ``num_folds`` > 1, the cases left after the test set are cut into that many seeded folds
-    and fold ``fold`` is the validation set (``val_fraction`` is then ignored).
-    """
-    rng = np.random.default_rng(seed)
-    ids = sorted(case_ids)
-    order = [ids[i] for i in rng.permutation(len(ids))]
-    n_test = round(len(ids) * test_fraction)
-    test, rest = order[:n_test], order[n_test:]
-    if num_folds > 1:
-        if not 0 <= fold < num_folds:
-            raise ValueError(f"fold must be in 0..{num_folds - 1}, got {fold}")
-        val = [cid for i, cid in enumerate(rest) if i % num_folds == fold]
-    else:
-        val = rest[: max(1, round(len(ids) * val_fraction))]
-    train = [cid for cid in rest if cid not in set(val)]
-    if not train or not val:
-        raise DataError("split", f"{len(ids)} cases are too few for a train and a validation set")
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
-
-
-def read_split(path: str | Path, case_ids: list[str]) -> dict[str, list[str]]:
-    """Load a ``split.json`` ({"train": [...], "val": [...], "test": [...]}) and check its ids."""
-    try:
-        split = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise DataError(path, f"cannot read split file ({err})") from None
-    known = set(case_ids)
-    for name in SPLITS:
-        missing = sorted(set(split.get(name, [])) - known)
-        if missing:
-            raise DataError(path, f"{name} lists cases not in the data set: {', '.join(missing[:5])}")
-    if not split.get("train") or not split.get("val"):
-        raise DataError(path, "split needs non-empty 'train' and 'val' lists")
-    return {name: list(split.get(name, [])) for name in SPLITS}
+    return max(1, min(MAX_AUTO_WORKERS, usable_cores() // max(1, devices)))
 
 
 class SegmentationDataModule(pl.LightningDataModule):
-    """Image/mask data split by case, with albumentations augmentation for training.
+    """Cases split by patient; volumes planned and resampled; augmented training loaders.
 
     Args:
         root: data folder (see ``data/README.md`` for the layouts).
         layout: ``auto`` or a layout name from ``pipeline.data.layouts`` (folders, dicom, msd, nnunet).
         class_names: class names in index order, background first; default from ``dataset.json``
             or ``classes.json``.
-        modalities: one modality name per input channel (``CT``, ``T2``, ``rgb``, ...) for
-            ``normalization.mode: auto``; default from ``dataset.json`` (none: z-score).
         label_map: optional ``{stored value: class index}`` applied to masks on load.
         val_fraction: fraction of cases for validation (when not using folds or a split file).
         test_fraction: fraction of cases held out for ``medseg test``.
@@ -105,16 +62,28 @@ class SegmentationDataModule(pl.LightningDataModule):
         seed: seed of the split, fixed across a run's seeds so that they compare on the same cases.
             The training order, foreground oversampling and augmentation follow the run's seed
             (``seed_everything``), so runs with different seeds also see different draws.
-        batch_size: training batch size; ``val_batch_size`` for validation/test (default: the same).
+        batch_size: training batch per process; None: planned (volumes) or 8 (2D images).
+        val_batch_size: 2D images per validation batch (default: ``batch_size``).
         num_workers: loader worker processes; None: one per CPU core, shared among the node's
             devices, at most 16 (``auto_workers``).
         pin_memory: pin host memory; None pins when CUDA is available.
-        patch_size: (H, W) random training crops; None trains on whole images.
+        patch_size: training patch, (H, W) or (S, H, W) for a 3D network; None: planned (volumes)
+            or whole images (2D images).
         normalization: intensity normalisation (stored in the checkpoint); ``auto`` picks it per
             channel from the modality (CT: foreground-percentile clip + z-score, MR: z-score).
         augmentation: training augmentation.
-        slice_axis: volumes: the axis (0, 1, 2 of the RAS+ array: sagittal, coronal, axial) to cut
-            2D slices along; ``auto`` = the coarsest median spacing of the data set.
+        modalities: one modality name per input channel (``CT``, ``T2``, ``rgb``, ...) for
+            ``normalization.mode: auto``; default from ``dataset.json`` (none: z-score).
+        slice_axis: volumes: the axis (0, 1, 2 of the RAS+ array: sagittal, coronal, axial) slices
+            and patches are cut along; ``auto``: planned (the coarsest target spacing).
+        target_spacing: volumes: the spacing (mm, along X, Y, Z of the RAS+ array) they are
+            resampled to; None: planned (the training cases' median, see ``pipeline.data.plan``).
+        spatial_dims: 2 (slices) or 3 (patches); set from the network by ``medseg``.
+        plan: the budgets the plan sizes patches and batches for.
+        iterations_per_epoch: training steps per epoch; None: 250 for volumes (nnU-Net's epoch),
+            one pass over the images for 2D images.
+        test_split: what ``medseg test`` scores: ``test`` (the held-out cases; refused when there
+            are none) or ``val`` (the validation cases, on purpose).
         foreground_fraction: probability that a training draw is forced to show foreground
             (a class drawn first, then a slice and a patch that show it), as nnU-Net's 1/3.
         cache_dir: volume cache folder; default ``<root>/.medseg-cache``.
@@ -132,15 +101,20 @@ class SegmentationDataModule(pl.LightningDataModule):
         fold: int = 0,
         split_file: str | None = None,
         seed: int = 0,
-        batch_size: int = 8,
+        batch_size: int | None = None,
         val_batch_size: int | None = None,
         num_workers: int | None = None,
         pin_memory: bool | None = None,
-        patch_size: tuple[int, int] | None = None,
+        patch_size: Sequence[int] | None = None,
         normalization: Normalization = Normalization(mode="auto"),
         augmentation: Augmentation = Augmentation(),
         modalities: list[str] | None = None,
         slice_axis: int | str = "auto",
+        target_spacing: Sequence[float] | None = None,
+        spatial_dims: int = 2,
+        plan: PlanSettings = PlanSettings(),
+        iterations_per_epoch: int | None = None,
+        test_split: str = "test",
         foreground_fraction: float = 1 / 3,
         cache_dir: str | None = None,
     ) -> None:
@@ -151,31 +125,49 @@ class SegmentationDataModule(pl.LightningDataModule):
             raise ValueError(f"slice_axis must be 0, 1, 2 or 'auto', got {slice_axis!r}")
         if not 0 <= foreground_fraction <= 1:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
+        if spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
+        if test_split not in ("test", "val"):
+            raise ValueError(f"test_split must be 'test' or 'val', got {test_split!r}")
+        if iterations_per_epoch is not None and iterations_per_epoch < 1:
+            raise ValueError(f"iterations_per_epoch must be >= 1 (or null), got {iterations_per_epoch}")
         self.root = Path(root)
         self.layout = layout
         self.label_map = label_map
         self.val_fraction, self.test_fraction = val_fraction, test_fraction
         self.num_folds, self.fold, self.split_file, self.seed = num_folds, fold, split_file, seed
         self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
+        self.val_batch_size = val_batch_size
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.patch_size = tuple(patch_size) if patch_size else None
         self.normalization = normalization
         self.augmentation = augmentation
         self.slice_axis, self.foreground_fraction = slice_axis, foreground_fraction
+        self.target_spacing = tuple(float(s) for s in target_spacing) if target_spacing else None
+        self.spatial_dims, self.plan_settings = spatial_dims, plan
+        self.iterations_per_epoch, self.test_split = iterations_per_epoch, test_split
         self.cache_dir = Path(cache_dir) if cache_dir else cache.default_cache_dir(self.root)
         self.info = describe(self.root, layout)
         self.cases: list[Case] = self.info.cases
         self.class_names = resolve_class_names(self.root, self.info, class_names)
         self.source = case_source(
-            self.root, self.cases, self.class_names, label_map, self.cache_dir, slice_axis, self.info.layout
+            self.root,
+            self.cases,
+            self.class_names,
+            label_map,
+            self.cache_dir,
+            self.info.layout,
+            usable_cores(),
         )
         self.volumetric = self.source.volumetric
+        if spatial_dims == 3 and not self.volumetric:
+            raise DataError(self.root, "a 3D network needs volumes; this data set holds 2D images")
         self.modalities = list(modalities) if modalities else self.info.modalities
         self.in_channels = len(self.modalities) if self.modalities else self.source.channels()
         self.split: dict[str, list[str]] = {}
-        self.datasets: dict[str, SliceDataset] = {}
+        self.plan: Plan | None = None
+        self.datasets: dict[str, SliceDataset | CaseDataset] = {}
         self._channel_norms: list[Normalization] | None = None
 
     @property
@@ -183,22 +175,70 @@ class SegmentationDataModule(pl.LightningDataModule):
         return len(self.class_names)
 
     def prepare_data(self) -> None:
-        """Bring the volume cache up to date (Lightning calls this once per node, before ``setup``)."""
+        """Bring the volume cache's facts up to date (Lightning calls this once per node)."""
         self.source.prepare()
 
+    def make_split(self) -> dict[str, list[str]]:
+        """The case split (seeded, k-fold or from ``split_file``), made once."""
+        if not self.split:
+            ids = [case.case_id for case in self.cases]
+            if self.split_file:
+                self.split = read_split(self.split_file, ids)
+            else:
+                self.split = make_split(
+                    ids, self.val_fraction, self.test_fraction, self.seed, self.num_folds, self.fold
+                )
+        return self.split
+
     def channel_normalization(self) -> list[Normalization]:
-        """One resolved ``Normalization`` per input channel (data-set statistics filled in)."""
+        """One resolved ``Normalization`` per input channel, data-set statistics from the training
+        cases only (a validation or test case never shapes them)."""
         if self._channel_norms is None:
             modalities = self.modalities or [None] * self.in_channels
             foreground = None
             if needs_foreground(self.normalization, modalities):
-                foreground = self.source.foreground_sample()
+                foreground = self.source.foreground_sample(self.make_split()["train"])
             self._channel_norms = resolve_channels(self.normalization, modalities, foreground)
         return self._channel_norms
 
+    def resolve_plan(self, features: Sequence[int] = DEFAULT_FEATURES) -> Plan | None:
+        """Plan volumes from the training cases and fill every setting left unset (target spacing,
+        slice axis, patch, batch); None for 2D images. Writes ``<cache>/plan.json``.
+
+        Args:
+            features: the network's widths, for the memory estimate and the number of levels.
+        """
+        if not self.volumetric:
+            return None
+        train = self.make_split()["train"]
+        facts = self.source.facts(train)
+        foreground = self.source.foreground_sample(train)
+        fingerprint = Fingerprint.of(facts, self.num_classes, foreground)
+        axis = None if self.slice_axis == "auto" else int(self.slice_axis)
+        plan = make_plan(
+            fingerprint, self.plan_settings, features, self.class_names, self.target_spacing, axis
+        )
+        norms = [to_plain(n) for n in self.channel_normalization()]
+        self.plan = Plan(**{**vars(plan), "normalization": norms})
+        network = self.plan.network(self.spatial_dims)
+        self.target_spacing = self.plan.target_spacing
+        self.slice_axis = self.plan.slice_axis
+        self.patch_size = self.patch_size or network.patch
+        self.batch_size = self.batch_size or network.batch
+        if len(self.patch_size) != self.spatial_dims:
+            raise DataError(
+                self.root, f"patch_size {list(self.patch_size)} has not {self.spatial_dims} sides"
+            )
+        write_json(self.cache_dir / "plan.json", self.plan.to_json())
+        return self.plan
+
     def _load(self, ids: list[str]) -> list[CaseArrays]:
         by_id = {case.case_id: case for case in self.cases}
-        arrays = self.source.load(ids, self.channel_normalization())
+        norms = self.channel_normalization()
+        if self.volumetric:
+            arrays = self.source.load(ids, norms, self.target_spacing, self.slice_axis)
+        else:
+            arrays = self.source.load(ids, norms)
         for case, array in zip(ids, arrays, strict=True):
             if array.image.shape[-1] != self.in_channels:
                 raise DataError(
@@ -208,54 +248,76 @@ class SegmentationDataModule(pl.LightningDataModule):
         return arrays
 
     def setup(self, stage: str | None = None) -> None:
+        split = self.make_split()
+        if stage == "test" and self.test_split == "test" and not split["test"]:
+            raise DataError(
+                self.root,
+                "this run has no test split, and scoring its validation cases as a test would report them "
+                "twice: hold cases out with --data.test_fraction 0.2 (a new split: train again), or score "
+                "the validation split on purpose with --data.test_split val",
+            )
         if self.datasets:
             return
-        ids = [case.case_id for case in self.cases]
-        if self.split_file:
-            self.split = read_split(self.split_file, ids)
-        else:
-            self.split = make_split(
-                ids, self.val_fraction, self.test_fraction, self.seed, self.num_folds, self.fold
-            )
-        train_tf = build_train_transform(self.augmentation, self.patch_size)
-        foreground_tf = build_train_transform(self.augmentation, self.patch_size, foreground_crop=True)
-        eval_tf = build_eval_transform()
+        if self.volumetric and (self.plan is None or self.patch_size is None or self.batch_size is None):
+            self.resolve_plan()
+        self.batch_size = self.batch_size or IMAGE_BATCH
         for name in SPLITS:
-            if self.split[name]:
-                if name == "train":
-                    self.datasets[name] = SliceDataset(
-                        self._load(self.split[name]), train_tf, None, foreground_tf
-                    )
-                else:
-                    self.datasets[name] = SliceDataset(self._load(self.split[name]), eval_tf)
+            if not split[name]:
+                continue
+            cases = self._load(split[name])
+            if name == "train":
+                self.datasets[name] = self._training_set(cases)
+            elif self.volumetric:
+                self.datasets[name] = CaseDataset(cases)
+            else:
+                self.datasets[name] = SliceDataset(cases, build_eval_transform())
         sizes = sorted({tuple(c.image.shape[1:3]) for c in self.datasets["train"].cases})
         if self.patch_size is None and len(sizes) > 1:
             raise DataError(
                 self.root, f"training slices differ in size ({sizes[0]} ... {sizes[-1]}); set data.patch_size"
             )
-        log.info("data %s: %s", self.root, {k: len(v) for k, v in self.split.items()})
+        log.info("data %s: %s", self.root, {k: len(v) for k, v in split.items()})
+
+    def _training_set(self, cases: list[CaseArrays]) -> SliceDataset:
+        """Augmented 2D slices (random or class-centred crops of ``patch_size``)."""
+        if self.spatial_dims == 3:
+            raise DataError(self.root, "3D training patches are not available in this version")
+        train = build_train_transform(self.augmentation, self.patch_size)
+        foreground = build_train_transform(self.augmentation, self.patch_size, foreground_crop=True)
+        return SliceDataset(cases, train, None, foreground)
 
     def save_split(self, path: str | Path) -> None:
         """Write the case split as JSON (the run directory's ``split.json``)."""
-        Path(path).write_text(json.dumps(self.split, indent=2))
+        write_json(path, self.split)
+
+    def draws_per_epoch(self, world_size: int = 1) -> int:
+        """Training samples drawn per epoch over all processes: ``iterations_per_epoch`` steps of
+        ``batch_size`` on every process, or (2D images, unset) one pass over the training items."""
+        iterations = self.iterations_per_epoch or (VOLUME_ITERATIONS if self.volumetric else None)
+        if iterations is None:
+            return len(self.datasets["train"])
+        return iterations * self.batch_size * world_size
 
     def _loader(self, name: str) -> DataLoader:
-        """Training: ``batch_size`` items drawn by a ``ForegroundSampler``; evaluation: whole slices
-        in batches of one size (``EvalBatches``), up to ``val_batch_size`` each."""
-        if name not in self.datasets:
-            raise DataError(
-                self.root, f"the {name} split is empty (set data.test_fraction or data.split_file)"
-            )
+        """Training: ``batch_size`` items drawn by a ``ForegroundSampler``; evaluation: whole cases
+        (volumes) or whole 2D images in batches of one size (``EvalBatches``)."""
         dataset = self.datasets[name]
         workers = self.num_workers
         if workers is None:
             workers = auto_workers(self.trainer.num_devices if self.trainer is not None else 1)
         common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
         if name != "train":
-            return DataLoader(EvalBatches(dataset, self.val_batch_size), batch_size=None, **common)
+            batches = (
+                dataset if self.volumetric else EvalBatches(dataset, self.val_batch_size or self.batch_size)
+            )
+            return DataLoader(batches, batch_size=None, **common)
         seed = global_seed(self.seed)
-        sampler = ForegroundSampler(len(dataset), dataset.class_items(), self.foreground_fraction, seed)
-        drop_last = len(dataset) > self.batch_size
+        world = self.trainer.world_size if self.trainer is not None else 1
+        draws = self.draws_per_epoch(world)
+        sampler = ForegroundSampler(
+            len(dataset), dataset.class_items(), self.foreground_fraction, seed, draws
+        )
+        drop_last = draws > self.batch_size
         # Resumable mid-epoch, split across DDP ranks, augmentation seeded per sample (pipeline.data.order).
         start, self._train_start = getattr(self, "_train_start", (0, 0)), (0, 0)
         return resumable_loader(
@@ -269,7 +331,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self._loader("val")
 
     def test_dataloader(self) -> DataLoader:
-        return self._loader("test" if "test" in self.datasets else "val")
+        return self._loader("val" if self.test_split == "val" else "test")
 
     def preprocessing(self) -> Preprocessing:
         """What inference needs to reproduce this data's preprocessing (stored in every checkpoint)."""
@@ -279,11 +341,14 @@ class SegmentationDataModule(pl.LightningDataModule):
             normalization=tuple(self.channel_normalization()),
             configured=self.normalization,
             patch_size=self.patch_size,
-            slice_axis=self.source.slice_axis if self.volumetric else DEFAULT_SLICE_AXIS,
+            slice_axis=int(self.slice_axis) if self.volumetric else DEFAULT_SLICE_AXIS,
             volumetric=self.volumetric,
             modalities=tuple(self.modalities) if self.modalities else None,
             layout=self.info.layout,
             label_map=dict(self.label_map or {}),
+            target_spacing=self.target_spacing if self.volumetric else None,
+            spacing_range=self.plan.spacing_range if self.plan else None,
+            spatial_dims=self.spatial_dims,
         )
 
     def state_dict(self) -> dict:

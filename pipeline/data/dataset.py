@@ -1,9 +1,10 @@
-"""Slice datasets yielding the sample dict of the data contract.
+"""Datasets yielding the sample dict of the data contract.
 
 A sample is ``{"image": float32 (C, H, W), "mask": int64 (H, W), "case_id": str,
 "slice_index": int, "index": int}`` with ``slice_index`` -1 for 2D images and ``index`` the
 sample's position in its dataset (metrics use it to score each image once under DDP, where
-DistributedSampler pads with repeats).
+DistributedSampler pads with repeats). ``CaseDataset`` yields whole volumes for validation, with
+the labels and spacing of the case's own grid where it is scored.
 """
 
 from __future__ import annotations
@@ -18,7 +19,30 @@ from torch.utils.data import Dataset
 from pipeline.data.io import read_image_2d, read_mask_2d
 from pipeline.data.layouts import Case
 from pipeline.data.normalization import IntensityStats, Normalization, fit_intensity, standardize, to_unit
+from pipeline.data.slicing import in_slice_order
 from pipeline.errors import DataError
+
+
+@dataclass(frozen=True)
+class OriginalGrid:
+    """A volume's own grid, where it is scored: its labels and spacing.
+
+    Attributes:
+        labels: (X, Y, Z) class indices in RAS+ order (an array or a memory-mapped one).
+        spacing: voxel size along X, Y, Z, mm.
+        slice_axis: the axis the training grid is cut along.
+    """
+
+    labels: object
+    spacing: tuple[float, float, float]
+    slice_axis: int
+
+    def labels_in_slice_order(self) -> np.ndarray:
+        """(S, H, W) labels, the slice axis first (as the training grid)."""
+        return np.moveaxis(np.asarray(self.labels[...]), self.slice_axis, 0)
+
+    def spacing_in_slice_order(self) -> tuple[float, ...]:
+        return in_slice_order(self.spacing, self.slice_axis)
 
 
 @dataclass
@@ -33,6 +57,8 @@ class CaseArrays:
         is_volume: False for 2D images (their ``slice_index`` is -1).
         class_slices: foreground class -> indices of the slices that show it (from the cache
             manifest); None reads it from ``mask``.
+        original: a volume's own grid (labels, spacing), when ``image`` was resampled.
+        where: (N, 4) int rows (class, s, h, w) of foreground voxels, for 3D foreground patches.
     """
 
     case_id: str
@@ -41,6 +67,8 @@ class CaseArrays:
     stats: IntensityStats
     is_volume: bool = False
     class_slices: dict[int, list[int]] | None = None
+    original: OriginalGrid | None = None
+    where: np.ndarray | None = None
 
 
 def slices_per_class(mask: np.ndarray) -> dict[int, list[int]]:
@@ -199,5 +227,41 @@ class SliceDataset(Dataset):
             "mask": torch.from_numpy(out["mask"].astype(np.int64)),
             "case_id": case.case_id,
             "slice_index": s if case.is_volume else -1,
+            "index": index,
+        }
+
+
+def standardized_volume(case: CaseArrays) -> np.ndarray:
+    """(C, S, H, W) float32 network input of a whole case, as validation and inference feed it."""
+    image = standardize(to_unit(np.asarray(case.image[...]), case.stats), case.stats)
+    return np.ascontiguousarray(np.moveaxis(image, -1, 0), dtype=np.float32)
+
+
+class CaseDataset(Dataset):
+    """Whole volumes, one sample per case, for validation and testing.
+
+    A sample is ``{"image": float32 (C, S, H, W) on the training grid, "mask": int64 (S, H, W)
+    on that grid (for the loss), "target": int64 (S0, H0, W0) the case's own labels in slice
+    order, "spacing": float64 (3,) its own spacing in slice order (mm), "case_id", "slice_index":
+    -1, "index"}``: the module predicts on the training grid and scores on the case's own.
+    """
+
+    def __init__(self, cases: Sequence[CaseArrays]) -> None:
+        if any(case.original is None or case.mask is None for case in cases):
+            raise ValueError("CaseDataset needs labelled, cached volumes (with their own-grid labels)")
+        self.cases = list(cases)
+
+    def __len__(self) -> int:
+        return len(self.cases)
+
+    def __getitem__(self, index: int) -> dict:
+        case = self.cases[index]
+        return {
+            "image": torch.from_numpy(standardized_volume(case)),
+            "mask": torch.from_numpy(np.asarray(case.mask[...], dtype=np.int64)),
+            "target": torch.from_numpy(case.original.labels_in_slice_order().astype(np.int64)),
+            "spacing": torch.tensor(case.original.spacing_in_slice_order(), dtype=torch.float64),
+            "case_id": case.case_id,
+            "slice_index": -1,
             "index": index,
         }

@@ -32,6 +32,10 @@ class Preprocessing:
         modalities: modality name per channel, if known.
         layout: the training data's layout (folders, dicom, msd, nnunet).
         label_map: ``{stored mask value: class index}`` applied to masks on load.
+        target_spacing: volumes: the spacing (mm, X, Y, Z of the RAS+ array) the model was trained
+            at; inference resamples every scan there (None: no resampling, older checkpoints).
+        spacing_range: volumes: (min, max) spacing per axis of the training cases, mm.
+        spatial_dims: 2 (slices) or 3 (patches).
     """
 
     class_names: tuple[str, ...]
@@ -44,6 +48,9 @@ class Preprocessing:
     modalities: tuple[str, ...] | None = None
     layout: str = ""
     label_map: Mapping[int, int] = field(default_factory=dict)
+    target_spacing: tuple[float, float, float] | None = None
+    spacing_range: tuple[tuple[float, ...], tuple[float, ...]] | None = None
+    spatial_dims: int = 2
 
     def to_checkpoint(self) -> dict:
         """Plain types (JSON-able), the format stored in checkpoints."""
@@ -58,6 +65,9 @@ class Preprocessing:
             "layout": self.layout,
             "patch_size": list(self.patch_size) if self.patch_size else None,
             "label_map": {str(k): int(v) for k, v in self.label_map.items()},
+            "target_spacing": list(self.target_spacing) if self.target_spacing else None,
+            "spacing_range": [list(r) for r in self.spacing_range] if self.spacing_range else None,
+            "spatial_dims": self.spatial_dims,
         }
 
     @classmethod
@@ -83,4 +93,7 @@ class Preprocessing:
             modalities=tuple(modalities) if modalities else None,
             layout=str(stored.get("layout", "")),
             label_map={int(k): int(v) for k, v in (stored.get("label_map") or {}).items()},
+            target_spacing=tuple(stored["target_spacing"]) if stored.get("target_spacing") else None,
+            spacing_range=tuple(map(tuple, stored["spacing_range"])) if stored.get("spacing_range") else None,
+            spatial_dims=int(stored.get("spatial_dims", 2)),
         )

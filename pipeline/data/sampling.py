@@ -3,8 +3,8 @@
 ``ForegroundSampler`` draws training items so that a set fraction of them shows foreground, as
 nnU-Net does (it forces 1/3 of each batch's patches to contain foreground): most slices of a
 volume are often background only, and a uniform draw would starve the small classes. Each
-epoch is a seeded permutation of all items in which each position is, with probability
-``fraction``, replaced by a forced draw: a foreground class drawn uniformly among those the data
+epoch is a seeded permutation of all items (repeated or cut to the epoch's number of draws) in
+which each position is, with probability ``fraction``, replaced by a forced draw: a foreground class drawn uniformly among those the data
 shows, then an item that shows it (nnU-Net's class-first rule: a lesion in 3 slices is drawn as
 often as an organ in 40). Forced draws are yielded as ``(index, label)``, the others as
 ``(index, 0)``, so the dataset crops the patch around that class
@@ -31,19 +31,25 @@ from pipeline.data.dataset import SliceDataset
 
 
 class ForegroundSampler(Sampler):
-    """Yields ``(index, label)`` for one epoch of ``size`` draws; ``label`` 0 for a uniform draw.
+    """Yields ``(index, label)`` for one epoch of draws; ``label`` 0 for a uniform draw.
 
     Args:
-        size: number of items (and of draws per epoch).
+        size: number of items.
         class_items: foreground class -> indices of the items that show it
             (``SliceDataset.class_items``).
         fraction: probability in [0, 1] that a draw is forced to show foreground; with no
             foreground in the data, draws stay uniform.
         seed: seed of the draws; epoch e draws from ``np.random.default_rng([seed, e])``.
+        draws: draws per epoch (an epoch of fixed length); default ``size``, one pass.
     """
 
     def __init__(
-        self, size: int, class_items: Mapping[int, Sequence[int]], fraction: float = 1 / 3, seed: int = 0
+        self,
+        size: int,
+        class_items: Mapping[int, Sequence[int]],
+        fraction: float = 1 / 3,
+        seed: int = 0,
+        draws: int | None = None,
     ) -> None:
         if not 0.0 <= fraction <= 1.0:
             raise ValueError(f"foreground fraction must be in [0, 1], got {fraction}")
@@ -51,21 +57,24 @@ class ForegroundSampler(Sampler):
         self.class_items = {int(k): np.asarray(v, dtype=np.int64) for k, v in class_items.items() if len(v)}
         self.fraction = fraction if self.class_items else 0.0
         self.seed = seed
+        self.draws = size if draws is None else draws
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return self.size
+        return self.draws
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.size)
-        forced = rng.random(self.size) < self.fraction
+        n = self.draws
+        passes = -(-n // self.size)  # whole permutations, the last one cut
+        order = np.concatenate([rng.permutation(self.size) for _ in range(passes)])[:n]
+        forced = rng.random(n) < self.fraction
         labels = sorted(self.class_items)
-        drawn = rng.integers(len(labels), size=self.size) if labels else np.zeros(self.size, np.int64)
-        where = rng.random(self.size)  # the item within the drawn class's list, as a fraction
+        drawn = rng.integers(len(labels), size=n) if labels else np.zeros(n, np.int64)
+        where = rng.random(n)  # the item within the drawn class's list, as a fraction
         for i, force, k, u in zip(
             order.tolist(), forced.tolist(), drawn.tolist(), where.tolist(), strict=True
         ):

@@ -39,3 +39,8 @@ def to_slices(array: np.ndarray, axis: int) -> np.ndarray:
 def from_slices(slices: np.ndarray, axis: int) -> np.ndarray:
     """Inverse of ``to_slices``: (S, H, W, ...) -> (X, Y, Z, ...)."""
     return np.moveaxis(slices, 0, axis)
+
+
+def in_slice_order(values: Sequence[float], axis: int) -> tuple[float, ...]:
+    """Per-axis values (X, Y, Z) of the RAS+ array in slice order: the slice axis first."""
+    return (values[axis], *(v for a, v in enumerate(values) if a != axis))

@@ -1,9 +1,10 @@
 """Where a data module's cases come from: 2D images read into memory, or volumes through the cache.
 
-Both give the data module the same three things: the input channel count, a sample of
-foreground intensities (for data-set normalisation statistics), and ``CaseArrays`` with
-(S, H, W, C) images. 2D images are small and are simply read; volumes are decoded once into the
-memory-mapped slice cache (``pipeline.data.cache``) and read from it.
+Both give the data module the input channel count, foreground intensities of the cases it names
+(the training cases: for data-set normalisation statistics), and ``CaseArrays`` with (S, H, W, C)
+images. 2D images are small and are simply read; volumes are decoded once into the
+memory-mapped cache (``pipeline.data.cache``): their facts (the plan's fingerprint) first, then
+their arrays resampled to the plan's grid.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from pipeline.data import cache
 from pipeline.data.dataset import CaseArrays, apply_label_map, load_case_2d
+from pipeline.data.fingerprint import CaseFacts
 from pipeline.data.io import read_image_2d, read_mask_2d
 from pipeline.data.layouts import Case
 from pipeline.data.normalization import Normalization
@@ -26,7 +28,6 @@ class ImageSource:
     """2D images (one slice each), read into memory when loaded."""
 
     volumetric = False
-    slice_axis: int | None = None
 
     def __init__(
         self, cases: Sequence[Case], class_names: Sequence[str], label_map: dict[int, int] | None
@@ -41,10 +42,11 @@ class ImageSource:
     def prepare(self) -> None:
         """Nothing to prepare for 2D images."""
 
-    def foreground_sample(self) -> np.ndarray:
-        """(N, C) foreground intensities of every case (reads every image once)."""
+    def foreground_sample(self, ids: Sequence[str]) -> np.ndarray:
+        """(N, C) foreground intensities of the cases ``ids`` (reads each image once)."""
         parts = []
-        for case in self.cases.values():
+        for cid in ids:
+            case = self.cases[cid]
             image = read_image_2d(case.images[0])
             mask = apply_label_map(read_mask_2d(case.mask), self.label_map)
             parts.append(cache.sample_foreground(image.reshape(*mask.shape, -1), mask, case.case_id))
@@ -55,15 +57,15 @@ class ImageSource:
 
 
 class VolumeSource:
-    """Volumes read through the slice cache, which is built or updated on first use.
+    """Volumes read through the cache, which is built or updated on first use.
 
     Args:
         cases: the volume cases.
         class_names: the classes (labels outside them are an error).
         label_map: ``{stored value: class index}`` for masks.
         cache_dir: the cache folder.
-        slice_axis: 0, 1, 2 or ``"auto"``.
         layout: the layout name, recorded in the manifest.
+        workers: processes decoding cases side by side.
     """
 
     volumetric = True
@@ -74,44 +76,57 @@ class VolumeSource:
         class_names: Sequence[str],
         label_map: dict[int, int] | None,
         cache_dir: Path,
-        slice_axis: int | str,
         layout: str,
+        workers: int = 1,
     ) -> None:
-        self.cases = list(cases)
+        self.cases = {case.case_id: case for case in cases}
         self.class_names, self.label_map = list(class_names), label_map
-        self.cache_dir, self.slice_axis_setting, self.layout = Path(cache_dir), slice_axis, layout
-        self._manifest: dict | None = None
+        self.cache_dir, self.layout, self.workers = Path(cache_dir), layout, workers
+        self._facts: dict[str, dict] | None = None
+        self.grid: str | None = None  # the key of the last grid loaded
 
     def channels(self) -> int:
-        return probe(self.cases[0])[1]
+        return probe(next(iter(self.cases.values())))[1]
 
-    def manifest(self) -> dict:
-        """The cache manifest, after bringing the cache up to date (once per source)."""
-        if self._manifest is None:
-            self._manifest = cache.prepare_cache(
-                self.cases,
-                self.cache_dir,
-                self.class_names,
-                self.slice_axis_setting,
-                self.label_map,
-                self.layout,
-            )[0]
-        return self._manifest
+    def facts_entries(self) -> dict[str, dict]:
+        """Every case's cache facts, after bringing them up to date (once per source)."""
+        if self._facts is None:
+            self._facts = cache.prepare_facts(
+                list(self.cases.values()), self.cache_dir, self.class_names, self.label_map,
+                self.layout, self.workers, progress=False,
+            )  # fmt: skip
+        return self._facts
 
-    prepare = manifest
+    def prepare(self) -> None:
+        self.facts_entries()
 
-    @property
-    def slice_axis(self) -> int:
-        """The resolved slicing axis (0, 1, 2 of the RAS+ array)."""
-        return self.manifest()["slice_axis"]
+    def facts(self, ids: Sequence[str]) -> list[CaseFacts]:
+        """The planner's facts of the cases ``ids``."""
+        entries = self.facts_entries()
+        return [cache.case_facts(cid, entries[cid]) for cid in ids]
 
-    def foreground_sample(self) -> np.ndarray | None:
-        """(N, C) foreground intensities of every case, from the cache."""
-        return cache.foreground_sample(self.cache_dir, list(self.manifest()["cases"].values()))
+    def foreground_sample(self, ids: Sequence[str]) -> np.ndarray | None:
+        """(N, C) foreground intensities of the cases ``ids``, from the cache."""
+        entries = self.facts_entries()
+        return cache.foreground_sample(self.cache_dir, [entries[cid] for cid in ids])
 
-    def load(self, ids: Sequence[str], norms: Sequence[Normalization]) -> list[CaseArrays]:
-        entries = self.manifest()["cases"]
-        return [cache.open_case(self.cache_dir, cid, entries[cid], norms) for cid in ids]
+    def load(
+        self,
+        ids: Sequence[str],
+        norms: Sequence[Normalization],
+        target_spacing: Sequence[float],
+        slice_axis: int,
+    ) -> list[CaseArrays]:
+        """The cases ``ids`` resampled to ``target_spacing`` (RAS, mm) and cut along ``slice_axis``."""
+        facts = self.facts_entries()
+        key, grid = cache.prepare_grid(
+            [self.cases[cid] for cid in ids], self.cache_dir, target_spacing, slice_axis,
+            self.class_names, self.label_map, self.workers,
+        )  # fmt: skip
+        self.grid = key
+        return [
+            cache.open_case(self.cache_dir, key, cid, facts[cid], grid[cid], norms, slice_axis) for cid in ids
+        ]
 
 
 def case_source(
@@ -120,8 +135,8 @@ def case_source(
     class_names: Sequence[str],
     label_map: dict[int, int] | None,
     cache_dir: Path,
-    slice_axis: int | str,
     layout: str,
+    workers: int = 1,
 ) -> ImageSource | VolumeSource:
     """The source for ``cases``, which must be all 2D images or all volumes."""
     if not cases:
@@ -130,5 +145,5 @@ def case_source(
     if len(kinds) > 1:
         raise DataError(root, "mixes 2D images and volumes; keep one kind per data set")
     if kinds.pop():
-        return VolumeSource(cases, class_names, label_map, cache_dir, slice_axis, layout)
+        return VolumeSource(cases, class_names, label_map, cache_dir, layout, workers)
     return ImageSource(cases, class_names, label_map)

@@ -3,8 +3,11 @@
 Each case holds a body ellipsoid (soft tissue) in air, an organ ellipsoid (class 1) and a round
 lesion inside it (class 2), plus noise. The shapes are defined in world coordinates (mm), and
 the files are stored with a geometry a careless reader gets wrong: LPS-like voxel order (x and y
-flipped), anisotropic spacing (0.9 x 0.9 x 3 mm, so ``slice_axis: auto`` picks axial) and a small
-in-plane rotation. The organ spans only some of the slices, so foreground sampling matters.
+flipped), anisotropic spacing and a small in-plane rotation. As on real scanners, every case has
+its own spacing (in-plane 0.6-1.2 mm, slices 1-5 mm apart) and field of view (a 36 mm cube, each
+side +-15%), hence its own shape, so training and inference must resample; a fixed ``spacing``
+(and ``shape``) gives every case one geometry instead. The organ spans only some of the slices
+and the lesion (2.5-4 mm radius) one to a few, so foreground sampling matters.
 
 Channel ``CT`` holds Hounsfield-like int16 values (air -1000, tissue ~40, organ ~100, lesion
 ~160); any other modality name gives an MR-like float channel with another contrast.
@@ -23,33 +26,54 @@ import numpy as np
 from pipeline.files import atomic_write
 
 CLASS_NAMES = ["background", "organ", "lesion"]
-SPACING = (0.9, 0.9, 3.0)  # mm
+IN_PLANE_MM = (0.6, 1.2)  # per-case spacing ranges
+SLICE_MM = (1.0, 5.0)
+FIELD_OF_VIEW_MM = 36.0  # each side, +-15% per case
 LEVELS = {
     "CT": (-1000.0, 40.0, 100.0, 160.0, 12.0),
     "MR": (0.0, 300.0, 520.0, 180.0, 15.0),
 }  # air, body, organ, lesion, noise
 
 
-def volume_affine(shape: Sequence[int], rng: np.random.Generator) -> np.ndarray:
+def case_geometry(
+    rng: np.random.Generator, shape: Sequence[int] | None, spacing: Sequence[float] | None
+) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
+    """A case's (shape, spacing (mm)): as given, or drawn from the ranges above."""
+    if spacing is None:
+        in_plane = rng.uniform(*IN_PLANE_MM)
+        spacing = (in_plane, in_plane, rng.uniform(*SLICE_MM))
+    if shape is None:
+        extent = FIELD_OF_VIEW_MM * rng.uniform(0.85, 1.15, 3)
+        shape = [max(4, round(e / s)) for e, s in zip(extent, spacing, strict=True)]
+    return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
+
+
+def volume_affine(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator) -> np.ndarray:
     """(4, 4) voxel -> world (RAS, mm): x and y flipped, anisotropic, rotated, centred near 0."""
     theta = rng.uniform(-0.15, 0.15)
     rotation = np.array([[np.cos(theta), -np.sin(theta), 0], [np.sin(theta), np.cos(theta), 0], [0, 0, 1]])
     affine = np.eye(4)
-    affine[:3, :3] = rotation @ np.diag([-SPACING[0], -SPACING[1], SPACING[2]])
+    affine[:3, :3] = rotation @ np.diag([-spacing[0], -spacing[1], spacing[2]])
     affine[:3, 3] = -affine[:3, :3] @ ((np.asarray(shape) - 1) / 2) + rng.uniform(-5, 5, 3)
     return affine
 
 
 def phantom_volume(
-    seed: int, index: int, shape: Sequence[int] = (40, 40, 12), modalities: Sequence[str] = ("CT",)
+    seed: int,
+    index: int,
+    shape: Sequence[int] | None = None,
+    modalities: Sequence[str] = ("CT",),
+    spacing: Sequence[float] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One case in stored voxel order: image (X, Y, Z, C) (int16 for a lone CT channel, else
-    float32), mask (X, Y, Z) uint8 with values 0..2, and the affine."""
+    float32), mask (X, Y, Z) uint8 with values 0..2, and the affine. ``shape`` and ``spacing``
+    (mm) default to the case's own draw (``case_geometry``)."""
     rng = np.random.default_rng([seed, index])
-    affine = volume_affine(shape, rng)
+    shape, spacing = case_geometry(rng, shape, spacing)
+    affine = volume_affine(shape, spacing, rng)
     ijk = np.stack(np.meshgrid(*(np.arange(n) for n in shape), indexing="ij"), axis=-1).astype(float)
     xyz = ijk @ affine[:3, :3].T + affine[:3, 3]  # world position of every voxel centre, mm
-    extent = np.abs(np.asarray(shape) * SPACING) / 2
+    extent = np.asarray(shape) * np.asarray(spacing) / 2
 
     def ellipsoid(center, radii) -> np.ndarray:
         return (((xyz - center) / radii) ** 2).sum(-1) <= 1
@@ -81,22 +105,26 @@ def _save_nifti(path: Path, array: np.ndarray, affine: np.ndarray) -> None:
 def generate_volumes(
     output: str | Path,
     num_cases: int = 6,
-    shape: Sequence[int] = (40, 40, 12),
+    shape: Sequence[int] | None = None,
     seed: int = 0,
     modalities: Sequence[str] = ("CT",),
     layout: str = "msd",
+    spacing: Sequence[float] | None = None,
 ) -> Path:
     """Write ``num_cases`` volumes with ``dataset.json`` in ``layout`` (``msd``: one 3D/4D file a
-    case; ``nnunet``: nnU-Net v2 raw, one file a channel). Returns the output folder."""
+    case; ``nnunet``: nnU-Net v2 raw, one file a channel). Returns the output folder.
+
+    ``shape`` (voxels) and ``spacing`` (mm) fix every case's geometry; None draws each case's own.
+    """
     if layout not in ("msd", "nnunet"):
         raise ValueError(f"unknown layout {layout!r}; valid: msd, nnunet")
-    if num_cases < 2 or min(shape) < 4:
-        raise ValueError(f"need num_cases >= 2 and every side >= 4, got {num_cases} and {tuple(shape)}")
+    if num_cases < 2 or (shape is not None and min(shape) < 4):
+        raise ValueError(f"need num_cases >= 2 and every side >= 4, got {num_cases} and {shape}")
     output = Path(output)
     training = []
     for i in range(num_cases):
         case = f"vol_{i:03d}"
-        image, mask, affine = phantom_volume(seed, i, shape, modalities)
+        image, mask, affine = phantom_volume(seed, i, shape, modalities, spacing)
         if layout == "msd":
             _save_nifti(
                 output / "imagesTr" / f"{case}.nii.gz",

@@ -6,7 +6,8 @@ holds many inputs (its sub-folders are searched the same way). With a multi-chan
 nnU-Net-style channel files ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... form one case.
 
 Preprocessing is the validation path of training: the same readers, the same slicing of the
-canonical RAS+ volume, and ``standardize(to_unit(x))`` with the case's own statistics.
+canonical RAS+ volume, the same resampling to the training spacing, and ``standardize(to_unit(x))``
+with the case's own statistics.
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.dataset import CaseArrays, load_case_2d
+from pipeline.data.dataset import CaseArrays, load_case_2d, standardized_volume
 from pipeline.data.io import case_stem, is_image_2d, is_nifti
 from pipeline.data.layouts import CHANNEL_FILE, Case
-from pipeline.data.normalization import case_stats, standardize, to_unit
+from pipeline.data.normalization import case_stats
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.slicing import to_slices
+from pipeline.data.resample import resample_image
+from pipeline.data.slicing import in_slice_order, to_slices
 from pipeline.data.volumes import load_volume_case
 from pipeline.errors import DataError
 
@@ -150,13 +152,32 @@ def _missing(path: Path) -> str:
     return f"dangling symbolic link to {os.readlink(path)}"
 
 
+def spacing_warning(name: str, spacing: Sequence[float], prep: Preprocessing) -> str | None:
+    """A warning when a scan's spacing (mm, X, Y, Z of the RAS+ array) lies far outside the training
+    cases' range (below half their finest or above twice their coarsest, on some axis)."""
+    if prep.spacing_range is None:
+        return None
+    low, high = (np.asarray(r, float) for r in prep.spacing_range)
+    value = np.asarray(spacing, float)
+    if np.all(value >= low / 2) and np.all(value <= high * 2):
+        return None
+    shown = "x".join(f"{v:.3g}" for v in value)
+    trained = " x ".join(f"{a:.3g}-{b:.3g}" for a, b in zip(low, high, strict=True))
+    return (
+        f"{name}: spacing {shown} mm is far outside the training cases' ({trained} mm); it is resampled "
+        "to the training spacing, but expect lower accuracy"
+    )
+
+
 def load_case(case: InputCase, prep: Preprocessing) -> dict:
-    """Read and preprocess one case.
+    """Read and preprocess one case, as validation does (``pipeline.data.cache``): a volume is cut
+    along the slice axis and resampled to the training spacing.
 
     Returns:
-        ``{"case": InputCase, "image": float32 (S, C, H, W) network input, "geometry": the
-        ``Volume`` without its intensities (None for 2D), "shape": stored spatial shape,
-        "spacing": stored voxel size in mm (None for 2D)}``; S is 1 for a 2D image.
+        ``{"case": InputCase, "image": float32 (C, S, H, W) network input (S = 1 for a 2D image),
+        "size": (S0, H0, W0) the case's own grid in slice order, "geometry": the ``Volume``
+        without its intensities (None for 2D), "shape": stored spatial shape, "spacing": stored
+        voxel size in mm (None for 2D), "warning": a spacing warning or None}``.
 
     Raises:
         DataError: the file cannot be read, or does not fit the model.
@@ -165,42 +186,39 @@ def load_case(case: InputCase, prep: Preprocessing) -> dict:
         raise DataError(
             case.path, "not a supported input (NIfTI .nii/.nii.gz, a DICOM series folder, PNG/TIFF/JPEG)"
         )
-    geometry, spacing = None, None
+    geometry, spacing, warning = None, None, None
     if case.is_volume:
         volume, _ = load_volume_case(Case(case.name, case.paths, None), prep.class_names)
-        array = (
-            volume.array if np.issubdtype(volume.array.dtype, np.integer) else volume.array.astype(np.float32)
-        )
-        slices = np.ascontiguousarray(to_slices(array, prep.slice_axis))  # as cached for training
-        _check_channels(case, slices.shape[-1], prep)
-        arrays = CaseArrays(case.name, slices, None, case_stats(slices, prep.normalization), True)
+        _check_channels(case, volume.array.shape[-1], prep)
+        axis = prep.slice_axis
+        own = to_slices(volume.array, axis)
+        target = prep.target_spacing or volume.spacing
+        image = resample_image(own, in_slice_order(volume.spacing, axis), in_slice_order(target, axis))
+        arrays = CaseArrays(case.name, image, None, case_stats(image, prep.normalization), True)
         geometry = dataclasses.replace(volume, array=np.empty(0, np.float32))  # no second copy over IPC
-        shape = volume.source_shape
+        size, shape = own.shape[:3], volume.source_shape
         spacing = tuple(float(s) for s in np.linalg.norm(volume.source_affine[:3, :3], axis=0))
+        warning = spacing_warning(case.name, volume.spacing, prep)
     else:
         # one setting for all channels is passed as one, so a wrong channel count gets the message below
         norm = prep.normalization[0] if len(set(prep.normalization)) == 1 else prep.normalization
         arrays = load_case_2d(Case(case.name, case.paths, None), norm, prep.class_names)
         _check_channels(case, arrays.image.shape[-1], prep)
-        shape = arrays.image.shape[1:3]
+        size, shape = arrays.image.shape[:3], arrays.image.shape[1:3]
     return {
         "case": case,
-        "image": torch.from_numpy(network_input(arrays)),
+        "image": torch.from_numpy(standardized_volume(arrays)),
+        "size": tuple(int(n) for n in size),
         "geometry": geometry,
         "shape": tuple(int(s) for s in shape),
         "spacing": spacing,
+        "warning": warning,
     }
 
 
 def _check_channels(case: InputCase, channels: int, prep: Preprocessing) -> None:
     if channels != prep.in_channels:
         raise DataError(case.path, f"has {channels} channel(s); the model expects {prep.in_channels}")
-
-
-def network_input(arrays: CaseArrays) -> np.ndarray:
-    """(S, H, W, C) raw slices -> (S, C, H, W) float32, exactly as validation feeds the network."""
-    image = standardize(to_unit(np.asarray(arrays.image), arrays.stats), arrays.stats)
-    return np.ascontiguousarray(image.transpose(0, 3, 1, 2), dtype=np.float32)
 
 
 def describe(err: BaseException) -> str:

@@ -111,7 +111,7 @@ def infer(
     checkpoint: str | Path,
     inputs: Sequence[str | Path],
     output: str | Path,
-    batch_size: int = 8,
+    batch_size: int | None = None,
     tta: bool = False,
     devices: int = 1,
     accelerator: str = "auto",
@@ -128,7 +128,7 @@ def infer(
         checkpoint: a ``medseg fit`` checkpoint (loaded with ``weights_only=True``).
         inputs: files and folders (NIfTI, DICOM series folders, 2D images).
         output: output folder (created if needed).
-        batch_size: slices per forward pass.
+        batch_size: slices (or windows) per forward pass; None: the checkpoint's, as validation.
         tta: mirroring test-time augmentation.
         devices: processes (GPUs, or CPU processes with ``accelerator="cpu"``); > 1 uses DDP.
         accelerator: Lightning accelerator (``auto``, ``cpu``, ``gpu``, ...).
@@ -190,8 +190,13 @@ def infer_command(args: Sequence[str]) -> None:
     add("--checkpoint", required=True, help="a medseg fit checkpoint (e.g. best.ckpt)")
     add("--input", required=True, nargs="+", help="NIfTI files, DICOM series folders, images, folders")
     add("--output", required=True, help="output folder")
-    add("--batch-size", type=int, default=8, help="slices per forward pass (default: %(default)s)")
-    add("--tta", action="store_true", help="mirroring test-time augmentation (4x the compute)")
+    add(
+        "--batch-size",
+        type=int,
+        default=None,
+        help="slices or windows per forward pass (default: the checkpoint's)",
+    )
+    add("--tta", action="store_true", help="mirroring test-time augmentation (2D: 4x the compute, 3D: 8x)")
     add("--devices", type=int, default=1, help="processes (GPUs); > 1 uses DDP (default: %(default)s)")
     add("--accelerator", default="auto", help="auto, cpu, gpu, ... (default: %(default)s)")
     add("--num-workers", type=int, default=2, help="loader workers (default: %(default)s)")

@@ -79,7 +79,7 @@ class OutputLayout:
 def columns(class_names: tuple[str, ...]) -> list[str]:
     """``predictions.csv`` header: per foreground class its voxel (2D: pixel) count and mL."""
     per_class = [f"{kind}_{name}" for name in class_names[1:] for kind in ("voxels", "volume_ml")]
-    return ["case", "input", "status", "error", "shape", "spacing_mm", *per_class, "seconds"]
+    return ["case", "input", "status", "error", "warning", "shape", "spacing_mm", *per_class, "seconds"]
 
 
 def _fmt(values: tuple[float, ...] | None, digits: int = 4) -> str:
@@ -113,6 +113,8 @@ class CaseWriter(BasePredictionWriter):
         dataloader_idx: int,
     ) -> None:
         case: InputCase = batch["case"]
+        if batch.get("warning"):
+            log.warning(batch["warning"])
         if "error" in prediction:
             self._failed(case, prediction["error"])
             return
@@ -130,29 +132,28 @@ class CaseWriter(BasePredictionWriter):
         self.rows.append({"case": case.name, "input": _inputs(case), "status": "failed", "error": reason})
 
     def _write(self, case: InputCase, batch: dict, prediction: dict) -> dict:
-        labels = prediction["labels"].numpy()  # (S, H, W)
+        labels = prediction["labels"].numpy()  # (S, H, W), the case's own grid in slice order
         names = self.prep.class_names
         if self.largest_component:
             labels = keep_largest_component(labels, len(names))
         probs = prediction["probabilities"]
+        probs = None if probs is None else np.moveaxis(probs.numpy(), 0, -1)  # (S, H, W, K)
         geometry = batch["geometry"]
         if case.is_volume:
             axis = self.prep.slice_axis
             write_nifti_like(from_slices(labels, axis), geometry, self.layout.mask(case))
-            if probs is not None:  # (S, K, H, W) -> stored voxel order (x, y, z, K) like the mask
-                probs = from_ras(from_slices(np.moveaxis(probs.numpy(), 1, -1), axis), geometry)
+            if probs is not None:  # stored voxel order (x, y, z, K), like the mask
+                probs = from_ras(from_slices(probs, axis), geometry)
             voxel_ml = abs(float(np.linalg.det(geometry.source_affine[:3, :3]))) / 1000.0
         else:
             write_png(self.layout.mask(case), labels[0])
-            if probs is not None:
-                probs = np.moveaxis(probs.numpy()[0], 0, -1)  # (H, W, K)
+            probs = None if probs is None else probs[0]  # (H, W, K)
             voxel_ml = None
         if probs is not None:
             self._save_npz(self.layout.probability_map(case), probs)
         if self.layout.overlays:
-            middle = labels.shape[0] // 2
-            image = batch["image"][middle].float().cpu().numpy()
-            picture = overlay(image, labels[middle])
+            image, grid_labels = prediction["overlay"]
+            picture = overlay(image.numpy(), grid_labels.numpy())
             write_png(self.layout.overlay(case), np.rot90(picture) if case.is_volume else picture)
         counts = class_counts(labels, len(names))
         row = {
@@ -162,6 +163,7 @@ class CaseWriter(BasePredictionWriter):
             "error": "",
             "shape": _fmt(batch["shape"]),
             "spacing_mm": _fmt(batch["spacing"]),
+            "warning": batch.get("warning") or "",
         }
         for name, count in zip(names[1:], counts[1:], strict=True):
             row[f"voxels_{name}"] = int(count)

@@ -2,7 +2,9 @@
 
 Key ``val/predictions``: a list of ``wandb.Image`` with ``masks={"prediction": ...,
 "ground_truth": ...}`` and the class names as labels, so the W&B image panel can toggle each class
-and each mask; the caption names the case (and slice). Needs a W&B logger; without one it does nothing.
+and each mask; the caption names the case (and slice). For volumes it is each case's slice with the
+largest foreground area (predicted in 3D by a 3D network). Needs a W&B logger; without one it does
+nothing.
 """
 
 from __future__ import annotations
@@ -58,9 +60,12 @@ class PredictionImageLogger(FixedSampleCallback):
                 p for batch in self.samples.batches(pl_module.device) for p in predict(batch).argmax(1)
             ]
         images = []
-        for prediction, image, mask, caption in zip(
-            predictions, self.samples.images, self.samples.masks, self.samples.names, strict=True
+        samples = self.samples
+        for prediction, image, mask, caption, show in zip(
+            predictions, samples.images, samples.masks, samples.names, samples.display, strict=True
         ):
+            if show is not None:  # a 3D block: its slice with the largest foreground area
+                prediction, image, mask = prediction[show], image[:, show], mask[show]
             masks = {
                 "prediction": {
                     "mask_data": prediction.cpu().numpy().astype(np.uint8),

@@ -14,7 +14,9 @@ class FixedSamples:
 
     The validation loader does not shuffle, so these are the same images every epoch. Feed
     ``capture`` every validation batch and call ``close`` at the end of every validation epoch:
-    capturing stops after the first validation pass (the sanity check, when there is one).
+    capturing stops after the first validation pass (the sanity check, when there is one). A whole
+    volume (a ``CaseDataset`` sample) gives its slice with the largest foreground area, or, for a 3D
+    network, a block of ``depth`` slices around it (``display`` then names that slice in the block).
     """
 
     def __init__(self, num_samples: int) -> None:
@@ -24,16 +26,21 @@ class FixedSamples:
         self.images: list[Tensor] = []
         self.masks: list[Tensor] = []
         self.names: list[str] = []
+        self.display: list[int | None] = []  # the slice to show of a 3D block, None for 2D samples
         self.closed = False
 
     def __len__(self) -> int:
         return len(self.names)
 
-    def capture(self, batch: dict) -> None:
-        """Keep samples of a batch dict (``image`` (B, C, H, W), ``mask`` (B, H, W), ``case_id``, ...)."""
-        take = min(self.num_samples - len(self), len(batch["image"]))
-        if take <= 0 or self.closed:
+    def capture(self, batch: dict, spatial_dims: int = 2, depth: int = 1) -> None:
+        """Keep samples of a batch dict (``image`` (B, C, H, W), ``mask`` (B, H, W), ``case_id``, ...)
+        or of a whole volume (``image`` (C, S, H, W), ``mask`` (S, H, W), ``target``)."""
+        if self.closed or len(self) >= self.num_samples:
             return
+        if "target" in batch:
+            self._capture_volume(batch, spatial_dims, depth)
+            return
+        take = min(self.num_samples - len(self), len(batch["image"]))
         slices = batch.get("slice_index", [-1] * take)
         for i in range(take):
             index = int(slices[i])
@@ -41,6 +48,23 @@ class FixedSamples:
             self.images.append(batch["image"][i].detach().cpu())
             self.masks.append(batch["mask"][i].detach().cpu())
             self.names.append(case if index < 0 else f"{case} slice {index}")
+            self.display.append(None)
+
+    def _capture_volume(self, batch: dict, spatial_dims: int, depth: int) -> None:
+        image, mask = batch["image"].detach().cpu(), batch["mask"].detach().cpu()
+        count = len(mask)
+        best = int(mask.flatten(1).count_nonzero(1).argmax())  # the largest foreground area
+        name = f"{batch['case_id']} slice {best}"
+        if spatial_dims == 3:
+            start = max(0, min(best - depth // 2, count - depth))
+            self.images.append(image[:, start : start + depth])
+            self.masks.append(mask[start : start + depth])
+            self.display.append(best - start)
+        else:
+            self.images.append(image[:, best])
+            self.masks.append(mask[best])
+            self.display.append(None)
+        self.names.append(name)
 
     def close(self) -> None:
         """End of a validation pass: the samples captured so far (if any) are the fixed ones."""
@@ -87,7 +111,9 @@ class FixedSampleCallback(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.every_n_epochs and dataloader_idx == 0 and trainer.is_global_zero:
-            self.samples.capture(batch)
+            dims = getattr(pl_module, "spatial_dims", 2)
+            patch = getattr(pl_module, "patch_size", None)
+            self.samples.capture(batch, dims, patch[0] if dims == 3 and patch else 1)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.samples.close()

@@ -1,4 +1,10 @@
-"""SegmentationModule: an injected network and loss, metrics per stage, AdamW + warmup-cosine."""
+"""SegmentationModule: an injected network and loss, metrics per stage, AdamW + warm-up-cosine.
+
+2D images are validated per image. Volumes are validated per case: the module predicts the whole
+case on the training grid, brings the probabilities back to the case's own grid and scores it
+there in 3D, distances in mm (``pipeline.metrics``); ``val/dice`` is then the mean per-case 3D
+Dice and selects ``best.ckpt``, and the per-slice Dice stays available as ``val/dice_slice``.
+"""
 
 from __future__ import annotations
 
@@ -7,35 +13,40 @@ from collections.abc import Sequence
 
 import pytorch_lightning as pl
 import torch
-from monai.inferers import sliding_window_inference
 from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
+from pipeline.data.resample import labels_from_probabilities
 from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
 from pipeline.models import net_spec
+from pipeline.training.prediction import Progress, volume_logits, volume_probabilities, window_logits
+from pipeline.training.schedule import WarmupCosine, planned_steps
 
 CHECKPOINT_KEY = "medseg"
+STAGES = ("val", "test")
 
 
 class SegmentationModule(pl.LightningModule):
-    """Trains any network mapping (B, C_in, H, W) images to (B, num_classes, H, W) logits.
+    """Trains a network mapping (B, C_in, *spatial) images to (B, num_classes, *spatial) logits.
 
     Args:
         net: the network (``pipeline.models``), built from the config and injected.
-        loss: a loss on (logits, mask (B, 1, H, W)); default Dice + cross-entropy (MONAI's
+        loss: a loss on (logits, mask (B, 1, *spatial)); default Dice + cross-entropy (MONAI's
             ``DiceCELoss``, background excluded from the Dice term, batch Dice).
         class_names: class names, background first (linked from the data module).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
         warmup_epochs: linear warm-up length (fractions allowed); cosine decay to
-            ``lr * min_lr_ratio`` afterwards, stepped every optimiser step.
+            ``lr * min_lr_ratio`` at the run's end (``pipeline.training.schedule``: with
+            ``trainer.max_time``, where the time budget ends), stepped every optimiser step.
         min_lr_ratio: final learning rate as a fraction of ``lr``.
-        patch_size: training patch (H, W) (linked from the data module); larger validation and
-            test images go through Gaussian-weighted sliding-window inference with this window.
+        patch_size: training patch, (H, W) or (S, H, W) (linked from the data module); larger
+            inputs go through Gaussian-weighted sliding-window inference with this window.
         sw_overlap: sliding-window overlap fraction.
-        sw_batch_size: windows per forward pass in sliding-window inference (raise it on a GPU).
+        sw_batch_size: windows (or volume slices) per forward pass in whole-image inference.
         hd95: compute HD95 in validation and test (CPU cost: distance transforms).
+        surface_tolerance: volumes: the surface Dice's tolerance, mm.
         channels_last: use the channels-last memory format on CUDA (faster convolutions).
         compile: compile the network with ``torch.compile`` (through ``nn.Module.compile``, in
             place, so checkpoints keep their ``net.*`` keys). Off by default: the first steps
@@ -51,10 +62,11 @@ class SegmentationModule(pl.LightningModule):
         weight_decay: float = 1e-4,
         warmup_epochs: float = 1.0,
         min_lr_ratio: float = 0.01,
-        patch_size: tuple[int, int] | None = None,
+        patch_size: Sequence[int] | None = None,
         sw_overlap: float = 0.5,
         sw_batch_size: int = 4,
         hd95: bool = True,
+        surface_tolerance: float = 2.0,
         channels_last: bool = True,
         compile: bool = False,
     ) -> None:
@@ -64,46 +76,71 @@ class SegmentationModule(pl.LightningModule):
         self.loss = loss or DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
         self.class_names = list(class_names)
         self.patch_size = tuple(patch_size) if patch_size else None
-        self.val_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
-        self.test_metrics = SegmentationMetrics(self.class_names, hd95=hd95)
-        self.eval_loss = nn.ModuleDict({"val": BatchMeanOnce(), "test": BatchMeanOnce()})
+        self.spatial_dims = (
+            len(self.patch_size) if self.patch_size else getattr(net, "init_args", {}).get("spatial_dims", 2)
+        )
+        self.metrics = nn.ModuleDict(
+            {stage: SegmentationMetrics(self.class_names, hd95, surface_tolerance) for stage in STAGES}
+        )
+        self.slice_metrics = nn.ModuleDict(
+            {stage: SegmentationMetrics(self.class_names, False) for stage in STAGES}
+        )
+        self.eval_loss = nn.ModuleDict({stage: BatchMeanOnce() for stage in STAGES})
         self.val_dice_best = MaxMetric()
         self.val_dice_best.persistent(True)  # in checkpoints, so a resumed run keeps its best
+        self.schedule: WarmupCosine | None = None
         self._channels_last = False
         if compile:
             self.net.compile()  # compiled on first call, after _prepare has set the memory format
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, C_in, H, W) -> logits (B, num_classes, H, W)."""
+        """(B, C_in, *spatial) -> logits (B, num_classes, *spatial)."""
         return self.net(x)
 
     def _prepare(self, x: Tensor) -> Tensor:
         """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions."""
         if not (self.hparams.channels_last and x.is_cuda):
             return x
+        memory_format = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
         if not self._channels_last:
-            self.net.to(memory_format=torch.channels_last)  # in place: optimiser references stay valid
+            self.net.to(memory_format=memory_format)  # in place: optimiser references stay valid
             self._channels_last = True
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=memory_format)
 
     def predict_logits(self, x: Tensor) -> Tensor:
-        """Whole-image logits; sliding-window inference where the image exceeds ``patch_size``."""
-        x = self._prepare(x)
-        if self.patch_size and any(s > p for s, p in zip(x.shape[-2:], self.patch_size, strict=True)):
-            return sliding_window_inference(
-                x,
-                self.patch_size,
-                sw_batch_size=self.hparams.sw_batch_size,
-                predictor=self.net,
-                overlap=self.hparams.sw_overlap,
-                mode="gaussian",
-            )
-        return self.net(x)
+        """(B, C, *spatial) -> logits; sliding windows where the input exceeds ``patch_size``."""
+        h = self.hparams
+        return window_logits(self.net, self._prepare(x), self.patch_size, h.sw_batch_size, h.sw_overlap)
+
+    def predict_case(
+        self,
+        image: Tensor,
+        size: Sequence[int] | None = None,
+        tta: bool = False,
+        chunk: int | None = None,
+        progress: Progress | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """Segment one case: (C, S, H, W) on the training grid (S = 1 for a 2D image).
+
+        Args:
+            size: the case's own (S0, H0, W0) grid, where labels are returned; None: this grid.
+            tta: average the softmax over the mirrorings (``pipeline.training.prediction``).
+            chunk: slices per forward pass of a 2D network; default ``sw_batch_size``.
+            progress: told the fraction of the case done as it goes.
+
+        Returns:
+            labels uint8 (S0, H0, W0) and the probabilities (K, S, H, W) they come from.
+        """
+        chunk = chunk or self.hparams.sw_batch_size
+        probs = volume_probabilities(self.predict_logits, image, self.spatial_dims, chunk, tta, progress)
+        return labels_from_probabilities(probs, size or probs.shape[1:]), probs
 
     def on_train_epoch_start(self) -> None:
         # Networks with a schedule of their own (ResNetUNet's encoder freezing) follow the epoch.
         if hasattr(self.net, "set_epoch"):
             self.net.set_epoch(self.current_epoch)
+        if self.schedule is not None:
+            self.schedule.total = planned_steps(self.trainer)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.net(self._prepare(batch["image"]))
@@ -111,41 +148,64 @@ class SegmentationModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
         return loss
 
-    def _eval_step(self, batch: dict, stage: str, metrics: SegmentationMetrics) -> Tensor:
+    def _eval_step(self, batch: dict, stage: str) -> None:
+        if "target" in batch:  # a whole volume: predicted on the training grid, scored on its own
+            self._eval_case(batch, stage)
+            return
         logits = self.predict_logits(batch["image"])
         # index: an image (and a batch) that DDP padding repeats counts once
         self.eval_loss[stage].update(
             self.loss(logits, batch["mask"][:, None]), len(logits), batch.get("index")
         )
-        metrics.update(logits.argmax(1), batch["mask"], batch.get("index"))
-        return logits
+        self.metrics[stage].update(logits.argmax(1), batch["mask"], batch.get("index"))
+
+    def _eval_case(self, batch: dict, stage: str) -> None:
+        """``CaseDataset`` sample: loss on the training grid; metrics in 3D on the case's own grid
+        (mm), and per slice (``<stage>/dice_slice``)."""
+        chunk = self.hparams.sw_batch_size
+        logits = volume_logits(self.predict_logits, batch["image"], self.spatial_dims, chunk)
+        index = torch.as_tensor([batch["index"]], device=logits.device)
+        self.eval_loss[stage].update(self.loss(logits[None], batch["mask"][None, None]), 1, index)
+        target = batch["target"]
+        labels = labels_from_probabilities(logits.float().softmax(0), target.shape)
+        self.metrics[stage].update(labels[None], target[None], index, batch["spacing"].tolist())
+        self.slice_metrics[stage].update(labels, target)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "val", self.val_metrics)
+        self._eval_step(batch, "val")
 
     def test_step(self, batch: dict, batch_idx: int) -> None:
-        self._eval_step(batch, "test", self.test_metrics)
+        self._eval_step(batch, "test")
 
-    def _log_metrics(self, stage: str, metrics: SegmentationMetrics) -> dict[str, Tensor]:
+    def _log_metrics(self, stage: str) -> dict[str, Tensor]:
         self.log(f"{stage}/loss", self.eval_loss[stage].compute(), prog_bar=stage == "val")
         self.eval_loss[stage].reset()
-        values = metrics.compute()
+        values = self.metrics[stage].compute()
         self.log(f"{stage}/dice", values["dice"], prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "dice"})
+        slices = self.slice_metrics[stage]
+        if slices.update_count:
+            self.log(f"{stage}/dice_slice", slices.compute()["dice"])
+        slices.reset()
         return values
 
     def on_validation_epoch_end(self) -> None:
-        values = self._log_metrics("val", self.val_metrics)
-        self.val_metrics.reset()
+        values = self._log_metrics("val")
+        self.metrics["val"].reset()
         if not self.trainer.sanity_checking and not torch.isnan(values["dice"]):
             self.val_dice_best.update(values["dice"])
             self.log("val/dice_best", self.val_dice_best.compute())
 
     def on_test_epoch_end(self) -> None:
-        self._log_metrics("test", self.test_metrics)
+        self._log_metrics("test")
 
     def on_test_epoch_start(self) -> None:
-        self.test_metrics.reset()
+        self.metrics["test"].reset()
+
+    @property
+    def test_metrics(self) -> SegmentationMetrics:
+        """The test stage's per-item scores (read by ``pipeline.monitors.report.TestReport``)."""
+        return self.metrics["test"]
 
     def configure_optimizers(self) -> dict:
         decay, no_decay = [], []
@@ -158,18 +218,15 @@ class SegmentationModule(pl.LightningModule):
             ],
             lr=self.hparams.lr,
         )
-        total = max(1, self.trainer.estimated_stepping_batches)
-        epochs = max(1, self.trainer.max_epochs or 1)
-        warmup = min(total - 1, int(self.hparams.warmup_epochs * total / epochs))
-        floor = self.hparams.min_lr_ratio
-
-        def schedule(step: int) -> float:
-            if step < warmup:
-                return (step + 1) / (warmup + 1)
-            progress = (step - warmup) / max(1, total - warmup)
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+        total = float(self.trainer.estimated_stepping_batches)
+        if math.isfinite(total):
+            epochs = max(1, self.trainer.max_epochs or 1)
+            warmup = min(int(total) - 1, int(self.hparams.warmup_epochs * total / epochs))
+        else:  # only a time budget: warm up for warmup_epochs epochs of steps
+            per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
+            warmup = int(self.hparams.warmup_epochs * per_epoch)
+        self.schedule = WarmupCosine(max(0, warmup), total, self.hparams.min_lr_ratio)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
