@@ -78,13 +78,17 @@ class SegmentationModule(pl.LightningModule):
         return self.net(x)
 
     def _prepare(self, x: Tensor) -> Tensor:
-        """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions."""
+        """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions.
+
+        Volumes (B, C, D, H, W) take the 3D channels-last format (channels_last is 4-D only).
+        """
         if not (self.hparams.channels_last and x.is_cuda):
             return x
+        layout = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
         if not self._channels_last:
-            self.net.to(memory_format=torch.channels_last)  # in place: optimiser references stay valid
+            self.net.to(memory_format=layout)  # in place: optimiser references stay valid
             self._channels_last = True
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=layout)
 
     def predict_logits(self, x: Tensor) -> Tensor:
         """Whole-image logits; sliding-window inference where the image exceeds ``patch_size``."""
