@@ -5,6 +5,8 @@ checkpoint rebuilds the network with ``build_net(net_spec(net))`` and unpickles 
 network declares its knobs once, as ``Knob`` entries in ``KNOBS``; the run name
 (``unet-noskip-sigmoid-default-nonorm-s0``), the W&B tags (``skips:false``), the ``variant.*``
 config keys and ``medseg compare``'s columns all follow from them, so a new knob is one line.
+A knob may label the architecture itself rather than follow it: ``dims`` names a 3D UNet
+``unet3d-noskip-...`` and leaves 2D names as they were.
 """
 
 from __future__ import annotations
@@ -33,17 +35,23 @@ class Knob:
         name: the key of the tag (``act:sigmoid``), the ``variant.<name>`` config key and the column.
         read: the knob's value, from the network (default: the init argument called ``name``).
         label: the run-name part for a value, or None to leave it out of the name.
+        arch: the label is appended to the architecture (``unet`` + ``3d``) instead of joining
+            the name as a part of its own.
     """
 
     name: str
     read: Callable[[Network], object] | None = None
     label: Callable[[object], str | None] = str
+    arch: bool = False
 
     def value(self, net: Network) -> object:
         return self.read(net) if self.read else net.init_args[self.name]
 
 
 # The knobs of every UNet-family network, in run-name order.
+DIMS = Knob(
+    "dims", lambda net: net.init_args["spatial_dims"], lambda v: f"{v}d" if v != 2 else None, arch=True
+)
 SKIPS = Knob("skips", lambda net: net.init_args["use_skips"], lambda v: None if v else "noskip")
 BLOCK = Knob("block", label=lambda v: "residual" if v == "residual" else None)
 ACT = Knob("act")
@@ -71,6 +79,13 @@ class Network(nn.Module):
         return {"arch": self.ARCH, **{knob.name: knob.value(self) for knob in self.KNOBS}}
 
     def variant_name(self) -> str:
-        """The architecture and the labels of its knobs, e.g. ``unet-noskip-sigmoid-xavier-nonorm``."""
-        labels = [knob.label(knob.value(self)) for knob in self.KNOBS]
-        return "-".join([self.ARCH, *(label for label in labels if label)])
+        """The architecture and the labels of its knobs, e.g. ``unet-noskip-sigmoid-xavier-nonorm``
+        or, with an architecture knob, ``unet3d-noskip-sigmoid-default-nonorm``."""
+        arch, parts = self.ARCH, []
+        for knob in self.KNOBS:
+            label = knob.label(knob.value(self))
+            if label and knob.arch:
+                arch += label
+            elif label:
+                parts.append(label)
+        return "-".join([arch, *parts])

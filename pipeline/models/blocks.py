@@ -2,15 +2,19 @@
 and one factory each for activation, normalisation and weight initialisation.
 
 Every factory takes a lower-case name and raises a ``ValueError`` listing the valid names, so a
-typo in a YAML config fails at construction with a message that says how to fix it.
+typo in a YAML config fails at construction with a message that says how to fix it. Every block
+takes ``spatial_dims`` (2: images (B, C, H, W), 3: volumes (B, C, D, H, W)) and builds its layers
+from the tables of ``pipeline.models.nd``, so 2D and 3D share one code path.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
+
+from pipeline.models.nd import BATCH_NORM, CONV, CONV_TRANSPOSE, DROPOUT, INSTANCE_NORM, per_axis
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
     "relu": lambda: nn.ReLU(inplace=True),
@@ -36,7 +40,7 @@ def make_act(name: str) -> nn.Module:
     return ACTIVATIONS[name]()
 
 
-def make_norm(name: str | None, channels: int) -> nn.Module:
+def make_norm(name: str | None, channels: int, spatial_dims: int = 2) -> nn.Module:
     """Normalisation over ``channels`` feature maps: batch, instance (affine), group or none.
 
     Group norm uses 8 groups, or the largest divisor of ``channels`` below 8.
@@ -44,9 +48,9 @@ def make_norm(name: str | None, channels: int) -> nn.Module:
     name = "none" if name is None else name
     _check("norm", name, NORMS)
     if name == "batch":
-        return nn.BatchNorm2d(channels)
+        return BATCH_NORM[spatial_dims](channels)
     if name == "instance":
-        return nn.InstanceNorm2d(channels, affine=True)
+        return INSTANCE_NORM[spatial_dims](channels, affine=True)
     if name == "group":
         groups = max(g for g in range(1, 9) if channels % g == 0)
         return nn.GroupNorm(groups, channels)
@@ -62,7 +66,7 @@ def check_names(norm: str | None, act: str, init: str, block: str = "plain") -> 
 
 
 def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
-    """Initialise every conv and linear weight under ``module`` in place.
+    """Initialise every conv and linear weight under ``module`` in place (2D and 3D layers alike).
 
     Args:
         module: the modules to initialise (recursively).
@@ -77,7 +81,7 @@ def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
     if scheme == "default":
         return
     for m in module.modules():
-        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        if isinstance(m, (*CONV.kinds, *CONV_TRANSPOSE.kinds, nn.Linear)):
             if scheme == "kaiming":
                 slope = 0.01 if act == "leaky_relu" else 0.0
                 nonlinearity = "leaky_relu" if act == "leaky_relu" else "relu"
@@ -86,7 +90,7 @@ def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
                 nn.init.xavier_normal_(m.weight, gain=1.0)
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
-        elif isinstance(m, (nn.BatchNorm2d, nn.GroupNorm, nn.InstanceNorm2d)) and m.weight is not None:
+        elif isinstance(m, (*BATCH_NORM.kinds, nn.GroupNorm, *INSTANCE_NORM.kinds)) and m.weight is not None:
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
 
@@ -95,7 +99,7 @@ def expected_std(weight_shape: tuple[int, ...], scheme: str) -> float:
     """The standard deviation ``init_weights`` targets for a conv weight of this shape (ReLU gain).
 
     Fans are PyTorch's: dimension 1 x kernel size is the fan-in, dimension 0 x kernel size the
-    fan-out, for ``ConvTranspose2d`` weights (in, out, kh, kw) too, as ``nn.init`` computes them.
+    fan-out, for transposed-conv weights (in, out, *kernel) too, as ``nn.init`` computes them.
     """
     receptive = math.prod(weight_shape[2:])
     fan_in = weight_shape[1] * receptive
@@ -107,68 +111,100 @@ def expected_std(weight_shape: tuple[int, ...], scheme: str) -> float:
     raise ValueError(f"no closed-form std for init {scheme!r}")
 
 
-class ConvNormAct(nn.Sequential):
-    """Conv2d -> norm -> activation (-> dropout): the unit the gradient monitor calls a layer.
+Size = int | Sequence[int]  # a kernel size or stride: one for every axis, or one per axis
 
-    Shapes: (B, in_channels, H, W) -> (B, out_channels, H', W') with H' = ceil(H / stride) for
-    odd kernels. The conv has no bias when a norm follows (the norm's shift replaces it).
+
+class ConvNormAct(nn.Sequential):
+    """Conv -> norm -> activation (-> dropout): the unit the gradient monitor calls a layer.
+
+    Shapes: (B, in_channels, *spatial) -> (B, out_channels, *spatial') with each axis
+    ceil(size / stride) for odd kernels ("same" padding, kernel // 2 per axis). ``spatial_dims``
+    picks Conv2d or Conv3d (and the matching norm and dropout); ``kernel_size`` and ``stride``
+    are an int or one value per axis, e.g. (1, 3, 3) for an in-plane-only 3D kernel. The conv
+    has no bias when a norm follows (the norm's shift replaces it).
     """
 
     def __init__(
         self,
         in_channels: int,
         out_channels: int,
-        kernel_size: int = 3,
-        stride: int = 1,
+        kernel_size: Size = 3,
+        stride: Size = 1,
         norm: str | None = "batch",
         act: str | None = "relu",
         dropout: float = 0.0,
+        spatial_dims: int = 2,
     ) -> None:
         has_norm = norm not in (None, "none")
+        kernel = per_axis(kernel_size, spatial_dims, "kernel_size")
         layers: dict[str, nn.Module] = {
-            "conv": nn.Conv2d(
-                in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=not has_norm
+            "conv": CONV[spatial_dims](
+                in_channels,
+                out_channels,
+                kernel,
+                per_axis(stride, spatial_dims, "stride"),
+                padding=tuple(k // 2 for k in kernel),
+                bias=not has_norm,
             )
         }
         if has_norm:
-            layers["norm"] = make_norm(norm, out_channels)
+            layers["norm"] = make_norm(norm, out_channels, spatial_dims)
         if act is not None:
             layers["act"] = make_act(act)
         if dropout > 0:
-            layers["drop"] = nn.Dropout2d(dropout)
+            layers["drop"] = DROPOUT[spatial_dims](dropout)
         super().__init__()
         for name, layer in layers.items():
             self.add_module(name, layer)
 
 
 class PlainBlock(nn.Sequential):
-    """Two 3x3 conv-norm-act units, as in the original U-Net. (B,Cin,H,W) -> (B,Cout,H,W)."""
+    """Two conv-norm-act units (3x3 by default), as in the original U-Net.
 
-    def __init__(
-        self, in_channels: int, out_channels: int, norm: str | None, act: str, dropout: float = 0.0
-    ) -> None:
-        super().__init__()
-        self.conv1 = ConvNormAct(in_channels, out_channels, norm=norm, act=act, dropout=dropout)
-        self.conv2 = ConvNormAct(out_channels, out_channels, norm=norm, act=act)
-
-
-class ResidualBlock(nn.Module):
-    """Two 3x3 conv-norm units with an identity short skip (He et al. 2016), act after the sum.
-
-    A 1x1 conv-norm projection replaces the identity where the channel count changes.
-    (B,Cin,H,W) -> (B,Cout,H,W).
+    (B, Cin, *spatial) -> (B, Cout, *spatial).
     """
 
     def __init__(
-        self, in_channels: int, out_channels: int, norm: str | None, act: str, dropout: float = 0.0
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm: str | None,
+        act: str,
+        dropout: float = 0.0,
+        kernel_size: Size = 3,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        self.conv1 = ConvNormAct(in_channels, out_channels, norm=norm, act=act, dropout=dropout)
-        self.conv2 = ConvNormAct(out_channels, out_channels, norm=norm, act=None)
+        unit = {"kernel_size": kernel_size, "norm": norm, "act": act, "spatial_dims": spatial_dims}
+        self.conv1 = ConvNormAct(in_channels, out_channels, dropout=dropout, **unit)
+        self.conv2 = ConvNormAct(out_channels, out_channels, **unit)
+
+
+class ResidualBlock(nn.Module):
+    """Two conv-norm units with an identity short skip (He et al. 2016), act after the sum.
+
+    A 1x1 conv-norm projection replaces the identity where the channel count changes.
+    (B, Cin, *spatial) -> (B, Cout, *spatial).
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        norm: str | None,
+        act: str,
+        dropout: float = 0.0,
+        kernel_size: Size = 3,
+        spatial_dims: int = 2,
+    ) -> None:
+        super().__init__()
+        unit = {"norm": norm, "spatial_dims": spatial_dims}
+        self.conv1 = ConvNormAct(in_channels, out_channels, kernel_size, act=act, dropout=dropout, **unit)
+        self.conv2 = ConvNormAct(out_channels, out_channels, kernel_size, act=None, **unit)
         self.shortcut = (
             nn.Identity()
             if in_channels == out_channels
-            else ConvNormAct(in_channels, out_channels, kernel_size=1, norm=norm, act=None)
+            else ConvNormAct(in_channels, out_channels, kernel_size=1, act=None, **unit)
         )
         self.act = make_act(act)
 
@@ -177,9 +213,24 @@ class ResidualBlock(nn.Module):
 
 
 def make_block(
-    kind: str, in_channels: int, out_channels: int, norm: str | None, act: str, dropout: float = 0.0
+    kind: str,
+    in_channels: int,
+    out_channels: int,
+    norm: str | None,
+    act: str,
+    dropout: float = 0.0,
+    kernel_size: Size = 3,
+    spatial_dims: int = 2,
 ) -> nn.Module:
     """A ``plain`` or ``residual`` block; see ``PlainBlock`` and ``ResidualBlock``."""
     _check("block", kind, BLOCKS)
     cls = PlainBlock if kind == "plain" else ResidualBlock
-    return cls(in_channels, out_channels, norm=norm, act=act, dropout=dropout)
+    return cls(
+        in_channels,
+        out_channels,
+        norm=norm,
+        act=act,
+        dropout=dropout,
+        kernel_size=kernel_size,
+        spatial_dims=spatial_dims,
+    )

@@ -1,9 +1,11 @@
 """The one UNet decoder used by every variant.
 
-Each decoder stage upsamples by 2 with a transposed convolution, crops to the size of the encoder
-level it rejoins, concatenates that level's features when long skips are in use, and runs a block.
-"No skip" is a stage built with ``skip_channels=0``: it receives nothing from the encoder but the
-target size, so the UNet with and without skips differ in exactly the long skips.
+Each decoder stage upsamples by its encoder level's stride (2 on every axis by default) with a
+transposed convolution whose kernel is that stride, crops to the size of the encoder level it
+rejoins, concatenates that level's features when long skips are in use, and runs a block. "No
+skip" is a stage built with ``skip_channels=0``: it receives nothing from the encoder but the
+target size, so the UNet with and without skips differ in exactly the long skips. Stages are 2D
+or 3D (``spatial_dims``) with one code path.
 """
 
 from __future__ import annotations
@@ -13,14 +15,15 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from pipeline.models.blocks import make_block
+from pipeline.models.blocks import Size, make_block
+from pipeline.models.nd import CONV_TRANSPOSE, per_axis, per_level
 
 
 class DecoderStage(nn.Module):
-    """Upsample x2, crop to ``size``, concatenate an optional skip, then a block.
+    """Upsample by ``stride``, crop to ``size``, concatenate an optional skip, then a block.
 
-    Shapes: x (B, in_channels, h, w), skip (B, skip_channels, H, W) with H <= 2h, W <= 2w
-    -> (B, out_channels, H, W).
+    Shapes (2D; a 3D stage has a depth axis too): x (B, in_channels, h, w), skip
+    (B, skip_channels, H, W) with H <= stride_h * h, W <= stride_w * w -> (B, out_channels, H, W).
     """
 
     def __init__(
@@ -32,14 +35,20 @@ class DecoderStage(nn.Module):
         norm: str | None = "batch",
         act: str = "relu",
         dropout: float = 0.0,
+        stride: Size = 2,
+        kernel_size: Size = 3,
+        spatial_dims: int = 2,
     ) -> None:
         super().__init__()
         self.skip_channels = skip_channels
-        self.up = nn.ConvTranspose2d(in_channels, out_channels, kernel_size=2, stride=2)
-        self.block = make_block(block, out_channels + skip_channels, out_channels, norm, act, dropout)
+        stride = per_axis(stride, spatial_dims, "stride")
+        self.up = CONV_TRANSPOSE[spatial_dims](in_channels, out_channels, kernel_size=stride, stride=stride)
+        self.block = make_block(
+            block, out_channels + skip_channels, out_channels, norm, act, dropout, kernel_size, spatial_dims
+        )
 
-    def forward(self, x: Tensor, size: tuple[int, int], skip: Tensor | None = None) -> Tensor:
-        x = self.up(x)[..., : size[0], : size[1]]
+    def forward(self, x: Tensor, size: Sequence[int], skip: Tensor | None = None) -> Tensor:
+        x = self.up(x)[(..., *(slice(0, s) for s in size))]
         if self.skip_channels:
             if skip is None:
                 raise ValueError("this decoder stage was built with skip channels but got no skip")
@@ -51,12 +60,17 @@ class UNetDecoder(nn.ModuleDict):
     """Stages ``dec{n}`` ... ``dec1`` from the deepest encoder feature up to the input resolution.
 
     Args:
-        encoder_channels: channels of the encoder features, shallow to deep; each feature is half
-            the spatial size (rounded up) of the previous one. The last one is the bottleneck.
+        encoder_channels: channels of the encoder features, shallow to deep; each feature is the
+            previous one's spatial size divided by a stride (rounded up). The last one is the
+            bottleneck.
         decoder_channels: output channels of each stage, deep to shallow. Stages beyond the
             available skips (e.g. the stride-2 -> stride-1 stage of a ResNet encoder) get no skip.
         use_skips: concatenate encoder features (long skips); False gives skip channels 0.
         block, norm, act, dropout: as in ``pipeline.models.blocks``.
+        strides: each stage's upsampling factor, deep to shallow (the encoder's strides
+            reversed), an int or one per axis; None: 2 on every axis.
+        kernel_sizes: each stage's block kernel, deep to shallow, int or per axis; None: 3.
+        spatial_dims: 2 (images) or 3 (volumes).
     """
 
     def __init__(
@@ -68,6 +82,9 @@ class UNetDecoder(nn.ModuleDict):
         norm: str | None = "batch",
         act: str = "relu",
         dropout: float = 0.0,
+        strides: Sequence[Size] | None = None,
+        kernel_sizes: Sequence[Size] | None = None,
+        spatial_dims: int = 2,
     ) -> None:
         skips = list(encoder_channels[:-1])[::-1]
         if not len(skips) <= len(decoder_channels) <= len(skips) + 1:
@@ -77,20 +94,32 @@ class UNetDecoder(nn.ModuleDict):
             )
         skips += [0] * (len(decoder_channels) - len(skips))
         in_channels = [encoder_channels[-1], *decoder_channels[:-1]]
-        super().__init__()
         n = len(decoder_channels)
-        for i, (cin, cskip, cout) in enumerate(zip(in_channels, skips, decoder_channels, strict=True)):
+        strides = per_level(strides, n, spatial_dims, "decoder strides", default=2)
+        kernel_sizes = per_level(kernel_sizes, n, spatial_dims, "decoder kernel_sizes", default=3)
+        super().__init__()
+        stages = zip(in_channels, skips, decoder_channels, strides, kernel_sizes, strict=True)
+        for i, (cin, cskip, cout, stride, kernel) in enumerate(stages):
             self[f"dec{n - i}"] = DecoderStage(
-                cin, cskip if use_skips else 0, cout, block=block, norm=norm, act=act, dropout=dropout
+                cin,
+                cskip if use_skips else 0,
+                cout,
+                block=block,
+                norm=norm,
+                act=act,
+                dropout=dropout,
+                stride=stride,
+                kernel_size=kernel,
+                spatial_dims=spatial_dims,
             )
         self.out_channels = decoder_channels[-1]
 
-    def forward(self, features: Sequence[Tensor], out_size: tuple[int, int]) -> Tensor:
+    def forward(self, features: Sequence[Tensor], out_size: Sequence[int]) -> Tensor:
         """Decode encoder ``features`` (shallow to deep) to (B, out_channels, *out_size)."""
         x = features[-1]
         skips = list(features[:-1])[::-1]
         for i, stage in enumerate(self.values()):
             skip = skips[i] if i < len(skips) else None
-            size = tuple(skip.shape[-2:]) if skip is not None else out_size
+            size = tuple(skip.shape[2:]) if skip is not None else tuple(out_size)
             x = stage(x, size, skip if stage.skip_channels else None)
         return x

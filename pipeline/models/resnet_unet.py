@@ -3,7 +3,8 @@
 The encoder is torchvision's ResNet without its pooling and classifier; its five feature maps
 (strides 2 to 32) feed ``UNetDecoder``: four stages that rejoin the encoder features (long skips,
 switchable) and one more to full resolution without a skip. Encoder weights come from ImageNet
-(torchvision's weights API), from a local torchvision state dict, or from a random init.
+(torchvision's weights API), from a local torchvision state dict, or from a random init. In 3D
+(``spatial_dims=3``) the ResNet's layers become their 3D kinds and 2D weights are inflated (I3D).
 """
 
 from __future__ import annotations
@@ -18,9 +19,10 @@ from torch import Tensor, nn
 from torchvision import models as tvm
 
 from pipeline.errors import DataError
-from pipeline.models.base import ACT, BLOCK, INIT, NORM, SKIPS, Knob, Network
+from pipeline.models.base import ACT, BLOCK, DIMS, INIT, NORM, SKIPS, Knob, Network
 from pipeline.models.blocks import check_names, init_weights
 from pipeline.models.decoder import UNetDecoder
+from pipeline.models.nd import BATCH_NORM, CONV, MAX_POOL, check_input, check_spatial_dims, per_level
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +35,85 @@ ENCODERS: dict[str, tuple[Callable[..., tvm.ResNet], tvm.WeightsEnum, int]] = {
 WEIGHTS_OPTION = "--model.net.init_args.encoder_weights"
 
 
+def inflate_to_3d(module: nn.Module) -> None:
+    """Replace, in place, every Conv2d, BatchNorm2d and MaxPool2d under ``module`` with its 3D kind.
+
+    The replacements keep their module's name (so state-dict keys stay as they were) and its
+    settings, the depth axis taking the first in-plane value: a k x k kernel becomes k x k x k, a
+    stride or padding (s, s) becomes (s, s, s). New convs are initialised as torchvision
+    initialises a ResNet (He normal, fan-out); new batch norms start as the identity.
+    """
+    for name, child in module.named_children():
+        if isinstance(child, CONV[2]):
+            new = CONV[3](
+                child.in_channels,
+                child.out_channels,
+                _with_depth(child.kernel_size),
+                stride=_with_depth(child.stride),
+                padding=_with_depth(child.padding),
+                dilation=_with_depth(child.dilation),
+                groups=child.groups,
+                bias=child.bias is not None,
+            )
+            nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(child, BATCH_NORM[2]):
+            new = BATCH_NORM[3](
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            )
+        elif isinstance(child, MAX_POOL[2]):
+            new = MAX_POOL[3](
+                child.kernel_size, child.stride, child.padding, child.dilation, ceil_mode=child.ceil_mode
+            )
+        else:
+            inflate_to_3d(child)
+            continue
+        setattr(module, name, new)
+
+
+def _with_depth(value: int | tuple[int, ...]) -> int | tuple[int, ...]:
+    """A 2D layer setting for 3D: an int stays (it applies to every axis), (a, b) -> (a, a, b)."""
+    return value if isinstance(value, int) else (value[0], *value)
+
+
+def inflate_state(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
+    """2D conv kernels of ``state`` inflated to the 3D kernels of ``own`` (I3D, Carreira & Zisserman 2017).
+
+    A kernel (O, I, k, k) where ``own`` holds (O, I, kd, k, k) is repeated kd times along depth and
+    divided by kd, so a volume of identical slices gets, away from its depth borders, the response
+    the 2D kernel gives to one slice. Everything else (batch norm, 3D kernels) is returned as it is.
+    """
+    inflated = dict(state)
+    for key, value in state.items():
+        target = own.get(key)
+        if (
+            target is not None
+            and (value.ndim, target.ndim) == (4, 5)
+            and (target.shape[:2], target.shape[3:]) == (value.shape[:2], value.shape[2:])
+        ):
+            depth = target.shape[2]
+            inflated[key] = value.unsqueeze(2).repeat(1, 1, depth, 1, 1) / depth
+    return inflated
+
+
 class ResNetEncoder(nn.Module):
     """A torchvision ResNet without ``avgpool``/``fc``; parameter names match torchvision's.
 
-    Shapes: (B, in_channels, H, W) -> five features, shallow to deep, at strides 2, 4, 8, 16, 32
-    (spatial size ceil(H / stride)), with ``out_channels`` channels each.
+    Shapes: (B, in_channels, *spatial) -> five features, shallow to deep, after the downsampling
+    steps stem conv, max pool, layer2, layer3 and layer4 (each axis ceil(size / stride) per step;
+    strides 2, 4, 8, 16, 32 by default), with ``out_channels`` channels each. ``spatial_dims=3``
+    turns torchvision's ResNet into a 3D one (``inflate_to_3d``), module names unchanged.
     """
 
-    def __init__(self, name: str, in_channels: int = 3) -> None:
+    def __init__(
+        self,
+        name: str,
+        in_channels: int = 3,
+        spatial_dims: int = 2,
+        strides: Sequence[int | Sequence[int]] | None = None,
+    ) -> None:
         super().__init__()
         builder, _, expansion = ENCODERS[name]
+        strides = resnet_strides(strides, spatial_dims)
         resnet = builder(weights=None)
         self.name = name
         self.conv1, self.bn1, self.relu, self.maxpool = resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool
@@ -57,13 +128,22 @@ class ResNetEncoder(nn.Module):
             # A fresh first conv for the channel count, initialised as torchvision initialises convs.
             self.conv1 = nn.Conv2d(in_channels, 64, kernel_size=7, stride=2, padding=3, bias=False)
             nn.init.kaiming_normal_(self.conv1.weight, mode="fan_out", nonlinearity="relu")
+        if spatial_dims == 3:
+            inflate_to_3d(self)
+        self.conv1.stride = strides[0]
+        self.maxpool.stride = strides[1]
+        for layer, stride in zip((self.layer2, self.layer3, self.layer4), strides[2:], strict=True):
+            for m in layer[0].modules():  # the strided conv of the first block and its shortcut
+                if isinstance(m, CONV.kinds) and max(m.stride) > 1:
+                    m.stride = stride
 
     def load_rgb_state(self, state: dict[str, Tensor], source: str | os.PathLike) -> None:
         """Load a torchvision ResNet state dict made for RGB input; ``fc.*`` is ignored.
 
         For C != 3 input channels each channel of the first conv gets the RGB kernels summed and
         divided by C, so one gray channel (or C copies of it) gives the response the pretrained
-        net gives to an RGB image with that value in every channel.
+        net gives to an RGB image with that value in every channel. A 3D encoder takes a 2D state
+        dict inflated (``inflate_state``) or a 3D one (5-D conv weights) as it is.
 
         Raises:
             DataError: naming ``source`` when keys or shapes do not match this ResNet.
@@ -71,9 +151,11 @@ class ResNetEncoder(nn.Module):
         state = {k: v for k, v in state.items() if not k.startswith("fc.")}
         channels = self.conv1.in_channels
         rgb = state.get("conv1.weight")
-        if channels != 3 and rgb is not None and rgb.ndim == 4 and rgb.shape[1] == 3:
-            state["conv1.weight"] = rgb.sum(1, keepdim=True).repeat(1, channels, 1, 1) / channels
+        if channels != 3 and rgb is not None and rgb.ndim in (4, 5) and rgb.shape[1] == 3:
+            repeats = (1, channels, *[1] * (rgb.ndim - 2))
+            state["conv1.weight"] = rgb.sum(1, keepdim=True).repeat(*repeats) / channels
         own = self.state_dict()
+        state = inflate_state(state, own)
         problems = {
             "missing": sorted(own.keys() - state.keys()),
             "unexpected": sorted(state.keys() - own.keys()),
@@ -93,7 +175,8 @@ class ResNetEncoder(nn.Module):
         self.load_state_dict(state)
 
     def forward(self, x: Tensor) -> list[Tensor]:
-        """(B, C, H, W) -> [(B, out_channels[i], ceil(H / 2**(i+1)), ceil(W / 2**(i+1))) for i in 0..4]."""
+        """(B, C, H, W) -> [(B, out_channels[i], ceil(H / 2**(i+1)), ceil(W / 2**(i+1))) for i in 0..4]
+        with the default strides; a 3D encoder takes (B, C, D, H, W) likewise."""
         x = self.relu(self.bn1(self.conv1(x)))
         features = [x]
         x = self.maxpool(x)
@@ -101,6 +184,26 @@ class ResNetEncoder(nn.Module):
             x = layer(x)
             features.append(x)
         return features
+
+
+def resnet_strides(strides: Sequence[int | Sequence[int]] | None, spatial_dims: int) -> list[tuple[int, ...]]:
+    """The five downsampling strides of a ResNet encoder (stem conv, max pool, layer2, layer3,
+    layer4) as per-axis tuples; None: 2 on every axis.
+
+    Raises:
+        ValueError: unless there are five entries, each 1 or 2 (an int or one per axis).
+    """
+    check_spatial_dims(spatial_dims)
+    steps = per_level(
+        strides, 5, spatial_dims, "strides", default=2, entries="stem conv, max pool, layer2, layer3, layer4"
+    )
+    for i, step in enumerate(steps):
+        if any(s > 2 for s in step):
+            raise ValueError(
+                f"strides[{i}] of a ResNet encoder must be 1 or 2 on every axis (torchvision's kernels "
+                f"and padding are made for stride 2), got {strides[i]!r}"  # type: ignore[index]
+            )
+    return steps
 
 
 def read_state_dict(path: str | os.PathLike, encoder_name: str) -> dict[str, Tensor]:
@@ -160,6 +263,13 @@ class ResNetUNet(Network):
             torchvision's batch norm and ReLU).
         init: ``kaiming``, ``xavier`` or ``default``, for the decoder and head, and for the
             encoder only when no pretrained weights are loaded (``default`` keeps torchvision's).
+        spatial_dims: 2 (input (B, C, H, W)) or 3 (input (B, C, D, H, W)): the ResNet's convs,
+            batch norms and max pool become 3D (k x k kernels k x k x k) under torchvision's
+            module names, and 2D weights (``"imagenet"`` or a 2D state dict file) are inflated
+            (``inflate_state``); a file of 3D weights loads as it is.
+        strides: the five downsampling steps (stem conv, max pool, layer2, layer3, layer4),
+            each 1 or 2, an int or one per axis, e.g. (1, 2, 2) to keep the depth of a thin
+            volume; the decoder upsamples by the same steps. None: 2 on every axis.
 
     Example:
         >>> net = ResNetUNet(in_channels=1, out_channels=4, encoder_name="resnet18")
@@ -169,6 +279,7 @@ class ResNetUNet(Network):
 
     ARCH = "resnet_unet"
     KNOBS = (
+        DIMS,
         Knob("encoder", lambda net: net.init_args["encoder_name"]),
         Knob("weights", lambda net: net.weights_kind, lambda v: None if v == "none" else v),
         Knob("freeze", lambda net: net.init_args["freeze_encoder_epochs"], lambda v: f"freeze{v}" if v else None),
@@ -189,12 +300,16 @@ class ResNetUNet(Network):
         act: str = "relu",
         init: str = "kaiming",
         dropout: float = 0.0,
+        spatial_dims: int = 2,
+        strides: Sequence[int | Sequence[int]] | None = None,
     ) -> None:
         super().__init__()
         self.record_init_args(locals())
         # A checkpoint already holds the trained weights: rebuilding it must not fetch them again.
         self.init_args["encoder_weights"] = None
         check_names(norm, act, init, block)
+        self.spatial_dims = check_spatial_dims(spatial_dims)
+        steps = resnet_strides(strides, spatial_dims)
         if encoder_name not in ENCODERS:
             raise ValueError(f"unknown encoder_name {encoder_name!r}; valid: {', '.join(ENCODERS)}")
         if len(decoder_channels) != 5:
@@ -209,7 +324,7 @@ class ResNetUNet(Network):
         self.freeze_encoder_epochs = freeze_encoder_epochs
         self.encoder_frozen = False
 
-        self.encoder = ResNetEncoder(encoder_name, in_channels)
+        self.encoder = ResNetEncoder(encoder_name, in_channels, spatial_dims, steps)
         self.decoder = UNetDecoder(
             self.encoder.out_channels,
             decoder_channels,
@@ -218,8 +333,10 @@ class ResNetUNet(Network):
             norm=norm,
             act=act,
             dropout=dropout,
+            strides=steps[::-1],
+            spatial_dims=spatial_dims,
         )
-        self.head = nn.Conv2d(decoder_channels[-1], out_channels, kernel_size=1)
+        self.head = CONV[spatial_dims](decoder_channels[-1], out_channels, kernel_size=1)
         if encoder_weights is None:
             init_weights(self.encoder, init, act)
         else:
@@ -255,5 +372,6 @@ class ResNetUNet(Network):
         return self
 
     def forward(self, x: Tensor) -> Tensor:
-        """(B, in_channels, H, W) -> logits (B, out_channels, H, W)."""
-        return self.head(self.decoder(self.encoder(x), tuple(x.shape[-2:])))
+        """(B, in_channels, *spatial) -> logits (B, out_channels, *spatial); spatial is (H, W) or (D, H, W)."""
+        check_input(x, self.spatial_dims, type(self).__name__)
+        return self.head(self.decoder(self.encoder(x), tuple(x.shape[2:])))

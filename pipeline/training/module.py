@@ -98,7 +98,10 @@ class SegmentationModule(pl.LightningModule):
         return self.net(x)
 
     def _prepare(self, x: Tensor) -> Tensor:
-        """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions."""
+        """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions.
+
+        Volumes (B, C, D, H, W) take the 3D channels-last format (channels_last is 4-D only).
+        """
         if not (self.hparams.channels_last and x.is_cuda):
             return x
         memory_format = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
