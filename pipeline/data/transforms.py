@@ -36,9 +36,10 @@ class Augmentation:
         gamma_p, gamma_range: gamma correction x**g, g drawn from ``gamma_range``.
         noise_p, noise_std: additive Gaussian noise, std drawn from ``noise_std`` (unit range).
         elastic_3d_p: probability of the elastic deformation of a 3D patch (``elastic_p`` is the 2D
-            one). Off by default, as in nnU-Net's 3D training: the field's size falls with the
-            dimension (``pipeline.data.transforms3d.elastic_displacement``; 0.2 voxel std at the
-            2D settings above), and it costs more than the rest of the patch's augmentation.
+            one), with ``elastic_alpha`` and ``elastic_sigma`` in voxels. Off by default, as in
+            nnU-Net's 3D training: the same settings move voxels less in 3D (displacement std 1 px
+            in 2D, 0.28 voxel in 3D at the values above; ``pipeline.data.grid3d.elastic_displacement``),
+            and it costs about as much as the rest of the patch's augmentation.
         lowres_p, lowres_range: simulated low resolution (3D only): the patch is resampled to a
             factor drawn from ``lowres_range`` (in (0, 1]) of its size and back (nnU-Net's values).
         anisotropy_threshold: a 3D patch whose in-plane size exceeds this many times its size
