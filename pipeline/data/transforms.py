@@ -41,7 +41,8 @@ class Augmentation:
             in 2D, 0.28 voxel in 3D at the values above; ``pipeline.data.grid3d.elastic_displacement``),
             and it costs about as much as the rest of the patch's augmentation.
         lowres_p, lowres_range: simulated low resolution (3D only): the patch is resampled to a
-            factor drawn from ``lowres_range`` (in (0, 1]) of its size and back (nnU-Net's values).
+            factor drawn from ``lowres_range`` (in (0, 1]) of its size and back (nnU-Net's values;
+            in-plane only for anisotropic patches).
         anisotropy_threshold: a 3D patch whose in-plane size exceeds this many times its size
             along the slice axis is treated as anisotropic (nnU-Net's rule and value): rotation,
             scaling and elastic displacement act in-plane only, never across thick slices.
