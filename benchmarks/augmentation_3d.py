@@ -5,7 +5,7 @@
 
 Writes one int16 volume (default 200 x 512 x 512, the cache's (S, H, W, C) layout) and its
 uint8 mask as ``.npy`` files, opens them as the cache does (``MappedArray``: memory-mapped), and
-times ``PatchAugmenter3D`` on one core (BLAS threads pinned to 1, as in a loader worker) for
+times ``PatchAugmenter3D`` on one core (BLAS and torch threads pinned to 1, as in a loader worker) for
 each arm, alternating (``benchmarks.common.alternate``):
 
 - ``crop``: augmentation off (the validation crop): the baseline;
@@ -38,6 +38,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, alternate, machine_info, median, ratio, write_json  # noqa: E402
 from pipeline.data.cache import MappedArray  # noqa: E402
@@ -145,6 +146,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--output", type=Path, default=RESULTS / "augmentation_3d.json")
     opts = parser.parse_args(argv)
+    torch.set_num_threads(1)  # a DataLoader worker's setting
     result = measure(tuple(opts.shape), tuple(opts.patch), opts.samples, opts.repeats, opts.seed)
     result["settings"] = vars(opts) | {"output": str(opts.output)}
     result["machine"] = machine_info()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.data.grid3d import elastic_displacement, resize_linear
+from pipeline.data.grid3d import elastic_displacement, nearest_gather, resize_linear, sample_linear
 from pipeline.data.normalization import IntensityStats, Normalization, fit_intensity, standardize, to_unit
 from pipeline.data.transforms import Augmentation
 from pipeline.data.transforms3d import PatchAugmenter3D, class_locations
@@ -222,6 +222,21 @@ def test_resize_linear_matches_scipy_zoom() -> None:
             ]
         )
         assert np.allclose(resize_linear(array, shape), expected, atol=1e-5)
+
+
+def test_sample_linear_and_nearest_gather_match_map_coordinates() -> None:
+    rng = np.random.default_rng(0)
+    volume = rng.random((2, 5, 7, 6)).astype(np.float32)
+    coords = (rng.random((3, 4, 9, 8)) * 10 - 2).astype(np.float32)  # inside and outside the volume
+    expected = [
+        ndimage.map_coordinates(v, coords, order=1, mode="grid-constant", cval=0.0, prefilter=False)
+        for v in volume
+    ]
+    assert np.allclose(sample_linear(volume, coords), expected, atol=1e-5)
+    labels = rng.integers(1, 4, (5, 7, 6)).astype(np.uint8)
+    off_tie = np.floor(coords) + 0.25 + 0.5 * (rng.random(coords.shape) > 0.5)  # no .5: rounding agrees
+    nearest = ndimage.map_coordinates(labels, off_tie, order=0, mode="grid-constant", cval=0)
+    assert np.array_equal(nearest_gather(labels, off_tie.astype(np.float32)), nearest)
 
 
 def test_elastic_displacement_has_the_size_of_smoothed_noise() -> None:

@@ -1,8 +1,9 @@
-"""Voxel-grid primitives of 3D augmentation (``pipeline.data.transforms3d``), numpy and scipy only.
+"""Voxel-grid primitives of 3D augmentation (``pipeline.data.transforms3d``).
 
-Separable linear resizing, a nearest-voxel gather, smooth random displacement fields and
-rotation matrices, each chosen for speed on one CPU core (a loader worker); the times quoted are
-for a 64 x 128 x 128 patch on the 2-core development machine.
+Trilinear sampling at arbitrary coordinates, a nearest-voxel gather, separable linear resizing,
+smooth random displacement fields and rotation matrices, each chosen for speed on one CPU core
+(a loader worker); the times quoted are for a 64 x 128 x 128 patch on the 2-core development
+machine.
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import torch
 from scipy import ndimage
+from torch.nn import functional
 
 
 def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
@@ -82,9 +85,29 @@ def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
     return matrix
 
 
+def sample_linear(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
+    """(C, *out) float32 trilinear interpolation of ``volume`` (C, S, H, W) at voxel coordinates
+    ``coords`` (3, *out), 0 outside (``map_coordinates(order=1, mode="grid-constant")``'s values).
+
+    Through ``torch.nn.functional.grid_sample``, as nnU-Net v2's batchgeneratorsv2 resamples:
+    40-75 ms for a rotated patch where ``scipy.ndimage.map_coordinates`` takes 75-150.
+    """
+    grid = np.empty((*coords.shape[1:], 3), np.float32)  # grid_sample's (x, y, z): axes 2, 1, 0
+    for k, axis in enumerate((2, 1, 0)):
+        size = volume.shape[axis + 1]
+        np.multiply(coords[axis], 2.0 / size, out=grid[..., k])  # voxel centre i -> (2i + 1) / n - 1
+        grid[..., k] += 1.0 / size - 1.0
+    source = torch.from_numpy(np.ascontiguousarray(volume, np.float32))[None]
+    sampled = functional.grid_sample(
+        source, torch.from_numpy(grid)[None], mode="bilinear", padding_mode="zeros", align_corners=False
+    )
+    return sampled[0].numpy()
+
+
 def nearest_gather(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
-    """``volume`` at the voxels nearest to ``coords`` (3, *out), 0 outside: rounding and one
-    gather, 10 ms for a 64 x 128 x 128 patch where ``map_coordinates(order=0)`` takes 50."""
+    """``volume`` at the voxels nearest to ``coords`` (3, *out), 0 outside
+    (``map_coordinates(order=0, mode="grid-constant")``'s values but at exact half-voxel ties):
+    rounding and one gather, 10 ms for a 64 x 128 x 128 patch where ``map_coordinates`` takes 50."""
     padded = np.pad(volume, 1)  # the zero border stands for everything outside the volume
     flat = np.zeros(coords.shape[1:], np.int32 if padded.size < 2**31 else np.intp)
     index = np.empty(coords.shape[1:], np.float32)

@@ -5,14 +5,12 @@ and an (S, H, W) mask, memory-mapped) into one standardised (C, D, H, W) patch a
 ``SliceDataset`` does for 2D with albumentations (``pipeline.data.transforms``); the settings
 are the same ``Augmentation`` (``data.augmentation``). It reads only the box of the volume that
 the augmented patch needs (for a patch rotated about every axis, the rotated patch's bounding
-box), never the whole case, and resamples it once: rotation, scaling and the elastic
-displacement make one grid of source coordinates, interpolated linearly for the image
-(``scipy.ndimage.map_coordinates``, order 1: 8 taps a voxel where cubic takes 64 and a spline
-prefilter of the box, and no overshoot at edges) and by nearest neighbour for the mask. The raw
-intensities are resampled, then mapped to unit range (``to_unit``): the same as the other order
-where the normalisation clips nothing; where a CT window clips, it is the resampled scan
-windowed, as a scan resampled at inference is. Outside the volume the image is the case's lower
-bound (0 in unit range, like the clipped voxels) and the mask background. Without a spatial
+box), never the whole case, maps it to unit range (``to_unit``) and resamples it once: rotation,
+scaling and the elastic displacement make one grid of source coordinates, interpolated
+trilinearly for the image (``grid3d.sample_linear``: 8 taps a voxel where cubic takes 64 and a
+spline prefilter of the box, and no overshoot out of the unit range, where gamma is defined)
+and by nearest neighbour for the mask. Outside the volume the image is 0 in unit range (the
+case's lower bound, like the clipped voxels) and the mask background. Without a spatial
 transform the patch is a plain crop. Intensity transforms then run in unit range, as in 2D.
 
 Randomness comes from one ``numpy.random.Generator``, reset by ``set_random_seed`` before each
@@ -20,7 +18,7 @@ sample (``pipeline.data.order.SeededSamples``), so a patch depends only on its s
 
 The design contract names MONAI for 3D augmentation; its transforms take the whole array as a
 tensor and draw from their own ``RandomState``, where this reads a box of the memory map and
-keeps one seeded generator.
+keeps one seeded generator (and resamples with the same ``grid_sample``).
 """
 
 from __future__ import annotations
@@ -28,9 +26,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-from scipy import ndimage
 
-from pipeline.data.grid3d import elastic_displacement, nearest_gather, resize_linear, rotation_matrix
+from pipeline.data.grid3d import (
+    elastic_displacement,
+    nearest_gather,
+    resize_linear,
+    rotation_matrix,
+    sample_linear,
+)
 from pipeline.data.normalization import IntensityStats, standardize, to_unit
 from pipeline.data.transforms import Augmentation
 
@@ -127,12 +130,10 @@ class PatchAugmenter3D:
             )
             spatial = np.eye(3) if spatial is None else spatial
         centre = self._place(shape, patch, center, crop_class, spatial, displacement)
-        fill = np.asarray(stats.lo, np.float32)  # 0 in unit range
         if spatial is None:
-            raw, labels = self._crop(image, mask, fill, patch, centre.astype(np.intp))
+            unit, labels = self._crop(image, mask, stats, patch, centre.astype(np.intp))
         else:
-            raw, labels = self._resample(image, mask, fill, patch, centre, spatial, displacement)
-        unit = np.moveaxis(to_unit(np.moveaxis(raw, 0, -1), stats), -1, 0)
+            unit, labels = self._resample(image, mask, stats, patch, centre, spatial, displacement)
         if self.aug.enabled:
             unit = self._intensity(unit, in_plane)
             for axis in range(3):
@@ -184,10 +185,9 @@ class PatchAugmenter3D:
         return voxel - matrix @ landing - shift
 
     def _crop(
-        self, image: np.ndarray, mask: np.ndarray, fill: np.ndarray, patch: Shape3, centre: np.ndarray
+        self, image: np.ndarray, mask: np.ndarray, stats: IntensityStats, patch: Shape3, centre: np.ndarray
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image (C, *patch) float32 and mask (*patch) of the box around ``centre``; outside the
-        volume the image is ``fill`` (C,) and the mask 0."""
+        """Unit-range image (C, *patch) and mask (*patch) of the box around ``centre``, 0 outside."""
         start = centre - np.array(patch) // 2
         source, target = [], []
         for first, n, size in zip(start.tolist(), patch, image.shape[:3], strict=True):
@@ -195,26 +195,24 @@ class PatchAugmenter3D:
             high = max(min(first + n, size), low)
             source.append(slice(low, high))
             target.append(slice(low - first, high - first))
-        raw = np.empty((len(fill), *patch), np.float32)
-        raw[:] = fill[:, None, None, None]
+        unit = np.zeros((image.shape[3], *patch), np.float32)
         labels = np.zeros(patch, np.uint8)
-        raw[(slice(None), *target)] = np.moveaxis(np.asarray(image[tuple(source)]), -1, 0)
+        unit[(slice(None), *target)] = np.moveaxis(to_unit(np.asarray(image[tuple(source)]), stats), -1, 0)
         labels[tuple(target)] = mask[tuple(source)]
-        return raw, labels
+        return unit, labels
 
     def _resample(
         self,
         image: np.ndarray,
         mask: np.ndarray,
-        fill: np.ndarray,
+        stats: IntensityStats,
         patch: Shape3,
         centre: np.ndarray,
         matrix: np.ndarray,
         displacement: np.ndarray | None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Raw image (C, *patch) float32 and mask (*patch) at volume coordinates
-        ``centre + matrix @ (g - patch // 2) + displacement(g)`` for every patch voxel g; outside
-        the volume the image is ``fill`` (C,) and the mask 0."""
+        """Unit-range image (C, *patch) and mask (*patch) at volume coordinates
+        ``centre + matrix @ (g - patch // 2) + displacement(g)`` for every patch voxel g, 0 outside."""
         offsets = [np.arange(n, dtype=np.float32) - n // 2 for n in patch]
         coords = np.empty((3, *patch), np.float32)
         for i in range(3):
@@ -227,13 +225,8 @@ class PatchAugmenter3D:
         high = np.clip(np.floor(flat.max(axis=1)).astype(np.intp) + 2, low + 1, shape)  # + linear's neighbour
         box = tuple(slice(a, b) for a, b in zip(low.tolist(), high.tolist(), strict=True))
         coords -= low.astype(np.float32)[:, None, None, None]
-        region = np.asarray(image[box])
-        raw = np.empty((len(fill), *patch), np.float32)
-        for c, value in enumerate(fill.tolist()):
-            ndimage.map_coordinates(
-                region[..., c], coords, raw[c], order=1, mode="grid-constant", cval=value, prefilter=False
-            )
-        return raw, nearest_gather(np.asarray(mask[box]), coords)
+        region = np.moveaxis(to_unit(np.asarray(image[box]), stats), -1, 0)
+        return sample_linear(region, coords), nearest_gather(np.asarray(mask[box]), coords)
 
     def _intensity(self, unit: np.ndarray, in_plane: bool) -> np.ndarray:
         """Low resolution, gamma, brightness/contrast and noise on the unit-range (C, *patch) image,
