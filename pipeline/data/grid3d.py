@@ -16,35 +16,15 @@ from scipy import ndimage
 from torch.nn import functional
 
 
-def _interpolation_matrix(n_out: int, n_in: int) -> np.ndarray:
-    """(n_out, n_in) float32 linear interpolation between voxel centres (edges clamped)."""
-    x = np.clip((np.arange(n_out) + 0.5) * n_in / n_out - 0.5, 0, n_in - 1)
-    left = np.minimum(np.floor(x).astype(np.intp), max(n_in - 2, 0))
-    weight = (x - left).astype(np.float32)
-    matrix = np.zeros((n_out, n_in), np.float32)
-    matrix[np.arange(n_out), left] = 1.0 - weight
-    matrix[np.arange(n_out), np.minimum(left + 1, n_in - 1)] += weight
-    return matrix
-
-
 def resize_linear(array: np.ndarray, shape: Sequence[int]) -> np.ndarray:
-    """Linear resize of the trailing ``len(shape)`` axes of ``array`` to ``shape`` (float32).
+    """(C, *shape) float32: ``array`` (C, D, H, W) resized linearly, voxel centres aligned and
+    edges clamped (``zoom(order=1, grid_mode=True, mode="nearest")``'s values).
 
-    Separable: one small matrix product per axis; 8 ms to a 64 x 128 x 128 patch where
-    ``scipy.ndimage.zoom(order=1)`` takes 40. Voxel centres align, edges clamp (``zoom`` with
-    ``grid_mode=True, mode="nearest"``).
+    Through ``torch.nn.functional.interpolate``: 15 ms down and back up for a 64 x 128 x 128
+    patch where the same with ``scipy.ndimage.zoom`` takes 45.
     """
-    out = np.asarray(array, np.float32)
-    lead = out.ndim - len(shape)
-    for axis, n in enumerate(shape, start=lead):
-        if out.shape[axis] == n:
-            continue
-        before, after = int(np.prod(out.shape[:axis])), int(np.prod(out.shape[axis + 1 :]))
-        block = out.reshape(before, out.shape[axis], after)
-        out = np.matmul(_interpolation_matrix(n, out.shape[axis]), block).reshape(
-            *out.shape[:axis], n, *out.shape[axis + 1 :]
-        )
-    return out
+    source = torch.from_numpy(np.ascontiguousarray(array, np.float32))[None]
+    return functional.interpolate(source, size=tuple(shape), mode="trilinear", align_corners=False)[0].numpy()
 
 
 def elastic_displacement(
@@ -60,17 +40,16 @@ def elastic_displacement(
     [-1, 1] per voxel, smoothed by a Gaussian of ``sigma`` voxels, times ``alpha``. Computed on a
     grid ``sigma / 2`` voxels coarse, where each node stands for the mean of the voxels it covers
     (noise std / sqrt(voxels per node)), then resized to ``shape``: the same field in size and
-    smoothness for a fraction of the cost (about 25 ms for three components). Its std is roughly
+    smoothness for a fraction of the cost (about 30 ms for three components). Its std is roughly
     ``alpha * 0.577 / (2 sqrt(pi) sigma) ** (d / 2)`` in d dimensions: smaller in 3D than in 2D.
     """
     step = max(1.0, sigma / 2)
     coarse = tuple(max(2, int(np.ceil(n / step)) + 1) for n in shape)
     scale = alpha * step ** (-len(shape) / 2)
+    noise = rng.uniform(-scale, scale, (len(axes), *coarse))
+    smooth = ndimage.gaussian_filter(noise, (0, *[sigma / step] * len(coarse)), mode="reflect")
     field = np.zeros((3, *shape), np.float32)
-    for axis in axes:
-        noise = rng.uniform(-scale, scale, coarse)
-        smooth = ndimage.gaussian_filter(noise, sigma / step, mode="reflect")
-        field[axis] = resize_linear(smooth, shape)
+    field[list(axes)] = resize_linear(smooth, shape)
     return field
 
 
