@@ -8,6 +8,7 @@ mask). Intensity transforms touch the image only and expect the [0, 1] range tha
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -34,6 +35,22 @@ class Augmentation:
             multiplicative contrast change, as fractions of the [0, 1] range.
         gamma_p, gamma_range: gamma correction x**g, g drawn from ``gamma_range``.
         noise_p, noise_std: additive Gaussian noise, std drawn from ``noise_std`` (unit range).
+        elastic_3d_p: probability of the elastic deformation of a 3D patch (``elastic_p`` is the 2D
+            one), with ``elastic_alpha`` and ``elastic_sigma`` in voxels. Off by default, as in
+            nnU-Net's 3D training: the same settings move voxels less in 3D (displacement std 1 px
+            in 2D, 0.28 voxel in 3D at the values above; ``pipeline.data.grid3d.elastic_displacement``),
+            and it costs about as much as the rest of the patch's augmentation.
+        lowres_p, lowres_range: simulated low resolution (3D only): the patch is resampled to a
+            factor drawn from ``lowres_range`` (in (0, 1]) of its size and back (nnU-Net's values;
+            in-plane only for anisotropic patches).
+        anisotropy_threshold: a 3D patch whose in-plane size exceeds this many times its size
+            along the slice axis is treated as anisotropic (nnU-Net's rule and value): rotation,
+            scaling and elastic displacement act in-plane only, never across thick slices.
+
+    One class configures both paths (``data.augmentation``). In 3D
+    (``pipeline.data.transforms3d``) flips apply to each of the three axes, ``affine_p``,
+    ``rotate_limit`` (about every axis) and ``scale_range`` to the patch, and the intensity
+    settings as in 2D.
     """
 
     enabled: bool = True
@@ -51,11 +68,27 @@ class Augmentation:
     gamma_range: tuple[float, float] = (0.75, 1.33)
     noise_p: float = 0.2
     noise_std: tuple[float, float] = (0.01, 0.04)
+    elastic_3d_p: float = 0.0
+    lowres_p: float = 0.25
+    lowres_range: tuple[float, float] = (0.5, 1.0)
+    anisotropy_threshold: float = 3.0
 
     def __post_init__(self) -> None:
         for name, value in vars(self).items():
             if name.endswith("_p") and not 0.0 <= value <= 1.0:
                 raise ValueError(f"augmentation.{name} is a probability in [0, 1], got {value}")
+        for name, ceiling in (("scale_range", math.inf), ("gamma_range", math.inf), ("lowres_range", 1.0)):
+            low, high = getattr(self, name)
+            if not 0.0 < low <= high <= ceiling:
+                bound = "" if ceiling == math.inf else f" <= {ceiling:g}"
+                raise ValueError(
+                    f"augmentation.{name} is [low, high] with 0 < low <= high{bound}, got {[low, high]}"
+                )
+        if self.anisotropy_threshold < 1.0:
+            raise ValueError(
+                f"augmentation.anisotropy_threshold is a size ratio >= 1 (e.g. nnU-Net's 3.0), "
+                f"got {self.anisotropy_threshold}"
+            )
 
 
 class ClassBalancedCrop(A.CropNonEmptyMaskIfExists):
