@@ -14,6 +14,7 @@ from torchmetrics import MaxMetric
 
 from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
 from pipeline.models import net_spec
+from pipeline.training.layout import channels_last_format, match_state_layout
 
 CHECKPOINT_KEY = "medseg"
 
@@ -36,7 +37,10 @@ class SegmentationModule(pl.LightningModule):
         sw_overlap: sliding-window overlap fraction.
         sw_batch_size: windows per forward pass in sliding-window inference (raise it on a GPU).
         hd95: compute HD95 in validation and test (CPU cost: distance transforms).
-        channels_last: use the channels-last memory format on CUDA (faster convolutions).
+        channels_last: use the channels-last memory format on CUDA (faster convolutions); the
+            weights take it in ``configure_model``, before DDP or the optimiser see them.
+        channels_last_on_cpu: use it on the CPU too (slower there): runs the CUDA path's memory
+            format on a CPU, for tests.
         compile: compile the network with ``torch.compile`` (through ``nn.Module.compile``, in
             place, so checkpoints keep their ``net.*`` keys). Off by default: the first steps
             then take a minute or more, and the gain is on GPUs (``benchmarks/gpu_throughput.py``).
@@ -56,6 +60,7 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: int = 4,
         hd95: bool = True,
         channels_last: bool = True,
+        channels_last_on_cpu: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -69,22 +74,39 @@ class SegmentationModule(pl.LightningModule):
         self.eval_loss = nn.ModuleDict({"val": BatchMeanOnce(), "test": BatchMeanOnce()})
         self.val_dice_best = MaxMetric()
         self.val_dice_best.persistent(True)  # in checkpoints, so a resumed run keeps its best
-        self._channels_last = False
+        self.memory_format: torch.memory_format | None = None  # decided by configure_model or first use
         if compile:
-            self.net.compile()  # compiled on first call, after _prepare has set the memory format
+            self.net.compile()  # compiled on first call, after configure_model has set the memory format
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, H, W) -> logits (B, num_classes, H, W)."""
         return self.net(x)
 
+    def configure_model(self) -> None:
+        # Lightning calls this before it moves the module, wraps it in DDP and builds the optimiser.
+        self._set_memory_format(self.trainer.strategy.root_device)
+
+    def _set_memory_format(self, device: torch.device) -> None:
+        """Channels-last weights for ``device`` when configured (once; in place, so references hold)."""
+        if self.memory_format is not None:
+            return
+        wanted = self.hparams.channels_last and (device.type == "cuda" or self.hparams.channels_last_on_cpu)
+        self.memory_format = channels_last_format(self.net) if wanted else torch.contiguous_format
+        if wanted:
+            self.net.to(memory_format=self.memory_format)
+
     def _prepare(self, x: Tensor) -> Tensor:
-        """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions."""
-        if not (self.hparams.channels_last and x.is_cuda):
+        """``x`` in the weights' memory format; outside a Trainer (inference) it is set on first use."""
+        if self.memory_format is None:
+            self._set_memory_format(x.device)
+        if self.memory_format == torch.contiguous_format:
             return x
-        if not self._channels_last:
-            self.net.to(memory_format=torch.channels_last)  # in place: optimiser references stay valid
-            self._channels_last = True
-        return x.contiguous(memory_format=torch.channels_last)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def on_train_start(self) -> None:
+        # after Lightning restored a resumed optimiser state, which keeps the layout it was saved with
+        for optimizer in self.trainer.optimizers:
+            match_state_layout(optimizer)
 
     def predict_logits(self, x: Tensor) -> Tensor:
         """Whole-image logits; sliding-window inference where the image exceeds ``patch_size``."""
