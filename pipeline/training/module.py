@@ -130,7 +130,8 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.net(self._prepare(batch["image"]))
         loss = self.loss(logits, batch["mask"][:, None])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        # not prog_bar: Lightning would copy it to the host after every batch; the bar reads it itself
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits))
         return loss
 
     def _eval_step(self, batch: dict, stage: str, metrics: SegmentationMetrics) -> Tensor:
