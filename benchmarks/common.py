@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.files import atomic_write
 
@@ -151,3 +154,13 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def train_flops(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> int:
+    """FLOPs of one forward + backward pass of ``net`` on ``image`` (B, C, H, W) with DiceCE loss
+    against ``mask`` (B, H, W): multiply-adds count 2, as ``torch.utils.flop_counter`` counts."""
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(net(image), mask[:, None]).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()

@@ -41,11 +41,17 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import torch  # noqa: E402
-from monai.losses import DiceCELoss  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.common import RESULTS, alternate, machine_info, median, ratio, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    alternate,
+    machine_info,
+    median,
+    ratio,
+    train_flops,
+    write_json,
+)
 from benchmarks.data_loading import datamodule, default_workers, training_step, wait_fraction  # noqa: E402
 from pipeline.data.synthetic import CLASS_NAMES, generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
@@ -56,16 +62,6 @@ ARMS = {  # name: (autocast dtype or None, channels_last, compile)
     "bf16_cl": (torch.bfloat16, True, False),
     "bf16_cl_compile": (torch.bfloat16, True, True),
 }
-
-
-def train_flops(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> int:
-    """FLOPs of one forward + backward pass of ``net`` on ``image`` (B, C, H, W) with DiceCE loss
-    against ``mask`` (B, H, W): multiply-adds count 2, as ``torch.utils.flop_counter`` counts."""
-    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(net(image), mask[:, None]).backward()
-    net.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
 
 
 def matmul_tflops(device: torch.device, size: int, iterations: int, dtype: torch.dtype) -> float:

@@ -60,15 +60,22 @@ from pipeline.cli import lightning as cli  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
 from pipeline.data.synthetic import generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
+from pipeline.training.precision import autocast_dtype  # noqa: E402
 
 CONFIGS = REPO / "configs"
 
 
 def bare_step(
-    net: nn.Module, lr: float, clip: float, total: int, dtype: torch.dtype | None, channels_last: bool
+    net: nn.Module,
+    lr: float,
+    clip: float,
+    total: int,
+    dtype: torch.dtype | None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Callable[[dict], None]:
     """One hand-written training step of ``net``: DiceCE, AdamW (no decay on biases and norms),
-    linear warm-up then cosine over ``total`` steps, global-norm clipping at ``clip``."""
+    linear warm-up then cosine over ``total`` steps, global-norm clipping at ``clip``; weights and
+    inputs in ``memory_format``, autocast to ``dtype`` if given."""
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
@@ -78,9 +85,7 @@ def bare_step(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / total) * 0.5 * (1 + math.cos(math.pi * step / total))
     )
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        net.to(memory_format=memory_format)
+    net.to(memory_format=memory_format)  # before the optimiser state exists, as medseg fit does
     net.train()
 
     def step(batch: dict) -> None:
@@ -118,13 +123,13 @@ class PairedSteps(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cuda = pl_module.device.type == "cuda"
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(trainer.precision))
-        channels_last = cuda and pl_module.hparams.channels_last  # what SegmentationModule does
+        dtype = autocast_dtype(trainer.precision)
         total = trainer.estimated_stepping_batches
         for name, build in self.baselines.items():
             torch.manual_seed(0)
             net = build().to(pl_module.device)
-            self.steps[name] = bare_step(net, self.lr, self.clip, total, dtype, channels_last)
+            # the memory format SegmentationModule chose for this device
+            self.steps[name] = bare_step(net, self.lr, self.clip, total, dtype, pl_module.memory_format)
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def _mark(self) -> tuple[float, float]:
@@ -160,15 +165,15 @@ class PairedSteps(pl.Callback):
 
 
 class PreloadedFitCLI(cli.MedsegCLI):
-    """``medseg fit`` whose training loader yields ``batches`` (already in memory), with ``paired``
-    added to its callbacks."""
+    """``medseg fit`` whose training loader yields ``batches`` (already in memory), with
+    ``extra_callbacks`` added to its callbacks."""
 
     batches: ClassVar[list[dict]] = []
-    paired: ClassVar[PairedSteps | None] = None
+    extra_callbacks: ClassVar[list[pl.Callback]] = []
 
     def _run_subcommand(self, subcommand: str | None) -> None:
         self.datamodule.train_dataloader = lambda: DataLoader(self.batches, batch_size=None)
-        self.trainer.callbacks.append(self.paired)
+        self.trainer.callbacks.extend(self.extra_callbacks)
         super()._run_subcommand(subcommand)
 
 
@@ -188,9 +193,12 @@ def preload(root: Path, batch_size: int, count: int) -> tuple[list[dict], int, i
     return batches[:count], data.in_channels, data.num_classes
 
 
-def paired_fit(work: Path, root: Path, batches: list[dict], paired: PairedSteps, extra: list[str]) -> None:
-    """One ``medseg fit`` (default configs, run by medseg's own entry point) over ``batches``."""
-    PreloadedFitCLI.batches, PreloadedFitCLI.paired = batches, paired
+def preloaded_fit(
+    work: Path, root: Path, batches: list[dict], callbacks: list[pl.Callback], extra: list[str]
+) -> None:
+    """One ``medseg fit`` (default configs, run by medseg's own entry point) over ``batches``, with
+    ``callbacks`` added; ``extra`` flags go last (``--trainer.enable_progress_bar true`` ...)."""
+    PreloadedFitCLI.batches, PreloadedFitCLI.extra_callbacks = batches, callbacks
     args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / "unet.yaml")]
     args += ["-c", str(CONFIGS / "data" / "synthetic.yaml"), "--data.root", str(root)]
     args += ["--data.num_workers", "0", "--data.batch_size", str(len(batches[0]["image"]))]
@@ -235,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
             )
         for _ in range(opts.repeats):
             paired = PairedSteps(baselines, lr, clip)
-            paired_fit(work, root, batches, paired, extra)
+            preloaded_fit(work, root, batches, [paired], extra)
             runs.append(paired.rates(opts.warmup, opts.steps, opts.batch_size))
             window = slice(opts.warmup, opts.warmup + opts.steps)
             for name, seconds in paired.seconds.items():
