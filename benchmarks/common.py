@@ -145,6 +145,21 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     return "\n".join(lines) + "\n"
 
 
+def headline_row(
+    bench: str, measure: str, value: object, baseline: object, ratio: float, target: str = ""
+) -> tuple:
+    """One row of a headline table: ``(bench, measure, value, baseline, ratio, target, met)``;
+    ``target`` like ``>= 0.95`` or ``<= 1.5`` (empty: for information; ``met`` then empty too)."""
+    met = ""
+    if target:
+        op, bound = target.split()
+        met = "yes" if (ratio >= float(bound) if op == ">=" else ratio <= float(bound)) else "NO"
+    return (bench, measure, value, baseline, ratio, target, met)
+
+
+HEADER = ("benchmark", "measure", "value", "baseline", "ratio", "target", "met")
+
+
 def quiet() -> None:
     """Keep the console to the benchmarks' own lines: W&B offline and silent, Lightning's set-up
     messages and Python's user and deprecation warnings off."""

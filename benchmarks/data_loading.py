@@ -97,13 +97,15 @@ def wait_fraction(
 
 
 def training_step(
-    net: torch.nn.Module, device: torch.device, dtype: torch.dtype | None = None, channels_last: bool = False
+    net: torch.nn.Module,
+    device: torch.device,
+    dtype: torch.dtype | None = None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Callable[[dict], None]:
     """A bare AdamW step of ``net`` with MONAI's DiceCE loss; the batch is moved to ``device``
-    without blocking, autocast to ``dtype`` if given, channels-last if asked (weights: the caller's)."""
+    without blocking, autocast to ``dtype`` if given, in ``memory_format`` (weights: the caller's)."""
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
     optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
 
     def step(batch: dict) -> None:
         image = batch["image"].to(device, non_blocking=True).contiguous(memory_format=memory_format)

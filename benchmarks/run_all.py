@@ -25,7 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.common import (  # noqa: E402
+    HEADER,
     RESULTS,
+    headline_row,
     load_average,
     machine_info,
     machine_slug,
@@ -45,21 +47,11 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "memory": ("memory", "--cases 4 8 --shape 40 40 12 --steps 3 --val-batches 1"),
     "gpu": ("gpu_throughput", "--steps 5 --repeats 1 --no-compile --wait-steps 10"),
 }
-HEADER = ("benchmark", "measure", "value", "baseline", "ratio", "target", "met")
-
-
-def _row(bench: str, measure: str, value: object, baseline: object, ratio: float, target: str = "") -> tuple:
-    """One table row; ``target`` like ``>= 0.95`` or ``<= 1.5`` (empty: for information)."""
-    met = ""
-    if target:
-        op, bound = target.split()
-        met = "yes" if (ratio >= float(bound) if op == ">=" else ratio <= float(bound)) else "NO"
-    return (bench, measure, value, baseline, ratio, target, met)
 
 
 def summarize(name: str, r: dict) -> list[tuple]:
     """The headline rows of benchmark ``name``'s result ``r``."""
-    row = functools.partial(_row, name)
+    row = functools.partial(headline_row, name)
     if "error" in r:
         return [(name, "failed", r["error"].strip().splitlines()[-1], "", "", "", "NO")]
     if "skipped" in r:
