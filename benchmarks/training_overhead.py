@@ -18,7 +18,10 @@ kept in memory, so data loading is out of the comparison; ``data_loading.py`` me
   groups, per-step warm-up/cosine schedule and gradient clipping, in the same precision (bf16
   autocast and channels-last where the pipeline uses them, on CUDA).
 - ``monai``: the same bare step with MONAI's ``BasicUNet`` of the same widths, batch norm and
-  ReLU: how our UNet compares with the field's reference implementation.
+  ReLU: how our UNet compares with the field's reference implementation. The two do different
+  work per image (BasicUNet's decoder convolves at other widths): ``flops_per_image`` (forward +
+  backward, ``torch.utils.flop_counter``) states it, and ``ours_vs_monai_flop_rate`` compares
+  the FLOP/s each achieves.
 
 The arms are interleaved step by step, so a burst of load from other jobs on a shared machine hits
 them alike: before every pipeline step, a callback runs one bare step of each baseline network on
@@ -55,7 +58,7 @@ from monai.networks.nets import BasicUNet  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, write_json  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, train_flops, write_json  # noqa: E402
 from pipeline.cli import lightning as cli  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
 from pipeline.data.synthetic import generate_dataset  # noqa: E402
@@ -248,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
             window = slice(opts.warmup, opts.warmup + opts.steps)
             for name, seconds in paired.seconds.items():
                 steps.setdefault(name, []).extend(seconds[window])
+        # FLOPs of one training image, so the two networks' speeds compare per unit of work
+        image, mask = batches[0]["image"][:2], batches[0]["mask"][:2]
+        flops = {name: train_flops(build(), image, mask) / 2 for name, build in baselines.items()}
     rates = {name: median(r[name]["images_per_s"] for r in runs) for name in runs[0]}
     cpu = {name: median(r[name]["cpu_s_per_step"] for r in runs) for name in runs[0]}
     result = {
@@ -258,16 +264,26 @@ def main(argv: list[str] | None = None) -> dict:
         "median_step_ratio": ratio(median(steps["bare"]), median(steps["pipeline"])),
         "median_step_s": {k: round(median(v), 4) for k, v in steps.items()},
         "cpu_s_per_step": {k: round(v, 4) for k, v in cpu.items()},
+        "flops_per_image": flops,
         "runs": runs,
         "settings": {k: v for k, v in vars(opts).items() if k != "output"} | {"features": features},
         "machine": machine_info(),
     }
     if "monai" in rates:
         result["ours_vs_monai"] = ratio(rates["bare"], rates["monai"])
+        # achieved FLOP/s, ours / MONAI's: above 1, ours runs faster per FLOP, not just does fewer
+        result["ours_vs_monai_flop_rate"] = ratio(
+            rates["bare"] * flops["bare"], rates["monai"] * flops["monai"]
+        )
     print(
         f"training: medseg fit {rates['pipeline']:.2f} img/s, bare loop {rates['bare']:.2f} img/s, "
         f"ratio {result['ratio']:.3f} (target >= 0.95; CPU time {result['cpu_ratio']:.3f})"
-        + (f"; bare UNet / MONAI BasicUNet {result['ours_vs_monai']:.3f}" if "monai" in rates else "")
+        + (
+            f"; bare UNet / MONAI BasicUNet {result['ours_vs_monai']:.3f} ({flops['bare'] / 1e9:.2f} vs "
+            f"{flops['monai'] / 1e9:.2f} GFLOP/image; per FLOP {result['ours_vs_monai_flop_rate']:.3f})"
+            if "monai" in rates
+            else ""
+        )
         + f" ({opts.size}x{opts.size}, batch {opts.batch_size}, {opts.steps} steps x {opts.repeats} fits)"
     )
     write_json(opts.output, result)
