@@ -11,6 +11,7 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks.gpu_check import main as gpu_check
 from benchmarks.host_syncs import count_fit
 from pipeline.cli import main
 from pipeline.models import UNet
@@ -186,3 +187,21 @@ def test_fit_compiled_network_with_the_monitors_on(phantom_dir, tmp_path):
     dead = summary["ActivationMonitor"]
     assert dead and all(key.startswith("dead_relu/") and 0.0 <= v <= 1.0 for key, v in dead.items())
     assert set(summary["WeightUpdateMonitor"]["last"])  # every layer's update measured
+
+
+@pytest.mark.slow
+def test_gpu_check_dry_run_on_the_cpu_writes_its_report(tmp_path):
+    assert gpu_check(["--cpu", "--output", str(tmp_path)]) == 0
+    (json_file,) = tmp_path.glob("gpu_check-*.json")
+    report = json.loads(json_file.read_text())
+    sections = report["sections"]
+    assert report["dry_run"] and set(sections) == {"environment", "throughput", "train", "infer", "overhead"}
+    assert not [name for name, result in sections.items() if "error" in result]
+    assert set(sections["throughput"]["unet2d"]["images_per_s"]) == {"fp32", "bf16", "bf16_cl"}
+    train = sections["train"]
+    assert train["exit"] == 0 and train["status"] == "completed" and train["stride_warnings"] == 0
+    assert train["bf16"] and train["channels_last_weights"] == train["conv_weights"] > 0
+    assert sections["infer"]["exit"] == 0 and sections["infer"]["ok"] == sections["infer"]["cases"]
+    assert sections["overhead"]["host_syncs"]["median"] == 0  # at a GPU's cadence
+    table = json_file.with_suffix(".md").read_text()
+    assert "| train | medseg fit: exit status + stride-mismatch warnings | 0 |" in table
