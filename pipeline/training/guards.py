@@ -58,9 +58,9 @@ class DivergenceGuard(pl.Callback):
     """
 
     def __init__(self, every_n_steps: int | None = None, checks: StepChecks | None = None) -> None:
-        self.checks = checks or StepChecks(every_n_steps)
         if checks is not None and every_n_steps is not None:
             raise ValueError("give every_n_steps to the shared StepChecks, not to DivergenceGuard")
+        self.checks = checks or StepChecks(every_n_steps)
         self._loss: Tensor | None = None
         self._where: dict[int, tuple[int, int]] = {}  # unread step -> (epoch, batch), host side
         self._interval = 1
