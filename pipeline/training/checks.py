@@ -52,7 +52,6 @@ class StepChecks:
         self.every_n_steps = every_n_steps
         self.stop_requested = False  # set by a signal handler: host memory, no device involved
         self.reading = Reading()
-        self.reads = 0
         self._first: Tensor | None = None  # 0-d int64 on the device: -(first non-finite step) or NO_STEP
         self._values: Tensor | None = None  # (2,) float32: loss and gradient norm at that step
         self._read_through = 0  # optimiser steps whose flags have been read
@@ -94,10 +93,10 @@ class StepChecks:
             first = torch.full((), NO_STEP, dtype=torch.int64, device=trainer.strategy.root_device)
         flags = torch.stack([first, torch.full_like(first, int(self.stop_requested))])
         if trainer.world_size > 1 and torch.distributed.is_initialized():
+            # Lightning's strategy.reduce puts a barrier (a second collective) before its all-reduce
             torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MAX)
         negative_first, stop = flags.tolist()  # the one host sync
         self.reading = Reading(None if negative_first == NO_STEP else -negative_first, bool(stop))
-        self.reads += 1
         self._read_at = key
         self._read_through = trainer.global_step if through is None else through
         return self.reading
