@@ -16,7 +16,7 @@ CONFIGS := -c configs/default.yaml -c configs/model/$(MODEL).yaml -c configs/dat
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train infer ablation compare bench test test-slow lint clean
+.PHONY: help install data train infer ablation compare bench gpu-check test test-slow lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -49,6 +49,9 @@ compare: install ## compare the runs in RUNS (default runs/ablation): REPORT/rep
 
 bench: install ## every benchmark (GPU ones on a GPU) -> benchmarks/results/<machine>-<date>.{json,md}; ARGS=--quick
 	$(BIN)/python benchmarks/run_all.py $(ARGS)
+
+gpu-check: install ## the CUDA path on one GPU, <8 min -> benchmarks/results/gpu_check-<machine>-<date>.{json,md}; ARGS=--cpu: dry run
+	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
 
 test: install ## run the test suite (CPU, a few minutes)
 	$(BIN)/pytest -q $(PYTEST_ARGS)

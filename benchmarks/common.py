@@ -22,6 +22,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import torch
+from monai.losses import DiceCELoss
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from pipeline.files import atomic_write
 
@@ -142,6 +145,21 @@ def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> s
     return "\n".join(lines) + "\n"
 
 
+def headline_row(
+    bench: str, measure: str, value: object, baseline: object, ratio: float, target: str = ""
+) -> tuple:
+    """One row of a headline table: ``(bench, measure, value, baseline, ratio, target, met)``;
+    ``target`` like ``>= 0.95`` or ``<= 1.5`` (empty: for information; ``met`` then empty too)."""
+    met = ""
+    if target:
+        op, bound = target.split()
+        met = "yes" if (ratio >= float(bound) if op == ">=" else ratio <= float(bound)) else "NO"
+    return (bench, measure, value, baseline, ratio, target, met)
+
+
+HEADER = ("benchmark", "measure", "value", "baseline", "ratio", "target", "met")
+
+
 def quiet() -> None:
     """Keep the console to the benchmarks' own lines: W&B offline and silent, Lightning's set-up
     messages and Python's user and deprecation warnings off."""
@@ -151,3 +169,13 @@ def quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
+def train_flops(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> int:
+    """FLOPs of one forward + backward pass of ``net`` on ``image`` (B, C, H, W) with DiceCE loss
+    against ``mask`` (B, H, W): multiply-adds count 2, as ``torch.utils.flop_counter`` counts."""
+    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
+    with FlopCounterMode(display=False) as counter:
+        loss_fn(net(image), mask[:, None]).backward()
+    net.zero_grad(set_to_none=True)
+    return counter.get_total_flops()

@@ -3,6 +3,9 @@
     python benchmarks/gpu_throughput.py             # on a CUDA GPU: a few minutes (compile included)
     python benchmarks/gpu_throughput.py --no-compile --batch-size 64
 
+``measure_case`` measures any ``ModelCase`` (a network and its batch); ``gpu_check.py`` runs it
+for every entry of ``MODEL_CASES``, this script for the 2D UNet.
+
 Without a CUDA GPU it prints that it skipped and records ``{"skipped": ...}`` (exit status 0).
 
 The UNet at its full width (``features`` 32..512, as ``pipeline.models.UNet`` defaults) trains on
@@ -12,7 +15,8 @@ DiceCE loss, in four arms, alternating over ``repeats`` rounds (medians reported
 - ``fp32``: float32 (with PyTorch's defaults, as ``precision: 32-true``: cuDNN may use TF32 for
   convolutions on Ampere and newer GPUs, matrix products stay float32);
 - ``bf16``: ``torch.autocast(bfloat16)``, what ``precision: bf16-mixed`` does;
-- ``bf16_cl``: bf16 + channels-last weights and inputs (``SegmentationModule(channels_last=True)``);
+- ``bf16_cl``: bf16 + channels-last weights and inputs (``channels_last_3d`` for a 3D network), as
+  ``SegmentationModule(channels_last=True)`` sets them on CUDA;
 - ``bf16_cl_compile``: the same with ``net.compile()`` (``SegmentationModule(compile=True)``).
 
 ``cudnn.benchmark`` is on in every arm, as ``trainer.benchmark: true`` sets it. Also recorded:
@@ -34,21 +38,29 @@ import argparse
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import torch  # noqa: E402
-from monai.losses import DiceCELoss  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
-from benchmarks.common import RESULTS, alternate, machine_info, median, ratio, write_json  # noqa: E402
+from benchmarks.common import (  # noqa: E402
+    RESULTS,
+    alternate,
+    machine_info,
+    median,
+    ratio,
+    train_flops,
+    write_json,
+)
 from benchmarks.data_loading import datamodule, default_workers, training_step, wait_fraction  # noqa: E402
 from pipeline.data.synthetic import CLASS_NAMES, generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
+from pipeline.training.layout import channels_last_format  # noqa: E402
 
 ARMS = {  # name: (autocast dtype or None, channels_last, compile)
     "fp32": (None, False, False),
@@ -56,16 +68,34 @@ ARMS = {  # name: (autocast dtype or None, channels_last, compile)
     "bf16_cl": (torch.bfloat16, True, False),
     "bf16_cl_compile": (torch.bfloat16, True, True),
 }
+FULL_WIDTH = (32, 64, 128, 256, 512)
 
 
-def train_flops(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> int:
-    """FLOPs of one forward + backward pass of ``net`` on ``image`` (B, C, H, W) with DiceCE loss
-    against ``mask`` (B, H, W): multiply-adds count 2, as ``torch.utils.flop_counter`` counts."""
-    loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(net(image), mask[:, None]).backward()
-    net.zero_grad(set_to_none=True)
-    return counter.get_total_flops()
+@dataclass(frozen=True)
+class ModelCase:
+    """A network the GPU benchmarks train and the batch it trains on.
+
+    Attributes:
+        name: the case's key in the results (``unet2d``).
+        build: ``(in_channels, classes) -> network``.
+        spatial: the input's spatial shape, (H, W) or (D, H, W).
+        batch_size: images (or patches) per step.
+    """
+
+    name: str
+    build: Callable[[int, int], nn.Module]
+    spatial: tuple[int, ...]
+    batch_size: int
+
+
+def unet2d(size: int = 256, batch_size: int = 32, features: Sequence[int] = FULL_WIDTH) -> ModelCase:
+    """The full-width 2D UNet on ``size`` x ``size`` images."""
+    return ModelCase("unet2d", lambda c, k: UNet(c, k, features=tuple(features)), (size, size), batch_size)
+
+
+# The cases ``gpu_check.py`` measures. The 3D UNet at its planned patch joins as one more entry once
+# ``UNet(spatial_dims=3)`` exists.
+MODEL_CASES = [unet2d()]
 
 
 def matmul_tflops(device: torch.device, size: int, iterations: int, dtype: torch.dtype) -> float:
@@ -87,11 +117,11 @@ def matmul_tflops(device: torch.device, size: int, iterations: int, dtype: torch
 def arm_step(name: str, net: nn.Module, device: torch.device) -> Callable[[dict], None]:
     """The training step of arm ``name``, preparing ``net`` (memory format, compile) for it."""
     dtype, channels_last, compile_ = ARMS[name]
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
+    memory_format = channels_last_format(net) if channels_last else torch.contiguous_format
+    net.to(memory_format=memory_format)
     if compile_:
         net.compile()
-    return training_step(net, device, dtype, channels_last)
+    return training_step(net, device, dtype, memory_format)
 
 
 def images_per_second(
@@ -105,11 +135,77 @@ def images_per_second(
     return steps * len(batch["image"]) / (time.perf_counter() - start)
 
 
+def measure_case(
+    case: ModelCase, device: torch.device, steps: int, warmup: int, repeats: int, arms: Sequence[str]
+) -> dict:
+    """Images/s of ``case`` in each arm (medians over alternating rounds), FLOPs per image, peak
+    memory; an arm that fails to start (``torch.compile`` on some setups) is reported in ``errors``."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    classes = len(CLASS_NAMES)
+    generator = torch.Generator().manual_seed(0)
+    batch = {
+        "image": torch.randn(case.batch_size, 1, *case.spatial, generator=generator).to(device),
+        "mask": torch.randint(classes, (case.batch_size, *case.spatial), generator=generator).to(device),
+    }
+    steps_of, errors = {}, {}
+    for name in arms:
+        torch.manual_seed(0)
+        step = arm_step(name, case.build(1, classes).to(device), device)
+        try:
+            for _ in range(warmup * (3 if ARMS[name][2] else 1)):
+                step(batch)
+            sync()
+            steps_of[name] = step
+        except Exception as err:  # torch.compile can fail on some setups: report, keep the others
+            errors[name] = f"{type(err).__name__}: {err}"
+    peaks: dict[str, float] = {}
+
+    def run(name: str) -> float:
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        rate = images_per_second(steps_of[name], batch, steps, sync)
+        if cuda:
+            peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+        return rate
+
+    runs = alternate({name: lambda name=name: run(name) for name in steps_of}, repeats)
+    rates = {name: median(r) for name, r in runs.items()}
+    flops = train_flops(case.build(1, classes).to(device), batch["image"], batch["mask"]) / case.batch_size
+    return {
+        "images_per_s": {k: round(v, 2) for k, v in rates.items()},
+        "speedup_vs_fp32": {k: ratio(v, rates["fp32"]) for k, v in rates.items()} if "fp32" in rates else {},
+        "flops_per_image": flops,
+        "achieved_tflops": {k: round(flops * v / 1e12, 2) for k, v in rates.items()},
+        "peak_memory_gib": {k: round(v, 2) for k, v in peaks.items()},
+        "errors": errors,
+        "runs": runs,
+        "input": {"spatial": list(case.spatial), "batch_size": case.batch_size},
+    }
+
+
+def data_wait(
+    case: ModelCase, workers: Sequence[int], images: int, steps: int, device: torch.device
+) -> dict[str, dict]:
+    """Per worker count: the share of step time a bf16 + channels-last loop of the 2D ``case``, fed
+    by the real training loader (phantoms of its size, default augmentation), waits for data."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    waits = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = generate_dataset(Path(tmp) / "data", num_images=images, size=case.spatial[-1])
+        for count in workers:
+            data = datamodule(root, case.batch_size, count)
+            torch.manual_seed(0)
+            step = arm_step("bf16_cl", case.build(data.in_channels, data.num_classes).to(device), device)
+            waits[str(count)] = wait_fraction(data.train_dataloader(), step, steps, 3, sync)
+    return waits
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=256, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=32, help="training batch (default: %(default)s)")
-    parser.add_argument("--features", type=int, nargs="+", default=[32, 64, 128, 256, 512])
+    parser.add_argument("--features", type=int, nargs="+", default=list(FULL_WIDTH))
     parser.add_argument("--steps", type=int, default=30, help="timed steps per arm and round")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps per arm (compile: more)")
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the arms (default: %(default)s)")
@@ -129,80 +225,31 @@ def main(argv: list[str] | None = None) -> dict:
         print("gpu throughput: skipped, no CUDA GPU available (run it on a GPU machine: make bench)")
         write_json(opts.output, result)
         return result
-    cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
     torch.backends.cudnn.benchmark = True  # trainer.benchmark: true
     workers = default_workers()
-    classes = len(CLASS_NAMES)
-    generator = torch.Generator().manual_seed(0)
-    batch = {
-        "image": torch.randn(opts.batch_size, 1, opts.size, opts.size, generator=generator).to(device),
-        "mask": torch.randint(classes, (opts.batch_size, opts.size, opts.size), generator=generator).to(
-            device
-        ),
-    }
     arms = [name for name in ARMS if not (opts.no_compile and ARMS[name][2])]
-    nets, steps, errors = {}, {}, {}
-    for name in list(arms):
-        torch.manual_seed(0)
-        nets[name] = UNet(1, classes, features=opts.features).to(device)
-        steps[name] = arm_step(name, nets[name], device)
-        try:
-            for _ in range(opts.warmup * (3 if ARMS[name][2] else 1)):
-                steps[name](batch)
-            sync()
-        except Exception as err:  # torch.compile can fail on some setups: report, keep the others
-            errors[name] = f"{type(err).__name__}: {err}"
-            arms.remove(name)
-
-    peaks: dict[str, float] = {}
-
-    def run(name: str) -> float:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        rate = images_per_second(steps[name], batch, opts.steps, sync)
-        if cuda:
-            peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-        return rate
-
-    runs = alternate({name: lambda name=name: run(name) for name in arms}, opts.repeats)
-    rates = {name: median(r) for name, r in runs.items()}
-    flops = train_flops(UNet(1, classes, features=opts.features).to(device), batch["image"], batch["mask"])
-    per_image = flops / opts.batch_size
-    matmul = matmul_tflops(device, opts.matmul_size, 20 if cuda else 2, torch.bfloat16)
-    waits = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        root = generate_dataset(Path(tmp) / "data", num_images=opts.images, size=opts.size)
-        for count in opts.wait_workers or sorted({2, workers}):
-            data = datamodule(root, opts.batch_size, count)
-            torch.manual_seed(0)
-            step = arm_step(
-                "bf16_cl", UNet(data.in_channels, data.num_classes, features=opts.features).to(device), device
-            )
-            waits[str(count)] = wait_fraction(data.train_dataloader(), step, opts.wait_steps, 3, sync)
+    case = unet2d(opts.size, opts.batch_size, opts.features)
+    measured = measure_case(case, device, opts.steps, opts.warmup, opts.repeats, arms)
+    matmul = matmul_tflops(device, opts.matmul_size, 20 if device.type == "cuda" else 2, torch.bfloat16)
+    waits = data_wait(case, opts.wait_workers or sorted({2, workers}), opts.images, opts.wait_steps, device)
+    rates = measured["images_per_s"]
     result = {
-        "device": machine_info()["device"] if cuda else "cpu (dry run)",
-        "images_per_s": {k: round(v, 2) for k, v in rates.items()},
-        "speedup_vs_fp32": {k: ratio(v, rates["fp32"]) for k, v in rates.items()},
-        "flops_per_image": per_image,
-        "achieved_tflops": {k: round(per_image * v / 1e12, 2) for k, v in rates.items()},
+        "device": machine_info()["device"] if device.type == "cuda" else "cpu (dry run)",
+        **measured,
         "matmul_tflops": round(matmul, 2),
-        "fraction_of_matmul": {k: ratio(per_image * v / 1e12, matmul) for k, v in rates.items()},
-        "peak_memory_gib": {k: round(v, 2) for k, v in peaks.items()},
+        "fraction_of_matmul": {k: ratio(v, matmul) for k, v in measured["achieved_tflops"].items()},
         "wait_fraction": {w: round(r["wait_fraction"], 4) for w, r in waits.items()},
         "wait_fraction_default_workers": workers,
         "fed_images_per_s": {w: round(r["images_per_s"], 2) for w, r in waits.items()},
-        "errors": errors,
-        "runs": runs,
         "settings": {k: v for k, v in vars(opts).items() if k != "output"},
         "machine": machine_info(),
     }
     print(
         f"gpu throughput on {result['device']} ({opts.size}x{opts.size}, batch {opts.batch_size}): "
         + ", ".join(f"{k} {v:.1f} img/s ({result['speedup_vs_fp32'][k]:.2f}x)" for k, v in rates.items())
-        + f"; {per_image / 1e9:.1f} GFLOP/image, matmul {matmul:.1f} TFLOP/s; data wait "
+        + f"; {measured['flops_per_image'] / 1e9:.1f} GFLOP/image, matmul {matmul:.1f} TFLOP/s; data wait "
         + ", ".join(f"{w} workers {100 * r['wait_fraction']:.1f}%" for w, r in waits.items())
-        + (f"; failed: {errors}" if errors else "")
+        + (f"; failed: {measured['errors']}" if measured["errors"] else "")
     )
     write_json(opts.output, result)
     return result

@@ -10,7 +10,10 @@ UNet, then measures (medians over repeats):
   process: checkpoint load, Trainer set-up, loader workers reading and preprocessing NIfTI,
   slice-batched prediction, writing NIfTI masks and ``predictions.csv``;
 - ``bare``: cases per second of a loop that runs the same module's ``predict_logits`` + argmax
-  over the same slices, preloaded and preprocessed, with the same batch size.
+  over the same slices, preloaded and preprocessed, with the same batch size, on the device and
+  in the precision ``medseg infer`` picks (``accelerator: auto``: on a GPU the slices are
+  preloaded there and predicted under bf16 autocast, channels-last; fp32 on a CPU), the labels
+  copied back to the host as ``infer`` needs them for writing.
 
 The ratio infer / bare is the share of the model's throughput that survives IO and pre/post-
 processing (target >= 0.85 with loader workers). The volumes have 48 slices (CT and MR volumes
@@ -43,6 +46,7 @@ from pipeline.inference.cases import find_inputs, load_case  # noqa: E402
 from pipeline.models import UNet, net_spec  # noqa: E402
 from pipeline.training.checkpoint import load_model  # noqa: E402
 from pipeline.training.module import CHECKPOINT_KEY, SegmentationModule  # noqa: E402
+from pipeline.training.precision import autocast_dtype, default_precision  # noqa: E402
 
 
 def make_volumes(folder: Path, cases: int, depth: int, size: int) -> None:
@@ -73,12 +77,22 @@ def make_checkpoint(path: Path, work: Path, features: list[int]) -> None:
     )
 
 
-def bare_pass(module: SegmentationModule, images: list[torch.Tensor], batch_size: int) -> None:
-    """The model alone over preloaded, preprocessed (S, C, H, W) cases."""
-    with torch.inference_mode():
+def infer_device() -> tuple[torch.device, torch.dtype | None]:
+    """The device and autocast dtype ``medseg infer`` runs on here (``accelerator: auto``)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return device, autocast_dtype(default_precision("auto"))
+
+
+def bare_pass(
+    module: SegmentationModule, images: list[torch.Tensor], batch_size: int, dtype: torch.dtype | None
+) -> None:
+    """The model alone over preloaded, preprocessed (S, C, H, W) cases on the module's device,
+    autocast to ``dtype`` if given; the labels come back to the host."""
+    device = next(module.parameters()).device
+    with torch.inference_mode(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
         for image in images:
             for chunk in image.split(batch_size):
-                module.predict_logits(chunk).argmax(1).to(torch.uint8)
+                module.predict_logits(chunk).argmax(1).to(torch.uint8).cpu()
 
 
 def infer_pass(checkpoint: Path, folder: Path, output: Path, batch_size: int, workers: int) -> None:
@@ -105,13 +119,15 @@ def main(argv: list[str] | None = None) -> dict:
         folder, checkpoint = work / "volumes", work / "model.ckpt"
         make_volumes(folder, opts.cases, opts.depth, opts.size)
         make_checkpoint(checkpoint, work, opts.features)
+        device, dtype = infer_device()
         module, prep = load_model(checkpoint)
-        images = [load_case(case, prep)["image"] for case in find_inputs([folder])]
-        bare_pass(module, images[:1], opts.batch_size)  # untimed: first-call allocations
+        module = module.to(device)
+        images = [load_case(case, prep)["image"].to(device) for case in find_inputs([folder])]
+        bare_pass(module, images[:1], opts.batch_size, dtype)  # untimed: first-call allocations, autotuning
         load = os.getloadavg()[0]
         runs = alternate(  # ABBA order, so a change in machine load hits both alike
             {
-                "bare": lambda: timed(lambda: bare_pass(module, images, opts.batch_size)),
+                "bare": lambda: timed(lambda: bare_pass(module, images, opts.batch_size, dtype)),
                 "infer": lambda: timed(
                     lambda: infer_pass(checkpoint, folder, work / "out", opts.batch_size, opts.workers)
                 ),
@@ -130,6 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
         "bare_seconds": [round(t, 3) for t, _ in bare],
         "infer_cpu_seconds": [round(c, 3) for _, c in full],
         "bare_cpu_seconds": [round(c, 3) for _, c in bare],
+        "device": str(device),
+        "autocast": str(dtype) if dtype else None,
         "settings": {k: v for k, v in vars(opts).items() if k != "output"},
         "machine": machine_info() | {"load_average": [round(load, 2), round(os.getloadavg()[0], 2)]},
     }
@@ -137,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"medseg infer: {infer_rate:.3f} cases/s, bare loop: {bare_rate:.3f} cases/s, "
         f"ratio {infer_rate / bare_rate:.3f} (CPU time ratio {cpu_ratio:.3f}; {opts.cases} cases of "
         f"{opts.depth}x{opts.size}x{opts.size}, batch {opts.batch_size}, {opts.workers} workers, "
-        f"median of {opts.repeats}, load average {load:.1f})"
+        f"median of {opts.repeats}, load average {load:.1f}; bare loop on {device}, autocast {dtype})"
     )
     write_json(opts.output, result)
     return result

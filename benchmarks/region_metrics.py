@@ -130,12 +130,14 @@ def read_region(region_dir: Path | None, case_id: str, shape: tuple[int, int]) -
 
 
 def predictor(module: SegmentationModule) -> Callable[[dict], np.ndarray]:
-    """Sample -> (H, W) foreground probability from the module's own (sliding-window) inference."""
+    """Sample -> (H, W) float32 foreground probability from the module's own (sliding-window)
+    inference, run on the module's device: the image goes there, the probability comes back."""
+    device = next(module.parameters()).device
 
     @torch.no_grad()
     def predict(sample: dict) -> np.ndarray:
-        logits = module.predict_logits(sample["image"][None])
-        return logits.softmax(1)[0, 1].numpy()
+        logits = module.predict_logits(sample["image"][None].to(device))
+        return logits.float().softmax(1)[0, 1].cpu().numpy()
 
     return predict
 

@@ -18,7 +18,10 @@ kept in memory, so data loading is out of the comparison; ``data_loading.py`` me
   groups, per-step warm-up/cosine schedule and gradient clipping, in the same precision (bf16
   autocast and channels-last where the pipeline uses them, on CUDA).
 - ``monai``: the same bare step with MONAI's ``BasicUNet`` of the same widths, batch norm and
-  ReLU: how our UNet compares with the field's reference implementation.
+  ReLU: how our UNet compares with the field's reference implementation. The two do different
+  work per image (BasicUNet's decoder convolves at other widths): ``flops_per_image`` (forward +
+  backward, ``torch.utils.flop_counter``) states it, and ``ours_vs_monai_flop_rate`` compares
+  the FLOP/s each achieves.
 
 The arms are interleaved step by step, so a burst of load from other jobs on a shared machine hits
 them alike: before every pipeline step, a callback runs one bare step of each baseline network on
@@ -55,20 +58,27 @@ from monai.networks.nets import BasicUNet  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader  # noqa: E402
 
-from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, write_json  # noqa: E402
+from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, train_flops, write_json  # noqa: E402
 from pipeline.cli import lightning as cli  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
 from pipeline.data.synthetic import generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
+from pipeline.training.precision import autocast_dtype  # noqa: E402
 
 CONFIGS = REPO / "configs"
 
 
 def bare_step(
-    net: nn.Module, lr: float, clip: float, total: int, dtype: torch.dtype | None, channels_last: bool
+    net: nn.Module,
+    lr: float,
+    clip: float,
+    total: int,
+    dtype: torch.dtype | None,
+    memory_format: torch.memory_format = torch.contiguous_format,
 ) -> Callable[[dict], None]:
     """One hand-written training step of ``net``: DiceCE, AdamW (no decay on biases and norms),
-    linear warm-up then cosine over ``total`` steps, global-norm clipping at ``clip``."""
+    linear warm-up then cosine over ``total`` steps, global-norm clipping at ``clip``; weights and
+    inputs in ``memory_format``, autocast to ``dtype`` if given."""
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
@@ -78,9 +88,7 @@ def bare_step(
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / total) * 0.5 * (1 + math.cos(math.pi * step / total))
     )
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    if channels_last:
-        net.to(memory_format=memory_format)
+    net.to(memory_format=memory_format)  # before the optimiser state exists, as medseg fit does
     net.train()
 
     def step(batch: dict) -> None:
@@ -118,13 +126,13 @@ class PairedSteps(pl.Callback):
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         cuda = pl_module.device.type == "cuda"
-        dtype = {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(trainer.precision))
-        channels_last = cuda and pl_module.hparams.channels_last  # what SegmentationModule does
+        dtype = autocast_dtype(trainer.precision)
         total = trainer.estimated_stepping_batches
         for name, build in self.baselines.items():
             torch.manual_seed(0)
             net = build().to(pl_module.device)
-            self.steps[name] = bare_step(net, self.lr, self.clip, total, dtype, channels_last)
+            # the memory format SegmentationModule chose for this device
+            self.steps[name] = bare_step(net, self.lr, self.clip, total, dtype, pl_module.memory_format)
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def _mark(self) -> tuple[float, float]:
@@ -160,15 +168,15 @@ class PairedSteps(pl.Callback):
 
 
 class PreloadedFitCLI(cli.MedsegCLI):
-    """``medseg fit`` whose training loader yields ``batches`` (already in memory), with ``paired``
-    added to its callbacks."""
+    """``medseg fit`` whose training loader yields ``batches`` (already in memory), with
+    ``extra_callbacks`` added to its callbacks."""
 
     batches: ClassVar[list[dict]] = []
-    paired: ClassVar[PairedSteps | None] = None
+    extra_callbacks: ClassVar[list[pl.Callback]] = []
 
     def _run_subcommand(self, subcommand: str | None) -> None:
         self.datamodule.train_dataloader = lambda: DataLoader(self.batches, batch_size=None)
-        self.trainer.callbacks.append(self.paired)
+        self.trainer.callbacks.extend(self.extra_callbacks)
         super()._run_subcommand(subcommand)
 
 
@@ -188,9 +196,12 @@ def preload(root: Path, batch_size: int, count: int) -> tuple[list[dict], int, i
     return batches[:count], data.in_channels, data.num_classes
 
 
-def paired_fit(work: Path, root: Path, batches: list[dict], paired: PairedSteps, extra: list[str]) -> None:
-    """One ``medseg fit`` (default configs, run by medseg's own entry point) over ``batches``."""
-    PreloadedFitCLI.batches, PreloadedFitCLI.paired = batches, paired
+def preloaded_fit(
+    work: Path, root: Path, batches: list[dict], callbacks: list[pl.Callback], extra: list[str]
+) -> None:
+    """One ``medseg fit`` (default configs, run by medseg's own entry point) over ``batches``, with
+    ``callbacks`` added; ``extra`` flags go last (``--trainer.enable_progress_bar true`` ...)."""
+    PreloadedFitCLI.batches, PreloadedFitCLI.extra_callbacks = batches, callbacks
     args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / "unet.yaml")]
     args += ["-c", str(CONFIGS / "data" / "synthetic.yaml"), "--data.root", str(root)]
     args += ["--data.num_workers", "0", "--data.batch_size", str(len(batches[0]["image"]))]
@@ -235,11 +246,14 @@ def main(argv: list[str] | None = None) -> dict:
             )
         for _ in range(opts.repeats):
             paired = PairedSteps(baselines, lr, clip)
-            paired_fit(work, root, batches, paired, extra)
+            preloaded_fit(work, root, batches, [paired], extra)
             runs.append(paired.rates(opts.warmup, opts.steps, opts.batch_size))
             window = slice(opts.warmup, opts.warmup + opts.steps)
             for name, seconds in paired.seconds.items():
                 steps.setdefault(name, []).extend(seconds[window])
+        # FLOPs of one training image, so the two networks' speeds compare per unit of work
+        image, mask = batches[0]["image"][:2], batches[0]["mask"][:2]
+        flops = {name: train_flops(build(), image, mask) / 2 for name, build in baselines.items()}
     rates = {name: median(r[name]["images_per_s"] for r in runs) for name in runs[0]}
     cpu = {name: median(r[name]["cpu_s_per_step"] for r in runs) for name in runs[0]}
     result = {
@@ -250,16 +264,26 @@ def main(argv: list[str] | None = None) -> dict:
         "median_step_ratio": ratio(median(steps["bare"]), median(steps["pipeline"])),
         "median_step_s": {k: round(median(v), 4) for k, v in steps.items()},
         "cpu_s_per_step": {k: round(v, 4) for k, v in cpu.items()},
+        "flops_per_image": flops,
         "runs": runs,
         "settings": {k: v for k, v in vars(opts).items() if k != "output"} | {"features": features},
         "machine": machine_info(),
     }
     if "monai" in rates:
         result["ours_vs_monai"] = ratio(rates["bare"], rates["monai"])
+        # achieved FLOP/s, ours / MONAI's: above 1, ours runs faster per FLOP, not just does fewer
+        result["ours_vs_monai_flop_rate"] = ratio(
+            rates["bare"] * flops["bare"], rates["monai"] * flops["monai"]
+        )
     print(
         f"training: medseg fit {rates['pipeline']:.2f} img/s, bare loop {rates['bare']:.2f} img/s, "
         f"ratio {result['ratio']:.3f} (target >= 0.95; CPU time {result['cpu_ratio']:.3f})"
-        + (f"; bare UNet / MONAI BasicUNet {result['ours_vs_monai']:.3f}" if "monai" in rates else "")
+        + (
+            f"; bare UNet / MONAI BasicUNet {result['ours_vs_monai']:.3f} ({flops['bare'] / 1e9:.2f} vs "
+            f"{flops['monai'] / 1e9:.2f} GFLOP/image; per FLOP {result['ours_vs_monai_flop_rate']:.3f})"
+            if "monai" in rates
+            else ""
+        )
         + f" ({opts.size}x{opts.size}, batch {opts.batch_size}, {opts.steps} steps x {opts.repeats} fits)"
     )
     write_json(opts.output, result)

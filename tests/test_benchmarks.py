@@ -13,13 +13,15 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.common import alternate, machine_slug, markdown_table, median, ratio, write_json
+from benchmarks.common import alternate, machine_slug, markdown_table, median, ratio, train_flops, write_json
 from benchmarks.gpu_throughput import main as gpu_main
-from benchmarks.gpu_throughput import train_flops
+from benchmarks.inference_speed import bare_pass, infer_device
 from benchmarks.memory import smaps_rollup
+from benchmarks.readme_figures import main as readme_figures
 from benchmarks.run_all import summarize, write_report
 from benchmarks.training_overhead import PairedSteps
 from pipeline.models import UNet
+from pipeline.training.module import SegmentationModule
 
 
 def test_benchmarks_alternate_reverses_every_other_round() -> None:
@@ -43,7 +45,7 @@ def test_benchmarks_median_and_ratio() -> None:
 def test_benchmarks_paired_steps_time_baselines_and_pipeline_alike() -> None:
     paired = PairedSteps({"bare": lambda: UNet(1, 2, features=(4, 8))}, lr=1e-3, clip=1.0)
     trainer = SimpleNamespace(precision="32-true", estimated_stepping_batches=3)
-    module = SimpleNamespace(device=torch.device("cpu"), hparams=SimpleNamespace(channels_last=True))
+    module = SimpleNamespace(device=torch.device("cpu"), memory_format=torch.contiguous_format)
     paired.on_train_start(trainer, module)
     batch = {"image": torch.randn(2, 1, 16, 16), "mask": torch.randint(2, (2, 16, 16))}
     for index in range(3):
@@ -149,3 +151,46 @@ def test_benchmarks_gpu_throughput_dry_run_on_cpu(tmp_path: Path) -> None:
     assert result["flops_per_image"] > 0
     assert 0 <= result["wait_fraction"]["0"] <= 1
     assert not result["errors"]
+
+
+def test_benchmarks_inference_bare_loop_runs_where_and_as_infer_does(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert infer_device() == (torch.device("cuda"), torch.bfloat16)  # medseg infer's choice on a GPU
+    module = SegmentationModule(UNet(1, 3, features=(4, 8)), hd95=False).eval()
+    dtypes: list[torch.dtype] = []
+    module.net.head.register_forward_hook(lambda _, args, out: dtypes.append(out.dtype))
+    bare_pass(module, [torch.rand(3, 1, 16, 16)], batch_size=2, dtype=torch.bfloat16)
+    assert dtypes == [torch.bfloat16, torch.bfloat16]  # both chunks under the same autocast as infer
+
+
+def suite_report(folder: Path, date: str, benchmarks: dict) -> None:
+    write_json(folder / f"cpu2-test-{date}.json", {"date": date, "quick": False, "benchmarks": benchmarks})
+
+
+def test_benchmarks_readme_figures_come_from_the_newest_run_of_each_benchmark(tmp_path: Path) -> None:
+    inference = {"infer_cases_per_s": 2.0, "bare_cases_per_s": 2.5, "ratio": 0.8}
+    suite_report(tmp_path, "2026-01-01", {"inference": inference, "gpu": {"skipped": "no GPU"}})
+    suite_report(tmp_path, "2026-02-01", {"inference": {**inference, "ratio": 0.91}, "cache": {"error": "x"}})
+    write_json(tmp_path / "cpu2-test-2026-03-01.json", {"date": "2026-03-01", "quick": True, "benchmarks": {
+        "inference": {**inference, "ratio": 0.1}}})  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "kept <!-- figure inference.ratio -->0.5<!-- /figure --> of it\n"
+        "<!-- benchmarks:begin -->\nold rows\n<!-- benchmarks:end -->\n"
+    )
+    args = ["--readme", str(readme), "--results", str(tmp_path)]
+    assert readme_figures(["--check", *args]) == 1
+    assert readme_figures(args) == 0
+    text = readme.read_text()
+    assert "kept <!-- figure inference.ratio -->0.91<!-- /figure --> of it" in text  # not the quick run's
+    assert (
+        "old rows" not in text
+        and "| inference | medseg infer vs bare loop (cases/s) | 2 | 2.5 | 0.91 |" in text
+    )
+    assert "`cpu2-test-2026-02-01.json`" in text and "| gpu |" not in text and "| cache |" not in text
+    assert readme_figures(["--check", *args]) == 0  # rewriting again changes nothing
+
+
+def test_benchmarks_readme_figures_match_the_recorded_results() -> None:
+    assert readme_figures(["--check"]) == 0, "run python benchmarks/readme_figures.py"

@@ -44,6 +44,7 @@ def fake_trainer(tmp_path, scaler: object = None, clip: float | None = None) -> 
     return SimpleNamespace(
         precision_plugin=SimpleNamespace(scaler=scaler),
         strategy=SimpleNamespace(reduce_boolean_decision=lambda decision, all: decision),
+        world_size=1,
         global_step=7,
         current_epoch=1,
         fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_idx=2)),

@@ -199,6 +199,30 @@ def test_activation_monitor_measures_dead_relus_and_saturation_then_removes_its_
     assert saturated["saturated/encoder.enc1.conv1"] == pytest.approx((x.abs() > 4).float().mean().item())
 
 
+def test_activation_monitor_sees_a_compiled_network_like_an_eager_one(tmp_path):
+    # model.compile: validation compiles the network's eval graph before the monitor adds its hooks,
+    # and a compiled graph skips hooks added later (Dynamo does not guard on module hooks).
+    batch = {"image": torch.randn(2, 1, 16, 16), "mask": torch.zeros(2, 16, 16, dtype=torch.long)}
+    results = []
+    for compiled in (False, True):
+        net = small_unet().eval()
+        with torch.no_grad():  # two of the four first-layer channels can never fire: dead
+            net.encoder.enc1.conv1.conv.weight[:2] = 0
+            net.encoder.enc1.conv1.norm.bias[:2] = -1.0
+        if compiled:
+            net.compile(backend="eager")  # Dynamo alone: its hook handling, without a minute of codegen
+            with torch.no_grad():
+                net(batch["image"])  # the validation pass
+        module = SimpleNamespace(net=net, device=torch.device("cpu"), predict_logits=net)
+        monitor = ActivationMonitor(num_samples=2)
+        monitor.on_validation_batch_end(stand_in_trainer(tmp_path), module, None, batch, 0)
+        monitor.on_validation_epoch_end(stand_in_trainer(tmp_path), module)
+        results.append(monitor.summary())
+    eager, compiled = results
+    assert compiled["dead_relu/encoder.enc1.conv1"] == 0.5
+    assert compiled == pytest.approx(eager)
+
+
 @pytest.mark.parametrize(
     ("cls", "kwargs"),
     [

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from torch import nn
 
 from benchmarks.real_data import drive_split, isbi_split, run
-from benchmarks.region_metrics import Prediction, held_out_dataset, load_module, predict_all, score
+from benchmarks.region_metrics import Prediction, held_out_dataset, load_module, predict_all, predictor, score
 
 KEYS = ("dice_mean", "dice_global", "accuracy", "sensitivity", "specificity", "precision", "auc")
 
@@ -52,6 +54,25 @@ def test_region_score_counts_per_image_mean_and_global_pixels():
     assert summary["accuracy"] == pytest.approx(9 / 12) and summary["pixel_error"] == pytest.approx(3 / 12)
     assert summary["sensitivity"] == pytest.approx(3 / 4) and summary["specificity"] == pytest.approx(6 / 8)
     assert summary["pixels"] == 12 and summary["images"] == 2
+
+
+class OffHost(nn.Module):
+    """A module whose weights live off the host (the meta device stands in for a GPU) and whose
+    logits come back in bf16, as under autocast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros((), device="meta"))
+
+    def predict_logits(self, x: torch.Tensor) -> torch.Tensor:
+        assert x.device == self.weight.device, "the image was not moved to the module's device"
+        return torch.zeros(1, 2, *x.shape[-2:], dtype=torch.bfloat16)
+
+
+def test_region_predictor_runs_on_the_module_device_and_returns_float32_on_the_host():
+    prob = predictor(OffHost())({"image": torch.rand(1, 6, 8)})
+    assert prob.dtype == np.float32 and prob.shape == (6, 8)
+    assert np.allclose(prob, 0.5)
 
 
 def test_real_data_splits_follow_the_official_and_seeded_protocols():

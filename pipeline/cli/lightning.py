@@ -16,12 +16,13 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from pytorch_lightning import Callback
-from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from pipeline.cli.progress import ThrottledProgressBar
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import net_knobs, net_spec, remember_spec
 from pipeline.monitors.progress import TrainingCurves
@@ -30,6 +31,7 @@ from pipeline.run.loggers import build_loggers, finish_wandb, read_wandb_id
 from pipeline.run.naming import knob_tags, variant_name
 from pipeline.run.summary import RunSummary
 from pipeline.training.checkpoint import SafeCheckpointIO, load_checkpoint
+from pipeline.training.checks import StepChecks
 from pipeline.training.guards import DivergenceGuard
 from pipeline.training.module import SegmentationModule
 from pipeline.training.precision import default_precision
@@ -71,11 +73,13 @@ def always_on_callbacks(
     """The callbacks every fit gets, in this order: ``DivergenceGuard`` before ``RunSummary``, so its
     ``on_exception`` runs first and ``summary.json`` records it; ``SigtermCheckpoint`` after every
     other callback (Lightning still moves the ``ModelCheckpoint``s last), so an epoch-end save holds
-    their epoch-end state. Validation and testing need none of them."""
+    their epoch-end state. The guard and the SIGTERM handler share one ``StepChecks``, so their flags
+    reach the host (and, under DDP, every rank) in one read. Validation and testing need none of them."""
     if subcommand != "fit":
         return []
+    checks = StepChecks(run.sync_every_n_steps)
     summary = RunSummary(run_dir, name, run.experiment, seed)
-    return [DivergenceGuard(), BatchSeed(), TrainingCurves(), summary, SigtermCheckpoint()]
+    return [DivergenceGuard(checks=checks), BatchSeed(), TrainingCurves(), summary, SigtermCheckpoint(checks)]
 
 
 def record_network_spec(class_type: type, *args, **kwargs) -> object:
@@ -119,7 +123,7 @@ class MedsegCLI(LightningCLI):
             kwargs["precision"] = default_precision(trainer_config.get("accelerator"))
         kwargs["default_root_dir"] = str(run_dir)
         kwargs["plugins"] = self._plugins(trainer_config.get("plugins"))
-        callbacks = self._configured_callbacks(trainer_config, run_dir)
+        callbacks = self._configured_callbacks(trainer_config, run_dir, run)
         kwargs["callbacks"] = callbacks + always_on_callbacks(
             self.subcommand, run_dir, run, name, config.get("seed_everything")
         )
@@ -150,13 +154,13 @@ class MedsegCLI(LightningCLI):
             plugins.append(SafeCheckpointIO())
         return plugins
 
-    def _configured_callbacks(self, trainer_config: dict, run_dir: Path) -> list[Callback]:
+    def _configured_callbacks(self, trainer_config: dict, run_dir: Path, run: RunConfig) -> list[Callback]:
         """The config's callbacks with checkpoints in ``<run>/checkpoints``, and a rich progress bar
-        unless the config has a progress bar or turns it off."""
+        (reading the loss every ``run.sync_every_n_steps``) unless the config has one or turns it off."""
         callbacks = list(trainer_config.get("callbacks") or [])
         wants_bar = trainer_config.get("enable_progress_bar") is not False
         if wants_bar and not any(isinstance(c, ProgressBar) for c in callbacks):
-            callbacks.append(RichProgressBar())
+            callbacks.append(ThrottledProgressBar(run.sync_every_n_steps))
         for callback in callbacks:
             if isinstance(callback, ModelCheckpoint):
                 callback.dirpath = str(run_dir / "checkpoints")

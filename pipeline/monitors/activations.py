@@ -26,7 +26,9 @@ class ActivationMonitor(FixedSampleCallback):
     Forward hooks are registered on the network's ``nn.ReLU``, ``nn.Sigmoid`` and ``nn.Tanh``
     modules for one pass over the fixed validation images (in eval mode, through the module's
     ``predict_logits`` when it has one) and removed right after. A module used several times
-    (torchvision's ResNet blocks reuse their ReLU) is measured over all its calls.
+    (torchvision's ResNet blocks reuse their ReLU) is measured over all its calls. A compiled
+    network (``model.compile``) runs this pass eagerly: its compiled graph would skip hooks added
+    after compilation (Dynamo does not guard on module hooks), and the monitor would see nothing.
 
     Args:
         every_n_epochs: measure after every this many validation epochs; 0 turns it off.
@@ -58,7 +60,7 @@ class ActivationMonitor(FixedSampleCallback):
         ]
         try:
             predict = self.predictor(pl_module)
-            with torch.no_grad():
+            with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                 for image in self.samples.batches(pl_module.device):
                     tally.new_pass()
                     predict(image)

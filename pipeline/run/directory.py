@@ -21,6 +21,9 @@ class RunConfig:
         project: W&B project.
         tags: extra W&B tags (the variant's knobs are always added).
         log_model: upload checkpoints as W&B artifacts (``true``: at the end, ``all``: every save).
+        sync_every_n_steps: optimiser steps between the host's reads of per-step device values:
+            the divergence and SIGTERM flags (``pipeline.training.checks``) and the progress bar's
+            loss; null: every step on a CPU, every 50 on a GPU, where each read waits for the GPU.
     """
 
     experiment: str = "default"
@@ -30,3 +33,11 @@ class RunConfig:
     project: str = "medseg"
     tags: list[str] = field(default_factory=list)
     log_model: bool | str = False
+    sync_every_n_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.sync_every_n_steps is not None and self.sync_every_n_steps < 1:
+            raise ValueError(
+                f"run.sync_every_n_steps must be null (every step on a CPU, 50 on a GPU) or >= 1, "
+                f"got {self.sync_every_n_steps}"
+            )

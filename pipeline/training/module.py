@@ -20,6 +20,7 @@ from torchmetrics import MaxMetric
 from pipeline.data.resample import labels_from_probabilities
 from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
 from pipeline.models import net_spec
+from pipeline.training.layout import channels_last_format, match_state_layout
 from pipeline.training.prediction import Progress, volume_logits, volume_probabilities, window_logits
 from pipeline.training.schedule import WarmupCosine, planned_steps
 
@@ -47,7 +48,10 @@ class SegmentationModule(pl.LightningModule):
         sw_batch_size: windows (or volume slices) per forward pass in whole-image inference.
         hd95: compute HD95 in validation and test (CPU cost: distance transforms).
         surface_tolerance: volumes: the surface Dice's tolerance, mm.
-        channels_last: use the channels-last memory format on CUDA (faster convolutions).
+        channels_last: use the channels-last memory format on CUDA (faster convolutions); the
+            weights take it in ``configure_model``, before DDP or the optimiser see them.
+        channels_last_on_cpu: use it on the CPU too (slower there): runs the CUDA path's memory
+            format on a CPU, for tests.
         compile: compile the network with ``torch.compile`` (through ``nn.Module.compile``, in
             place, so checkpoints keep their ``net.*`` keys). Off by default: the first steps
             then take a minute or more, and the gain is on GPUs (``benchmarks/gpu_throughput.py``).
@@ -68,6 +72,7 @@ class SegmentationModule(pl.LightningModule):
         hd95: bool = True,
         surface_tolerance: float = 2.0,
         channels_last: bool = True,
+        channels_last_on_cpu: bool = False,
         compile: bool = False,
     ) -> None:
         super().__init__()
@@ -89,26 +94,39 @@ class SegmentationModule(pl.LightningModule):
         self.val_dice_best = MaxMetric()
         self.val_dice_best.persistent(True)  # in checkpoints, so a resumed run keeps its best
         self.schedule: WarmupCosine | None = None
-        self._channels_last = False
+        self.memory_format: torch.memory_format | None = None  # decided by configure_model or first use
         if compile:
-            self.net.compile()  # compiled on first call, after _prepare has set the memory format
+            self.net.compile()  # compiled on first call, after configure_model has set the memory format
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, *spatial) -> logits (B, num_classes, *spatial)."""
         return self.net(x)
 
-    def _prepare(self, x: Tensor) -> Tensor:
-        """Channels-last input (and, on first use, weights) on CUDA, where it speeds up convolutions.
+    def configure_model(self) -> None:
+        # Lightning calls this before it moves the module, wraps it in DDP and builds the optimiser.
+        self._set_memory_format(self.trainer.strategy.root_device)
 
-        Volumes (B, C, D, H, W) take the 3D channels-last format (channels_last is 4-D only).
-        """
-        if not (self.hparams.channels_last and x.is_cuda):
+    def _set_memory_format(self, device: torch.device) -> None:
+        """Channels-last weights for ``device`` when configured (once; in place, so references hold)."""
+        if self.memory_format is not None:
+            return
+        wanted = self.hparams.channels_last and (device.type == "cuda" or self.hparams.channels_last_on_cpu)
+        self.memory_format = channels_last_format(self.net) if wanted else torch.contiguous_format
+        if wanted:
+            self.net.to(memory_format=self.memory_format)
+
+    def _prepare(self, x: Tensor) -> Tensor:
+        """``x`` in the weights' memory format; outside a Trainer (inference) it is set on first use."""
+        if self.memory_format is None:
+            self._set_memory_format(x.device)
+        if self.memory_format == torch.contiguous_format:
             return x
-        memory_format = torch.channels_last_3d if x.ndim == 5 else torch.channels_last
-        if not self._channels_last:
-            self.net.to(memory_format=memory_format)  # in place: optimiser references stay valid
-            self._channels_last = True
-        return x.contiguous(memory_format=memory_format)
+        return x.contiguous(memory_format=self.memory_format)
+
+    def on_train_start(self) -> None:
+        # after Lightning restored a resumed optimiser state, which keeps the layout it was saved with
+        for optimizer in self.trainer.optimizers:
+            match_state_layout(optimizer)
 
     def predict_logits(self, x: Tensor) -> Tensor:
         """(B, C, *spatial) -> logits; sliding windows where the input exceeds ``patch_size``."""
@@ -148,7 +166,8 @@ class SegmentationModule(pl.LightningModule):
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
         logits = self.net(self._prepare(batch["image"]))
         loss = self.loss(logits, batch["mask"][:, None])
-        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=len(logits))
+        # not prog_bar: Lightning would copy it to the host after every batch; the bar reads it itself
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits))
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:

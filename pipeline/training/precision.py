@@ -10,3 +10,8 @@ def default_precision(accelerator: str | None) -> str:
     if accelerator in (None, "auto", "gpu", "cuda") and torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.is_bf16_supported() else "16-mixed"
     return "32-true"
+
+
+def autocast_dtype(precision: str) -> torch.dtype | None:
+    """The ``torch.autocast`` dtype of a Lightning precision setting (None: no autocast)."""
+    return {"bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}.get(str(precision))

@@ -22,6 +22,7 @@ from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.data.order import global_seed
+from pipeline.training.checks import StepChecks
 
 
 def batch_seed(seed: int, epoch: int, batch: int, rank: int) -> int:
@@ -61,16 +62,21 @@ def last_checkpoint_path(trainer: pl.Trainer) -> Path:
 class SigtermCheckpoint(pl.Callback):
     """On SIGTERM (as a cluster sends before pre-emption), writes ``last.ckpt`` and stops training.
 
-    The signal handler only sets a flag. At the next training batch boundary (at the epoch's
-    end, after its validation, for an epoch's last batch) all DDP ranks agree through one
-    all-reduce of the flag and stop together: ``last.ckpt`` is written where ``--ckpt_path last`` finds it, and
-    ``SIGTERMException`` ends the fit (``medseg`` exits 143). Lightning's own handler is replaced
-    while training: it broadcasts from inside the handler, which deadlocks DDP when ranks receive
-    the signal in different collectives (observed with 2 CPU ranks).
+    The signal handler only sets a flag. One process stops at the next training batch boundary
+    (at the epoch's end, after its validation, for an epoch's last batch). DDP ranks must stop
+    together, so they agree on the flag where they read the shared ``StepChecks`` (one all-reduce
+    with the divergence flag: every step on CPUs, every 50 on GPUs, and at every epoch's end), and
+    stop at the batch boundary after that read. ``last.ckpt`` is written where ``--ckpt_path last``
+    finds it, and ``SIGTERMException`` ends the fit (``medseg`` exits 143). Lightning's own
+    handler is replaced while training: it broadcasts from inside the handler, which deadlocks
+    DDP when ranks receive the signal in different collectives (observed with 2 CPU ranks).
+
+    Args:
+        checks: the ``StepChecks`` shared with ``DivergenceGuard``; default: its own, read every step.
     """
 
-    def __init__(self) -> None:
-        self._requested = False
+    def __init__(self, checks: StepChecks | None = None) -> None:
+        self.checks = checks or StepChecks(every_n_steps=1)
         self.saved: dict | None = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -79,7 +85,7 @@ class SigtermCheckpoint(pl.Callback):
             signal.signal(signal.SIGTERM, self._on_sigterm)
 
     def _on_sigterm(self, signum: int, frame: object) -> None:
-        self._requested = True
+        self.checks.stop_requested = True
 
     def on_train_batch_end(
         self,
@@ -91,16 +97,24 @@ class SigtermCheckpoint(pl.Callback):
     ) -> None:
         # An epoch's last batch waits for the epoch's end (its validation included), as an
         # uninterrupted run does.
-        if not trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
-            self._stop_if_requested(trainer, log_step=True)
+        if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:
+            return
+        due = self.checks.unread(trainer) >= self.checks.interval(pl_module.device)
+        self._stop_if_requested(trainer, "batch_end" if due else None, log_step=True)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         # Not at on_validation_end: Lightning resumes a checkpoint saved there (epoch not yet
         # marked processed) by skipping the next epoch's last batch and its validation.
-        self._stop_if_requested(trainer)
+        self._stop_if_requested(trainer, "epoch_end")
 
-    def _stop_if_requested(self, trainer: pl.Trainer, log_step: bool = False) -> None:
-        if not trainer.strategy.reduce_boolean_decision(self._requested, all=False):
+    def _stop_if_requested(self, trainer: pl.Trainer, place: str | None, log_step: bool = False) -> None:
+        """Stop if a SIGTERM arrived: this process's own flag, or under DDP the flag all ranks
+        agreed on at the last read (a new read at ``place`` if given)."""
+        if trainer.world_size == 1:
+            requested = self.checks.stop_requested
+        else:
+            requested = (self.checks.read(trainer, place) if place else self.checks.reading).stop
+        if not requested:
             return
         if log_step:
             # Lightning sends a step's metrics to the loggers after on_train_batch_end: do it now,
