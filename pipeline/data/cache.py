@@ -38,6 +38,7 @@ from pipeline.data.layouts import Case
 from pipeline.data.normalization import Normalization, case_stats, intensity_moments
 from pipeline.data.resample import resample_image, resample_labels
 from pipeline.data.slicing import in_slice_order, to_slices
+from pipeline.data.transforms3d import class_locations
 from pipeline.data.volumes import load_volume_case
 from pipeline.errors import DataError
 from pipeline.files import atomic_write, read_json, write_json
@@ -114,16 +115,16 @@ def sample_foreground(image: np.ndarray, mask: np.ndarray, case_id: str) -> np.n
 
 def class_voxels(mask: np.ndarray, case_id: str) -> np.ndarray:
     """(N, 4) int32 rows (class, s, h, w): up to ``SAMPLE`` voxels of each foreground class of the
-    (S, H, W) ``mask``, seeded by ``case_id``."""
-    rows = []
-    for label in np.unique(mask):
-        if label == 0:
-            continue
-        where = np.argwhere(mask == label)
-        if len(where) > SAMPLE:
-            where = where[np.sort(_rng(f"{case_id}/{label}").choice(len(where), SAMPLE, replace=False))]
-        rows.append(np.column_stack([np.full(len(where), label), where]))
+    (S, H, W) ``mask`` (``class_locations``), seeded by ``case_id``."""
+    found = class_locations(mask, SAMPLE, zlib.crc32(case_id.encode()))
+    rows = [np.column_stack([np.full(len(where), label), where]) for label, where in found.items()]
     return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def locations_by_class(rows: np.ndarray) -> dict[int, np.ndarray]:
+    """``class_voxels`` rows back as class -> (N, 3) voxel coordinates."""
+    rows = np.asarray(rows)
+    return {int(label): rows[rows[:, 0] == label, 1:] for label in np.unique(rows[:, 0])}
 
 
 def _save(path: Path, array: np.ndarray) -> None:

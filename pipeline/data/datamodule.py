@@ -23,12 +23,14 @@ from pipeline.data.fingerprint import Fingerprint
 from pipeline.data.layouts import Case, describe, resolve_class_names
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
 from pipeline.data.order import global_seed, resumable_loader, resume_position
+from pipeline.data.patches import PatchDataset
 from pipeline.data.plan import DEFAULT_FEATURES, Plan, PlanSettings, make_plan
 from pipeline.data.preprocessing import DEFAULT_SLICE_AXIS, Preprocessing
 from pipeline.data.sampling import EvalBatches, ForegroundSampler
 from pipeline.data.sources import case_source
 from pipeline.data.split import SPLITS, make_split, read_split
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
+from pipeline.data.transforms3d import PatchAugmenter3D
 from pipeline.errors import DataError
 from pipeline.files import write_json
 from pipeline.parallel import usable_cores
@@ -167,7 +169,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.in_channels = len(self.modalities) if self.modalities else self.source.channels()
         self.split: dict[str, list[str]] = {}
         self.plan: Plan | None = None
-        self.datasets: dict[str, SliceDataset | CaseDataset] = {}
+        self.datasets: dict[str, SliceDataset | PatchDataset | CaseDataset] = {}
         self._channel_norms: list[Normalization] | None = None
 
     @property
@@ -272,16 +274,16 @@ class SegmentationDataModule(pl.LightningDataModule):
             else:
                 self.datasets[name] = SliceDataset(cases, build_eval_transform())
         sizes = sorted({tuple(c.image.shape[1:3]) for c in self.datasets["train"].cases})
-        if self.patch_size is None and len(sizes) > 1:
+        if self.patch_size is None and len(sizes) > 1:  # 2D images only: volumes are always planned
             raise DataError(
                 self.root, f"training slices differ in size ({sizes[0]} ... {sizes[-1]}); set data.patch_size"
             )
         log.info("data %s: %s", self.root, {k: len(v) for k, v in split.items()})
 
-    def _training_set(self, cases: list[CaseArrays]) -> SliceDataset:
-        """Augmented 2D slices (random or class-centred crops of ``patch_size``)."""
+    def _training_set(self, cases: list[CaseArrays]) -> SliceDataset | PatchDataset:
+        """Augmented 2D slices (random or class-centred crops of ``patch_size``), or 3D patches."""
         if self.spatial_dims == 3:
-            raise DataError(self.root, "3D training patches are not available in this version")
+            return PatchDataset(cases, self.patch_size, PatchAugmenter3D(self.augmentation))
         train = build_train_transform(self.augmentation, self.patch_size)
         foreground = build_train_transform(self.augmentation, self.patch_size, foreground_crop=True)
         return SliceDataset(cases, train, None, foreground)

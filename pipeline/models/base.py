@@ -69,6 +69,12 @@ class Network(nn.Module):
     ARCH: ClassVar[str] = "net"
     KNOBS: ClassVar[tuple[Knob, ...]] = ()
 
+    @classmethod
+    def level_widths(cls, init_args: Mapping[str, object]) -> list[int]:
+        """Feature channels at each resolution level, full resolution first, for these init args
+        (what the data plan estimates memory from and how many levels it pools)."""
+        return [int(w) for w in init_args["features"]]
+
     def record_init_args(self, arguments: Mapping[str, object]) -> None:
         """Keep the constructor's arguments (its ``locals()`` on entry) as plain types."""
         self.init_args = {k: _plain(v) for k, v in arguments.items() if k not in ("self", "__class__")}

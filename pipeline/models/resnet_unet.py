@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -350,6 +350,13 @@ class ResNetUNet(Network):
             log.info("loaded %s encoder weights from %s", encoder_name, source)
         init_weights(self.decoder, init, act)
         init_weights(self.head, init, act)
+
+    @classmethod
+    def level_widths(cls, init_args: Mapping[str, object]) -> list[int]:
+        """The last decoder stage's width at full resolution, then the encoder's five features."""
+        expansion = ENCODERS[init_args.get("encoder_name", "resnet34")][2]
+        decoder = init_args.get("decoder_channels") or (256, 128, 64, 32, 16)
+        return [int(decoder[-1]), 64, 64 * expansion, 128 * expansion, 256 * expansion, 512 * expansion]
 
     def set_epoch(self, epoch: int) -> None:
         """Freeze the encoder while ``epoch < freeze_encoder_epochs`` (0-based), unfreeze after.

@@ -1,5 +1,6 @@
-"""``RunSummary``: the run's ``split.json`` at fit start and ``summary.json`` (best and final
-metrics, size, timing, every callback's own summary) at the end, on success, failure or SIGTERM."""
+"""``RunSummary``: the run's ``split.json`` (and a volume data set's ``plan.json``) at fit start and
+``summary.json`` (best and final metrics, size, timing, every callback's own summary) at the end, on
+success, failure or SIGTERM."""
 
 from __future__ import annotations
 
@@ -49,6 +50,8 @@ class RunSummary(pl.Callback):
         datamodule = trainer.datamodule
         if datamodule is not None and getattr(datamodule, "split", None):
             datamodule.save_split(self.run_dir / "split.json")
+        if getattr(datamodule, "plan", None) is not None:
+            write_json(self.run_dir / "plan.json", datamodule.plan.to_json())
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
                 (self.run_dir / "wandb_id.txt").write_text(logger.version or "")
