@@ -26,6 +26,7 @@ from pipeline.metrics import SegmentationMetrics
 from pipeline.training.module import SegmentationModule
 from tests.conftest import REPO, fit_args
 from tests.helpers.dicom import axial_series
+from tests.helpers.validation import scored_cases
 from tests.test_io import oblique_affine
 
 
@@ -213,29 +214,6 @@ def test_inference_equals_what_validation_scores_2d(
     assert infer(checkpoint, [phantom_dir / "images" / f"{cid}.png" for cid in val_ids], out) == 0
     for (cid, _), expected in scored.items():
         assert np.array_equal(read_mask_2d(out / f"{cid}.png"), expected), cid
-
-
-def scored_cases(run: Path, checkpoint: Path, monkeypatch) -> dict[str, np.ndarray]:
-    """``medseg validate`` on a volume run: {case: the (S, H, W) labels its 3D metrics scored, on the
-    case's own grid in slice order}."""
-    keys, preds = [], []
-    validation_step, update = SegmentationModule.validation_step, SegmentationMetrics.update
-
-    def record_step(self, batch, batch_idx):
-        keys.append(batch["case_id"])
-        return validation_step(self, batch, batch_idx)
-
-    def record_update(self, pred, *args):
-        if self.surface_tolerance is not None:  # the per-case metric, not the per-slice one
-            preds.append(pred[0].cpu().numpy())
-        return update(self, pred, *args)
-
-    monkeypatch.setattr(SegmentationModule, "validation_step", record_step)
-    monkeypatch.setattr(SegmentationMetrics, "update", record_update)
-    main(["validate", "-c", str(run / "config.yaml"), "--ckpt_path", str(checkpoint),
-          "--trainer.limit_val_batches", "1.0", "--trainer.logger", "false"])  # fmt: skip
-    monkeypatch.undo()
-    return dict(zip(keys, preds, strict=True))
 
 
 def test_inference_equals_what_validation_scores_on_volumes(tmp_path, monkeypatch):

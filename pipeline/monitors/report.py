@@ -1,7 +1,7 @@
 """TestReport: per-case scores and the confusion matrix of a test run, in the run directory.
 
-``<run>/test_cases.csv`` has one row per test image (``case_id``, ``slice_index``, -1 for 2D
-images), then each metric as the mean over foreground classes and per class (``dice``,
+``<run>/test_cases.csv`` has one row per test image or volume (``case_id``, ``slice_index``, -1
+for 2D images and volumes scored as a whole case), then each metric as the mean over foreground classes and per class (``dice``,
 ``dice_<class>``, ...); an empty cell is a score that is undefined for that image (see
 ``pipeline.metrics``). ``<run>/plots/test_confusion.png`` is the pixel confusion matrix over the
 whole test set. With a W&B run, both are logged too (``test/cases`` table, ``plots/test_confusion``).
@@ -79,6 +79,9 @@ class TestReport(pl.Callback):
         batch_idx: int,
         dataloader_idx: int = 0,
     ) -> None:
+        if "target" in batch:  # one whole volume (``CaseDataset``), scored as one case
+            self.cases.append((str(batch["case_id"]), -1, int(batch["index"])))
+            return
         n = len(batch["image"])
         slices = batch.get("slice_index", [-1] * n)
         index = batch.get("index", [None] * n)
