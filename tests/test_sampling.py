@@ -94,3 +94,25 @@ def test_sampling_eval_batches_never_mix_slice_sizes():
     sizes = [tuple(batches[i]["image"].shape) for i in range(len(batches))]
     assert sizes == [(2, 1, 8, 8), (1, 1, 8, 8), (2, 1, 6, 10), (2, 1, 6, 10), (1, 1, 6, 10), (1, 1, 8, 8)]
     assert batches[2]["case_id"] == ["b", "b"] and batches[2]["slice_index"].tolist() == [0, 1]
+
+
+def test_sampling_an_epoch_of_fixed_length_repeats_whole_permutations():
+    draws = list(ForegroundSampler(7, {}, fraction=0.0, seed=0, draws=20))  # 250 steps x batch on 7 items
+    indices = [i for i, _ in draws]
+    assert len(draws) == 20 and sorted(indices[:7]) == sorted(indices[7:14]) == list(range(7))
+    assert len(list(ForegroundSampler(100, {}, 0.0, seed=0, draws=10))) == 10  # or fewer than a pass
+
+
+def test_sampling_3d_patches_are_class_first_and_hold_the_drawn_class(mixed_volume_dir, tmp_path):
+    from pipeline.data.datamodule import SegmentationDataModule
+
+    dm = SegmentationDataModule(
+        root=str(mixed_volume_dir), spatial_dims=3, cache_dir=str(tmp_path), num_workers=0
+    )
+    dm.setup("fit")
+    train = dm.datasets["train"]
+    assert len(dm.patch_size) == 3 and set(train.class_items()) == {1, 2}
+    sampler = ForegroundSampler(len(train), train.class_items(), fraction=1.0, seed=0, draws=12)
+    for index, label in sampler:
+        sample = train[(index, label)]
+        assert sample["image"].shape == (1, *dm.patch_size) and (sample["mask"] == label).any()
