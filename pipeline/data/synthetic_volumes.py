@@ -9,8 +9,9 @@ side +-15%), hence its own shape, so training and inference must resample; a fix
 (and ``shape``) gives every case one geometry instead. The organ spans only some of the slices
 and the lesion (2.5-4 mm radius) one to a few, so foreground sampling matters.
 
-Channel ``CT`` holds Hounsfield-like int16 values (air -1000, tissue ~40, organ ~100, lesion
-~160); any other modality name gives an MR-like float channel with another contrast.
+Channel ``CT`` holds Hounsfield-like int16 values (air -1000, tissue ~40, organ ~90, lesion ~125,
+noise 20, a smooth ramp across the body); any other modality name gives an MR-like float channel
+with another contrast.
 Case ``i`` of seed ``s`` depends only on ``(s, i)``.
 """
 
@@ -29,10 +30,13 @@ CLASS_NAMES = ["background", "organ", "lesion"]
 IN_PLANE_MM = (0.6, 1.2)  # per-case spacing ranges
 SLICE_MM = (1.0, 5.0)
 FIELD_OF_VIEW_MM = 36.0  # each side, +-15% per case
+# air, body, organ, lesion, noise: contrasts of 2-3 noise widths, so a voxel's own value is not
+# enough and shape and context decide, as in real scans
 LEVELS = {
-    "CT": (-1000.0, 40.0, 100.0, 160.0, 12.0),
-    "MR": (0.0, 300.0, 520.0, 180.0, 15.0),
-}  # air, body, organ, lesion, noise
+    "CT": (-1000.0, 40.0, 90.0, 125.0, 20.0),
+    "MR": (0.0, 300.0, 420.0, 250.0, 40.0),
+}
+BIAS = 0.3  # a smooth intensity ramp across the body: +-30% of the organ-body contrast
 
 
 def case_geometry(
@@ -88,7 +92,10 @@ def phantom_volume(
     for modality in modalities:
         air, tissue, organ_level, lesion_level, noise = LEVELS["CT" if modality.upper() == "CT" else "MR"]
         level = np.select([lesion, organ, body], [lesion_level, organ_level, tissue], air)
-        channels.append(level + rng.normal(0, noise, mask.shape))
+        direction = rng.normal(size=3)
+        ramp = ((xyz - center) @ (direction / np.linalg.norm(direction))) / np.linalg.norm(extent)
+        bias = BIAS * (organ_level - tissue) * ramp * body
+        channels.append(level + bias + rng.normal(0, noise, mask.shape))
     image = np.stack(channels, axis=-1)
     dtype = np.int16 if list(modalities) == ["CT"] else np.float32
     return image.round().astype(dtype) if dtype == np.int16 else image.astype(dtype), mask, affine
