@@ -282,3 +282,17 @@ def test_inference_splits_cases_over_ddp_processes_once_each(checkpoint, phantom
     rows = list(csv.DictReader((out / "predictions.csv").open()))
     assert sorted(r["case"] for r in rows) == [p.stem for p in images]  # each case exactly once
     assert sorted(p.name for p in out.iterdir()) == sorted([*(p.name for p in images), "predictions.csv"])
+
+
+def test_inference_warns_about_a_spacing_far_outside_the_training_range():
+    from pipeline.data.normalization import Normalization
+    from pipeline.data.preprocessing import Preprocessing
+    from pipeline.inference.cases import spacing_warning
+
+    prep = Preprocessing(
+        ("background", "organ"), 1, (Normalization(),), spacing_range=((0.6, 0.6, 1.0), (1.2, 1.2, 5.0))
+    )
+    assert spacing_warning("ct1", (0.4, 0.4, 8.0), prep) is None  # within half / twice the range
+    message = spacing_warning("ct2", (0.25, 0.25, 3.0), prep)
+    assert message.startswith("ct2: spacing 0.25x0.25x3 mm is far outside the training cases' (0.6-1.2 x")
+    assert spacing_warning("ct3", (0.25, 0.25, 3.0), Preprocessing(("b", "o"), 1, (Normalization(),))) is None

@@ -30,3 +30,19 @@ def test_module_sliding_window_batches_the_configured_number_of_windows() -> Non
         logits = module.predict_logits(torch.rand(1, 1, 32, 32))
     assert logits.shape == (1, 3, 32, 32)
     assert max(seen) == 3 and sum(seen) == 9  # 3x3 windows at overlap 0.5, three per forward
+
+
+def test_module_window_progress_counts_monais_windows() -> None:
+    from pipeline.training.prediction import count_windows, window_logits
+
+    calls: list[int] = []
+
+    def net(x: torch.Tensor) -> torch.Tensor:
+        calls.append(len(x))
+        return torch.zeros(len(x), 2, *x.shape[2:])
+
+    for size, patch in (((23, 50, 41), (16, 32, 32)), ((40, 40), (32, 32)), ((100, 7), (32, 8))):
+        calls.clear()
+        told: list[float] = []
+        window_logits(net, torch.zeros(1, 1, *size), patch, 3, 0.5, told.append)
+        assert sum(calls) == count_windows(size, patch, 0.5) and told[-1] == 1.0 and told == sorted(told)

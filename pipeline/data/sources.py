@@ -9,6 +9,7 @@ their arrays resampled to the plan's grid.
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -65,7 +66,7 @@ class VolumeSource:
         label_map: ``{stored value: class index}`` for masks.
         cache_dir: the cache folder.
         layout: the layout name, recorded in the manifest.
-        workers: processes decoding cases side by side.
+        workers: processes decoding cases side by side (a progress bar shows on a terminal).
     """
 
     volumetric = True
@@ -93,7 +94,7 @@ class VolumeSource:
         if self._facts is None:
             self._facts = cache.prepare_facts(
                 list(self.cases.values()), self.cache_dir, self.class_names, self.label_map,
-                self.layout, self.workers, progress=False,
+                self.layout, self.workers, progress=sys.stderr.isatty(),
             )  # fmt: skip
         return self._facts
 
@@ -121,7 +122,7 @@ class VolumeSource:
         facts = self.facts_entries()
         key, grid = cache.prepare_grid(
             [self.cases[cid] for cid in ids], self.cache_dir, target_spacing, slice_axis,
-            self.class_names, self.label_map, self.workers,
+            self.class_names, self.label_map, self.workers, progress=sys.stderr.isatty(),
         )  # fmt: skip
         self.grid = key
         return [

@@ -2,7 +2,8 @@
 
 A case's slice count is read from its header before any case is loaded (NIfTI header, the DICOM
 folder's file count, 1 for a 2D image), so the bar's total is known at the start; the predictor
-reports the fraction of each case it has finished after every forward pass.
+reports the fraction of each case it has finished after every forward pass (a batch of slices,
+or of 3D sliding windows).
 """
 
 from __future__ import annotations

@@ -128,10 +128,12 @@ class SegmentationModule(pl.LightningModule):
         for optimizer in self.trainer.optimizers:
             match_state_layout(optimizer)
 
-    def predict_logits(self, x: Tensor) -> Tensor:
+    def predict_logits(self, x: Tensor, progress: Progress | None = None) -> Tensor:
         """(B, C, *spatial) -> logits; sliding windows where the input exceeds ``patch_size``."""
         h = self.hparams
-        return window_logits(self.net, self._prepare(x), self.patch_size, h.sw_batch_size, h.sw_overlap)
+        return window_logits(
+            self.net, self._prepare(x), self.patch_size, h.sw_batch_size, h.sw_overlap, progress
+        )
 
     def predict_case(
         self,

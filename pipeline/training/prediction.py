@@ -9,6 +9,7 @@ averages the softmax over the mirrorings along every spatial axis the network se
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -22,23 +23,47 @@ def mirrorings(spatial_dims: int) -> list[tuple[int, ...]]:
     return [combo for n in range(1, spatial_dims + 1) for combo in itertools.combinations(axes, n)]
 
 
+Progress = Callable[[float], None]  # told the fraction of a case done
+
+
+def count_windows(size: Sequence[int], patch: Sequence[int], overlap: float) -> int:
+    """Windows MONAI's ``sliding_window_inference`` takes over one input of ``size``: per axis,
+    the windows a step of ``patch * (1 - overlap)`` needs to cover it (one where it fits)."""
+    total = 1
+    for n, p in zip(size, patch, strict=True):
+        step = max(1, int(p * (1 - overlap)))
+        total *= 1 if n <= p else math.ceil((n - p) / step) + 1
+    return total
+
+
 def window_logits(
     net: Callable[[Tensor], Tensor],
     x: Tensor,
     patch: Sequence[int] | None,
     sw_batch_size: int,
     overlap: float,
+    progress: Progress | None = None,
 ) -> Tensor:
     """(B, C, *spatial) -> (B, K, *spatial): one forward pass, or sliding windows of ``patch``
-    where the input exceeds it along some axis."""
-    if patch and any(s > p for s, p in zip(x.shape[2:], patch, strict=True)):
-        return sliding_window_inference(
-            x, tuple(patch), sw_batch_size=sw_batch_size, predictor=net, overlap=overlap, mode="gaussian"
-        )
-    return net(x)
+    where the input exceeds it along some axis (``progress`` told after each batch of windows)."""
+    if not (patch and any(s > p for s, p in zip(x.shape[2:], patch, strict=True))):
+        logits = net(x)
+        if progress:
+            progress(1.0)
+        return logits
+    predictor = net
+    if progress:
+        total, done = count_windows(x.shape[2:], patch, overlap) * len(x), [0]
 
+        def predictor(windows: Tensor) -> Tensor:
+            logits = net(windows)
+            done[0] += len(windows)
+            progress(min(1.0, done[0] / total))
+            return logits
 
-Progress = Callable[[float], None]  # told the fraction of a case done
+    return sliding_window_inference(
+        x, tuple(patch), sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode="gaussian"
+    )
 
 
 def volume_logits(
@@ -51,13 +76,10 @@ def volume_logits(
     """(C, S, H, W) -> (K, S, H, W) logits; ``predict`` maps (B, C, *spatial) to logits.
 
     2D: slices ``chunk`` at a time (``progress`` told after each); 3D: the whole volume at once
-    (``predict`` windows it).
+    (``predict(x, progress)`` windows it and tells ``progress``).
     """
     if spatial_dims == 3:
-        logits = predict(image[None])[0]
-        if progress:
-            progress(1.0)
-        return logits
+        return predict(image[None], progress)[0]
     slices = image.movedim(1, 0)  # (S, C, H, W)
     parts = []
     for part in slices.split(chunk):
