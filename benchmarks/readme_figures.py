@@ -30,20 +30,20 @@ from benchmarks.run_all import summarize  # noqa: E402
 README = REPO / "README.md"
 TABLE = re.compile(r"(<!-- benchmarks:begin -->\n).*?(<!-- benchmarks:end -->)", re.S)
 FIGURE = re.compile(r"(<!-- figure ([\w.]+) -->)(.*?)(<!-- /figure -->)")
-SUITE = re.compile(r".+-\d{4}-\d{2}-\d{2}\.json$")  # <machine>-<date>.json
+SUITE = re.compile(r".+-\d{4}-\d{2}-\d{2}(-\d{6})?\.json$")  # <machine>-<date>[-<hhmmss>].json
 
 
 def newest_results(folder: Path) -> dict[str, tuple[str, dict]]:
     """benchmark -> (report file name, its result) from the newest suite report that ran it
-    without an error or a skip (by the report's date, then its file name)."""
+    without an error or a skip (by the report's date and time of day, then its file name)."""
     reports = []
     for path in folder.glob("*.json"):
-        if SUITE.match(path.name) and not path.name.startswith("gpu_check-"):
+        if (match := SUITE.match(path.name)) and not path.name.startswith("gpu_check-"):
             report = json.loads(path.read_text())
             if "benchmarks" in report and not report.get("quick"):
-                reports.append((report["date"], path.name, report))
+                reports.append((report["date"], match.group(1) or "", path.name, report))
     newest: dict[str, tuple[str, dict]] = {}
-    for _, name, report in sorted(reports):
+    for _, _, name, report in sorted(reports, key=lambda r: r[:3]):
         for bench, result in report["benchmarks"].items():
             if "error" not in result and "skipped" not in result:
                 newest[bench] = (name, result)
