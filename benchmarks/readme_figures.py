@@ -25,7 +25,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.common import HEADER, RESULTS, markdown_table  # noqa: E402
-from benchmarks.run_all import summarize  # noqa: E402
+from benchmarks.run_all import BENCHMARKS, summarize  # noqa: E402
 
 README = REPO / "README.md"
 TABLE = re.compile(r"(<!-- benchmarks:begin -->\n).*?(<!-- benchmarks:end -->)", re.S)
@@ -61,9 +61,9 @@ def figure(results: dict[str, tuple[str, dict]], path: str) -> str:
 
 def rewrite(text: str, results: dict[str, tuple[str, dict]]) -> str:
     """``text`` with its benchmark table and inline figures filled from ``results``."""
-    rows = [
-        (*row, f"`{name}`") for bench, (name, result) in results.items() for row in summarize(bench, result)
-    ]
+    order = {bench: i for i, bench in enumerate(BENCHMARKS)}  # make bench's order, whatever ran last
+    ordered = sorted(results.items(), key=lambda item: order.get(item[0], len(order)))
+    rows = [(*row, f"`{name}`") for bench, (name, result) in ordered for row in summarize(bench, result)]
     table = markdown_table((*HEADER, "recorded in"), rows)
     text = TABLE.sub(lambda m: m.group(1) + table + m.group(2), text)
     return FIGURE.sub(lambda m: m.group(1) + figure(results, m.group(2)) + m.group(4), text)
