@@ -250,10 +250,10 @@ def main(argv: list[str] | None = None) -> dict:
         result["ours_vs_monai_flop_rate"] = ratio(
             rates["bare"] * flops["bare"], rates["monai"] * flops["monai"]
         )
-    unit = "patch" if opts.dims == 3 else "image"
+    unit, per_s = ("patch", "patches/s") if opts.dims == 3 else ("image", "img/s")
     print(
-        f"training {opts.dims}D: medseg fit {rates['pipeline']:.2f} {unit}/s, bare loop {rates['bare']:.2f} "
-        f"{unit}/s, ratio {result['ratio']:.3f} (target >= 0.95; CPU time {result['cpu_ratio']:.3f})"
+        f"training {opts.dims}D: medseg fit {rates['pipeline']:.2f} {per_s}, bare loop {rates['bare']:.2f} "
+        f"{per_s}, ratio {result['ratio']:.3f} (target >= 0.95; CPU time {result['cpu_ratio']:.3f})"
         + (
             f"; bare UNet / MONAI BasicUNet {result['ours_vs_monai']:.3f} ({flops['bare'] / 1e9:.2f} vs "
             f"{flops['monai'] / 1e9:.2f} GFLOP/{unit}; per FLOP {result['ours_vs_monai_flop_rate']:.3f})"
