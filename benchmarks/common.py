@@ -172,8 +172,8 @@ def quiet() -> None:
 
 
 def train_flops(net: nn.Module, image: torch.Tensor, mask: torch.Tensor) -> int:
-    """FLOPs of one forward + backward pass of ``net`` on ``image`` (B, C, H, W) with DiceCE loss
-    against ``mask`` (B, H, W): multiply-adds count 2, as ``torch.utils.flop_counter`` counts."""
+    """FLOPs of one forward + backward pass of ``net`` on ``image`` (B, C, *spatial: 2D or 3D) with
+    DiceCE loss against ``mask`` (B, *spatial): multiply-adds count 2, as ``torch.utils.flop_counter`` counts."""
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
     with FlopCounterMode(display=False) as counter:
         loss_fn(net(image), mask[:, None]).backward()

@@ -9,10 +9,12 @@ with targets). A section that fails is recorded with its error, the others still
 exit status is 1. Sections:
 
 - ``environment``: GPU, memory, SMs, driver, CUDA, cuDNN, NCCL, bf16, TF32 settings, versions.
-- ``throughput``: each entry of ``gpu_throughput.MODEL_CASES`` (the 2D UNet at 256x256) trained
-  on preloaded batches in fp32, bf16, bf16 + channels-last and + ``torch.compile`` (images/s,
-  medians of alternating rounds; target bf16 + channels-last >= 2x fp32), its forward + backward
-  FLOPs per image, and the achieved TFLOP/s against a bf16 matmul measured here (utilisation).
+- ``throughput``: each entry of ``gpu_throughput.MODEL_CASES`` (the 2D UNet at 256x256; the 3D
+  UNet at the 32x192x192 patch, batch 2, that the plan gives abdominal CT scans, 512x512x100 at
+  0.78x0.78x2.5 mm, on 8 GB) trained on preloaded batches in fp32, bf16, bf16 + channels-last
+  and + ``torch.compile`` (images or patches/s, medians of alternating rounds; target bf16 +
+  channels-last >= 2x fp32), its forward + backward FLOPs per image, and the achieved TFLOP/s
+  against a bf16 matmul measured here (utilisation).
 - ``data_wait``: the 2D UNet fed by the real training loader and its workers (the default count
   and 2): the share of step time spent waiting for data (target <= 0.1 with the default).
 - ``train``: ``make train``'s command (``medseg fit`` with the default configs, bf16-mixed and
@@ -21,6 +23,8 @@ exit status is 1. Sections:
   not appear in its log.
 - ``infer``: ``medseg infer`` with that run's checkpoint on ``medseg data synth --volumes``
   cases: exit status, cases written, cases/s.
+- ``train3d``, ``infer3d``: the same with the 3D UNet (``make train MODEL=unet3d DATA=msd``: plan,
+  3D patches, per-case 3D validation) on generated volumes, channels-last-3d weights.
 - ``overhead``: the per-step cost of medseg's callbacks on the GPU: ``training_overhead`` (medseg
   fit vs a bare loop on the same batches, interleaved) with every default callback, without the
   monitors, and without monitors and guards; and the host synchronisations per training step
@@ -65,7 +69,7 @@ from benchmarks.run_all import summarize  # noqa: E402
 from pipeline.cli import lightning as cli  # noqa: E402
 
 CONFIGS = REPO / "configs"
-SECTIONS = ("environment", "throughput", "train", "infer", "overhead")
+SECTIONS = ("environment", "throughput", "train", "infer", "train3d", "infer3d", "overhead")
 
 
 @dataclass(frozen=True)
@@ -82,7 +86,7 @@ class Settings:
     wait_steps: int = 40
     phantoms: int = 240  # make data's count
     train_batches: int = 30
-    volumes: int = 12
+    volumes: int = 12  # infer's cases, and the 3D fit's
     overhead: str = (
         "--size 256 --batch-size 32 --features 32 64 128 256 512 --steps 30 --warmup 5 --repeats 3"
     )
@@ -94,9 +98,9 @@ class Settings:
 
 GPU = Settings()
 CPU = Settings(  # the dry run: every section, tiny, on the CPU
-    cases=(gpu_throughput.unet2d(32, 2, (4, 8)),),
+    cases=(gpu_throughput.unet2d(32, 2, (4, 8)), gpu_throughput.unet3d((4, 8), memory_gb=0.001)),
     **dict(steps=1, warmup=1, repeats=1, compile=False, matmul=64, wait_images=8, wait_steps=2),
-    **dict(phantoms=12, train_batches=2, volumes=2, sync_steps=3),
+    **dict(phantoms=12, train_batches=2, volumes=6, sync_steps=3),  # 6 volumes: 4 to train, 1 to validate
     overhead="--size 32 --batch-size 2 --features 4 8 --steps 2 --warmup 1 --repeats 1 --no-monai",
     medseg="--trainer.accelerator cpu --model.net.init_args.features [4,8] --data.num_workers 0 "
     "--trainer.precision bf16-mixed --model.channels_last_on_cpu true",  # the GPU's fast path
@@ -186,27 +190,23 @@ def headline(sections: dict) -> list[tuple]:
     ]
     for case, r in sections.get("throughput", {}).items():
         rows += [(case, *row[1:]) for row in summarize("gpu", r)]
-    if "exit" in (t := sections.get("train", {})):
-        problems = t["exit"] + t["stride_warnings"]
-        rows.append(
-            row("train", "medseg fit: exit status + stride-mismatch warnings", problems, "", problems, "<= 0")
-        )
-        cl, convs = t["channels_last_weights"], t["conv_weights"]
-        rows.append(
-            row("train", "conv weights trained channels-last, of all", cl, convs, ratio(cl, convs), ">= 1")
-        )
-        rows.append(row("train", "bf16-mixed chosen (1: yes)", int(t["bf16"]), "", int(t["bf16"]), ">= 1"))
-    if "exit" in (i := sections.get("infer", {})):
-        rows.append(
-            row(
-                "infer",
-                "medseg infer: cases written",
-                i["ok"],
-                i["cases"],
-                ratio(i["ok"], i["cases"]),
-                ">= 1",
+    for name in ("train", "train3d"):
+        if "exit" in (t := sections.get(name, {})):
+            problems = t["exit"] + t["stride_warnings"]
+            rows.append(
+                row(
+                    name, "medseg fit: exit status + stride-mismatch warnings", problems, "", problems, "<= 0"
+                )
             )
-        )
+            cl, convs = t["channels_last_weights"], t["conv_weights"]
+            rows.append(
+                row(name, "conv weights trained channels-last, of all", cl, convs, ratio(cl, convs), ">= 1")
+            )
+            rows.append(row(name, "bf16-mixed chosen (1: yes)", int(t["bf16"]), "", int(t["bf16"]), ">= 1"))
+    for name in ("infer", "infer3d"):
+        if "exit" in (i := sections.get(name, {})):
+            cases = (i["ok"], i["cases"], ratio(i["ok"], i["cases"]))
+            rows.append(row(name, "medseg infer: cases written", *cases, ">= 1"))
     if "all" in (o := sections.get("overhead", {})):
         rows += [("overhead", *row[1:]) for row in summarize("training", o["all"])]
         for name in ("no_monitors", "no_monitors_no_guards"):
@@ -257,14 +257,16 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
 
-        def checkpoint() -> str:
-            return sections.get("train", {}).get("checkpoint", "")
+        def checkpoint(train: str) -> str:
+            return sections.get(train, {}).get("checkpoint", "")
 
         run = {
             "environment": lambda: environment(device),
             "throughput": lambda: throughput(device, s),
             "train": lambda: user_runs.train(work, s.phantoms, s.train_batches, s.medseg.split()),
-            "infer": lambda: user_runs.infer(work, checkpoint(), s.volumes, s.infer.split()),
+            "infer": lambda: user_runs.infer(work, checkpoint("train"), s.volumes, s.infer.split()),
+            "train3d": lambda: user_runs.train(work, s.volumes, s.train_batches, s.medseg.split(), 3),
+            "infer3d": lambda: user_runs.infer(work, checkpoint("train3d"), s.volumes, s.infer.split(), "3d"),
             "overhead": lambda: overhead(work, s),
         }
         for name in opts.only or SECTIONS:

@@ -4,7 +4,8 @@
     python benchmarks/gpu_throughput.py --no-compile --batch-size 64
 
 ``measure_case`` measures any ``ModelCase`` (a network and its batch); ``gpu_check.py`` runs it
-for every entry of ``MODEL_CASES``, this script for the 2D UNet.
+for every entry of ``MODEL_CASES`` (the 2D UNet, and the 3D UNet at the patch and batch
+``pipeline.data.plan`` gives a CT data set on an 8 GB budget: ``unet3d``), this script for the 2D UNet.
 
 Without a CUDA GPU it prints that it skipped and records ``{"skipped": ...}`` (exit status 0).
 
@@ -45,6 +46,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
+import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
@@ -58,6 +60,8 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.data_loading import datamodule, default_workers, training_step, wait_fraction  # noqa: E402
+from pipeline.data.fingerprint import Fingerprint  # noqa: E402
+from pipeline.data.plan import PlanSettings, make_plan  # noqa: E402
 from pipeline.data.synthetic import CLASS_NAMES, generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 from pipeline.training.layout import channels_last_format  # noqa: E402
@@ -69,6 +73,7 @@ ARMS = {  # name: (autocast dtype or None, channels_last, compile)
     "bf16_cl_compile": (torch.bfloat16, True, True),
 }
 FULL_WIDTH = (32, 64, 128, 256, 512)
+WIDTH_3D = (32, 64, 128, 256, 320)  # nnU-Net's 3D widths: the deepest level capped at 320 channels
 
 
 @dataclass(frozen=True)
@@ -80,12 +85,14 @@ class ModelCase:
         build: ``(in_channels, classes) -> network``.
         spatial: the input's spatial shape, (H, W) or (D, H, W).
         batch_size: images (or patches) per step.
+        about: where the shape and batch come from (recorded with the results).
     """
 
     name: str
     build: Callable[[int, int], nn.Module]
     spatial: tuple[int, ...]
     batch_size: int
+    about: str = ""
 
 
 def unet2d(size: int = 256, batch_size: int = 32, features: Sequence[int] = FULL_WIDTH) -> ModelCase:
@@ -93,9 +100,39 @@ def unet2d(size: int = 256, batch_size: int = 32, features: Sequence[int] = FULL
     return ModelCase("unet2d", lambda c, k: UNet(c, k, features=tuple(features)), (size, size), batch_size)
 
 
-# The cases ``gpu_check.py`` measures. The 3D UNet at its planned patch joins as one more entry once
-# ``UNet(spatial_dims=3)`` exists.
-MODEL_CASES = [unet2d()]
+def unet3d(
+    features: Sequence[int] = WIDTH_3D,
+    shape: Sequence[int] = (512, 512, 100),
+    spacing: Sequence[float] = (0.78, 0.78, 2.5),
+    memory_gb: float = 8.0,
+) -> ModelCase:
+    """The 3D UNet as ``medseg fit`` plans it for a GPU data set of CT scans of ``shape`` voxels at
+    ``spacing`` mm (X, Y, Z) with ``memory_gb`` of activations (``pipeline.data.plan``): patch,
+    batch, strides and kernel sizes. The defaults, an abdominal CT with 2.5 mm slices, give a
+    32 x 192 x 192 patch, batch 2, pooled in plane first with 1 x 3 x 3 kernels at full resolution."""
+    cases = 40
+    fingerprint = Fingerprint(
+        np.tile(np.asarray(spacing, float), (cases, 1)),
+        np.tile(np.asarray(shape, float), (cases, 1)),
+        np.zeros((cases, len(CLASS_NAMES)), np.int64),
+        None,
+    )
+    plan = make_plan(fingerprint, PlanSettings(device="gpu", memory_gb=memory_gb), features).net_3d
+    args = {
+        "features": tuple(features),
+        "spatial_dims": 3,
+        "strides": plan.strides,
+        "kernel_sizes": plan.kernel_sizes,
+    }
+    about = (
+        f"planned for {cases} CT scans of {'x'.join(map(str, shape))} voxels at "
+        f"{'x'.join(map(str, spacing))} mm, {memory_gb:g} GB; strides {[list(s) for s in plan.strides]}"
+    )
+    return ModelCase("unet3d", lambda c, k: UNet(c, k, **args), plan.patch, plan.batch, about)
+
+
+# The cases ``gpu_check.py`` measures.
+MODEL_CASES = [unet2d(), unet3d()]
 
 
 def matmul_tflops(device: torch.device, size: int, iterations: int, dtype: torch.dtype) -> float:
@@ -180,7 +217,7 @@ def measure_case(
         "peak_memory_gib": {k: round(v, 2) for k, v in peaks.items()},
         "errors": errors,
         "runs": runs,
-        "input": {"spatial": list(case.spatial), "batch_size": case.batch_size},
+        "input": {"spatial": list(case.spatial), "batch_size": case.batch_size, "about": case.about},
     }
 
 

@@ -37,7 +37,7 @@ import torch  # noqa: E402
 from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info, median, quiet, write_json  # noqa: E402
-from benchmarks.training_overhead import preload, preloaded_fit  # noqa: E402
+from benchmarks.preloaded import preload, preloaded_fit  # noqa: E402
 from pipeline.data.synthetic import generate_dataset  # noqa: E402
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu", "__format__"}
@@ -174,7 +174,7 @@ def count_fit(steps: int, backend: str, extra: list[str], size: int = 64, batch_
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         root = generate_dataset(work / "data", num_images=max(10, 2 * batch_size), size=size)
-        batches, _, _ = preload(root, batch_size, steps + 1)
+        batches, _ = preload(root, batch_size, steps + 1)
         flags = ["--trainer.enable_progress_bar", "true", "--run.wandb", "false", *extra]
         preloaded_fit(work, root, batches, [counter], flags)
     return counter.summary()

@@ -25,25 +25,25 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.common import HEADER, RESULTS, markdown_table  # noqa: E402
-from benchmarks.run_all import summarize  # noqa: E402
+from benchmarks.run_all import BENCHMARKS, summarize  # noqa: E402
 
 README = REPO / "README.md"
 TABLE = re.compile(r"(<!-- benchmarks:begin -->\n).*?(<!-- benchmarks:end -->)", re.S)
 FIGURE = re.compile(r"(<!-- figure ([\w.]+) -->)(.*?)(<!-- /figure -->)")
-SUITE = re.compile(r".+-\d{4}-\d{2}-\d{2}\.json$")  # <machine>-<date>.json
+SUITE = re.compile(r".+-\d{4}-\d{2}-\d{2}(-\d{6})?\.json$")  # <machine>-<date>[-<hhmmss>].json
 
 
 def newest_results(folder: Path) -> dict[str, tuple[str, dict]]:
     """benchmark -> (report file name, its result) from the newest suite report that ran it
-    without an error or a skip (by the report's date, then its file name)."""
+    without an error or a skip (by the report's date and time of day, then its file name)."""
     reports = []
     for path in folder.glob("*.json"):
-        if SUITE.match(path.name) and not path.name.startswith("gpu_check-"):
+        if (match := SUITE.match(path.name)) and not path.name.startswith("gpu_check-"):
             report = json.loads(path.read_text())
             if "benchmarks" in report and not report.get("quick"):
-                reports.append((report["date"], path.name, report))
+                reports.append((report["date"], match.group(1) or "", path.name, report))
     newest: dict[str, tuple[str, dict]] = {}
-    for _, name, report in sorted(reports):
+    for _, _, name, report in sorted(reports, key=lambda r: r[:3]):
         for bench, result in report["benchmarks"].items():
             if "error" not in result and "skipped" not in result:
                 newest[bench] = (name, result)
@@ -61,9 +61,9 @@ def figure(results: dict[str, tuple[str, dict]], path: str) -> str:
 
 def rewrite(text: str, results: dict[str, tuple[str, dict]]) -> str:
     """``text`` with its benchmark table and inline figures filled from ``results``."""
-    rows = [
-        (*row, f"`{name}`") for bench, (name, result) in results.items() for row in summarize(bench, result)
-    ]
+    order = {bench: i for i, bench in enumerate(BENCHMARKS)}  # make bench's order, whatever ran last
+    ordered = sorted(results.items(), key=lambda item: order.get(item[0], len(order)))
+    rows = [(*row, f"`{name}`") for bench, (name, result) in ordered for row in summarize(bench, result)]
     table = markdown_table((*HEADER, "recorded in"), rows)
     text = TABLE.sub(lambda m: m.group(1) + table + m.group(2), text)
     return FIGURE.sub(lambda m: m.group(1) + figure(results, m.group(2)) + m.group(4), text)

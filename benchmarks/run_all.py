@@ -36,15 +36,16 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 
-# name: (module, its arguments in --quick mode)
-BENCHMARKS: dict[str, tuple[str, str]] = {
-    "training": ("training_overhead", "--steps 3 --warmup 1 --repeats 1"),
-    "data_loading": ("data_loading", "--images 40 --batches 10 --repeats 1 --fed-steps 3"),
-    "cache": ("cache_speed", "--shape 64 64 16 --cases 3 --slices 200 --nifti-slices 6 --repeats 2"),
-    "inference": ("inference_speed", "--cases 3 --depth 8 --repeats 1"),
-    "gradient_monitor": ("gradient_monitor_overhead", "--size 64 --steps 4 --warmup 1 --repeats 1"),
-    "memory": ("memory", "--cases 4 8 --shape 40 40 12 --steps 3 --val-batches 1"),
-    "gpu": ("gpu_throughput", "--steps 5 --repeats 1 --no-compile --wait-steps 10"),
+# name: (module, its arguments, more in --quick mode)
+BENCHMARKS: dict[str, tuple[str, str, str]] = {
+    "training": ("training_overhead", "", "--steps 3 --warmup 1 --repeats 1"),
+    "training_3d": ("training_overhead", "--dims 3", "--steps 3 --warmup 1 --repeats 1 --volumes 8"),
+    "data_loading": ("data_loading", "", "--images 40 --batches 10 --repeats 1 --fed-steps 3"),
+    "cache": ("cache_speed", "", "--shape 64 64 16 --cases 3 --slices 200 --nifti-slices 6 --repeats 2"),
+    "inference": ("inference_speed", "", "--cases 3 --depth 8 --repeats 1"),
+    "gradient_monitor": ("gradient_monitor_overhead", "", "--size 64 --steps 4 --warmup 1 --repeats 1"),
+    "memory": ("memory", "", "--cases 4 8 --shape 40 40 12 --steps 3 --val-batches 1"),
+    "gpu": ("gpu_throughput", "", "--steps 5 --repeats 1 --no-compile --wait-steps 10"),
 }
 
 
@@ -55,17 +56,21 @@ def summarize(name: str, r: dict) -> list[tuple]:
         return [(name, "failed", r["error"].strip().splitlines()[-1], "", "", "", "NO")]
     if "skipped" in r:
         return [(name, "skipped", r["skipped"], "", "", "", "")]
-    if name == "training":
+    if name in ("training", "training_3d"):
         ips, cpu = r["images_per_s"], r["cpu_s_per_step"]
         steps = (r["median_step_s"]["bare"], r["median_step_s"]["pipeline"])
+        settings, unit, rate, what = r.get("settings", {}), "image", "img/s", ""
+        if settings.get("dims") == 3:  # the patch and batch: planned, so they say what was measured
+            unit, rate = "patch", "patches/s"
+            what = f"3D UNet, {'x'.join(map(str, settings['input']))} x {settings['batch_size']}: "
         rows = [
-            row("medseg fit vs bare loop (img/s)", ips["pipeline"], ips["bare"], r["ratio"], ">= 0.95"),
+            row(f"{what}medseg fit vs bare loop ({rate})", ips["pipeline"], ips["bare"], r["ratio"], ">= 0.95"),
             row("bare loop vs medseg fit (CPU s/step)", cpu["bare"], cpu["pipeline"], r["cpu_ratio"]),
             row("bare loop vs medseg fit (median step, s)", *steps, r["median_step_ratio"]),
-        ]
+        ]  # fmt: skip
         if "monai" in ips and "flops_per_image" in r:
             ours, theirs = (r["flops_per_image"][k] / 1e9 for k in ("bare", "monai"))
-            rows.append(row(f"our UNet ({ours:.2f} GFLOP/image) vs MONAI BasicUNet ({theirs:.2f}) (img/s)",
+            rows.append(row(f"our UNet ({ours:.2f} GFLOP/{unit}) vs MONAI BasicUNet ({theirs:.2f}) ({rate})",
                             ips["bare"], ips["monai"], r["ours_vs_monai"]))  # fmt: skip
             rows.append(row("the same, per FLOP (achieved FLOP/s)", "", "", r["ours_vs_monai_flop_rate"]))
         elif "monai" in ips:  # recorded before FLOPs were counted
@@ -165,8 +170,11 @@ def summarize(name: str, r: dict) -> list[tuple]:
 
 
 def write_report(report: dict, folder: Path) -> tuple[Path, Path]:
-    """``<machine>-<date>.json`` (everything) and ``.md`` (the headline table) in ``folder``."""
+    """``<machine>-<date>.json`` (everything) and ``.md`` (the headline table) in ``folder``; a
+    later run of the same day adds the UTC time, ``<machine>-<date>-<hhmmss>``, keeping the first."""
     stem = f"{report['machine_slug']}-{report['date']}"
+    if (folder / f"{stem}.json").exists():
+        stem += time.strftime("-%H%M%S", time.gmtime())
     json_path, md_path = folder / f"{stem}.json", folder / f"{stem}.md"
     write_json(json_path, report)
     rows = [row for name, result in report["benchmarks"].items() for row in summarize(name, result)]
@@ -202,8 +210,9 @@ def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
-            module, quick_args = BENCHMARKS[name]
-            args = (quick_args.split() if opts.quick else []) + ["--output", str(Path(tmp) / f"{name}.json")]
+            module, args, quick_args = BENCHMARKS[name]
+            args = [*args.split(), *(quick_args.split() if opts.quick else [])]
+            args += ["--output", str(Path(tmp) / f"{name}.json")]
             print(f"== {name} (load average {load_average()})", flush=True)
             began = time.perf_counter()
             try:

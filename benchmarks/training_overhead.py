@@ -2,10 +2,16 @@
 
     python benchmarks/training_overhead.py            # about 3-5 minutes on a 2-core CPU
     python benchmarks/training_overhead.py --steps 20 --repeats 5
+    python benchmarks/training_overhead.py --dims 3   # the 3D UNet on planned patches of volumes
 
 Three arms train the default UNet (``configs/model/unet.yaml``: features 16..256) on the same
 preloaded batches (default phantoms, 128x128, batch 8, augmented once by the training loader and
-kept in memory, so data loading is out of the comparison; ``data_loading.py`` measures it):
+kept in memory, so data loading is out of the comparison; ``data_loading.py`` measures it).
+``--dims 3`` trains the 3D UNet (``configs/model/unet3d.yaml``, ``configs/data/msd.yaml``) on 3D
+patches of ``medseg data synth --volumes`` cases instead, at the patch, batch, strides and kernel
+sizes the plan gives them on this device (``--patch``, ``--batch-size`` override them): the fit
+and the bare loop get that planned network, MONAI's baseline is its 3D ``BasicUNet``, and every
+figure per image is per patch.
 
 - ``pipeline``: what ``medseg fit -c configs/default.yaml -c configs/model/unet.yaml -c
   configs/data/synthetic.yaml`` builds (``pipeline.cli.lightning.run_lightning``): SegmentationModule, every
@@ -44,8 +50,6 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import ClassVar
-from unittest import mock
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
@@ -56,16 +60,13 @@ import yaml  # noqa: E402
 from monai.losses import DiceCELoss  # noqa: E402
 from monai.networks.nets import BasicUNet  # noqa: E402
 from torch import nn  # noqa: E402
-from torch.utils.data import DataLoader  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, train_flops, write_json  # noqa: E402
-from pipeline.cli import lightning as cli  # noqa: E402
-from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
+from benchmarks.preloaded import CONFIGS, CONFIGS_OF, model_init_args, planned_network, preload, preloaded_fit  # noqa: E402
 from pipeline.data.synthetic import generate_dataset  # noqa: E402
+from pipeline.data.synthetic_volumes import generate_volumes  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 from pipeline.training.precision import autocast_dtype  # noqa: E402
-
-CONFIGS = REPO / "configs"
 
 
 def bare_step(
@@ -167,56 +168,17 @@ class PairedSteps(pl.Callback):
         return out
 
 
-class PreloadedFitCLI(cli.MedsegCLI):
-    """``medseg fit`` whose training loader yields ``batches`` (already in memory), with
-    ``extra_callbacks`` added to its callbacks."""
-
-    batches: ClassVar[list[dict]] = []
-    extra_callbacks: ClassVar[list[pl.Callback]] = []
-
-    def _run_subcommand(self, subcommand: str | None) -> None:
-        self.datamodule.train_dataloader = lambda: DataLoader(self.batches, batch_size=None)
-        self.trainer.callbacks.extend(self.extra_callbacks)
-        super()._run_subcommand(subcommand)
-
-
-def model_init_args() -> dict:
-    """The default model config's network arguments (``configs/model/unet.yaml``)."""
-    return yaml.safe_load((CONFIGS / "model" / "unet.yaml").read_text())["model"]["net"]["init_args"]
-
-
-def preload(root: Path, batch_size: int, count: int) -> tuple[list[dict], int, int]:
-    """``count`` augmented training batches of the data set at ``root``, as the training loader
-    makes them (cycling through its epochs as needed), its input channels and classes."""
-    data = SegmentationDataModule(root=str(root), batch_size=batch_size, num_workers=0)
-    data.setup("fit")
-    batches: list[dict] = []
-    while len(batches) < count:
-        batches += list(data.train_dataloader())
-    return batches[:count], data.in_channels, data.num_classes
-
-
-def preloaded_fit(
-    work: Path, root: Path, batches: list[dict], callbacks: list[pl.Callback], extra: list[str]
-) -> None:
-    """One ``medseg fit`` (default configs, run by medseg's own entry point) over ``batches``, with
-    ``callbacks`` added; ``extra`` flags go last (``--trainer.enable_progress_bar true`` ...)."""
-    PreloadedFitCLI.batches, PreloadedFitCLI.extra_callbacks = batches, callbacks
-    args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / "unet.yaml")]
-    args += ["-c", str(CONFIGS / "data" / "synthetic.yaml"), "--data.root", str(root)]
-    args += ["--data.num_workers", "0", "--data.batch_size", str(len(batches[0]["image"]))]
-    args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(len(batches))]
-    args += ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
-    args += ["--trainer.enable_model_summary", "false"]
-    args += ["--run.root", str(work / "runs"), "--run.name", "bench", *extra]
-    with mock.patch.object(cli, "MedsegCLI", PreloadedFitCLI):
-        cli.run_lightning(args)
-
-
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--size", type=int, default=128, help="phantom side in pixels (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=8, help="training batch (default: %(default)s)")
+    parser.add_argument("--dims", type=int, choices=(2, 3), default=2, help="2D UNet or 3D (default: 2)")
+    parser.add_argument(
+        "--size", type=int, default=128, help="2D: phantom side in pixels (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--volumes", type=int, default=20, help="3D: generated volumes (default: %(default)s)"
+    )
+    parser.add_argument("--patch", type=int, nargs=3, default=None, help="3D: D H W (default: planned)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: 8 (2D), planned (3D)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps per fit (default: %(default)s)")
     parser.add_argument("--warmup", type=int, default=2, help="untimed first steps (default: %(default)s)")
     parser.add_argument("--repeats", type=int, default=5, help="fits (default: %(default)s)")
@@ -226,7 +188,8 @@ def main(argv: list[str] | None = None) -> dict:
     # the other arguments go to medseg fit (e.g. --trainer.accelerator cpu)
     opts, extra = parser.parse_known_args(argv)
     quiet()  # W&B offline; Lightning's set-up lines and known warnings off
-    init_args = model_init_args() | ({"features": opts.features} if opts.features else {})
+    configs = CONFIGS_OF[opts.dims]
+    init_args = model_init_args(configs[0]) | ({"features": opts.features} if opts.features else {})
     features = list(init_args["features"])
     defaults = yaml.safe_load((CONFIGS / "default.yaml").read_text())
     lr, clip = defaults["model"]["lr"], defaults["trainer"]["gradient_clip_val"]
@@ -234,28 +197,39 @@ def main(argv: list[str] | None = None) -> dict:
         extra += ["--model.net.init_args.features", str(features)]
     runs: list[dict] = []
     steps: dict[str, list[float]] = {}  # every timed step's seconds, per arm
+    count = opts.warmup + opts.steps + 1  # the last batch's start closes the pipeline's timed window
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        root = generate_dataset(work / "data", num_images=max(10, 2 * opts.batch_size), size=opts.size)
-        # the last batch's start closes the pipeline's timed window
-        batches, channels, classes = preload(root, opts.batch_size, opts.warmup + opts.steps + 1)
+        if opts.dims == 3:
+            root = generate_volumes(work / "data", num_cases=opts.volumes)
+            settings = {"spatial_dims": 3, "patch_size": opts.patch, "iterations_per_epoch": count}
+        else:
+            opts.batch_size, settings = opts.batch_size or 8, {}
+            root = generate_dataset(work / "data", num_images=max(10, 2 * opts.batch_size), size=opts.size)
+        batches, data = preload(root, opts.batch_size, count, features, **settings)
+        planned, flags = planned_network(data, opts.dims)
+        init_args |= planned
+        extra = [*flags, *extra]
+        channels, classes, batch_size = data.in_channels, data.num_classes, data.batch_size
         baselines = {"bare": lambda: UNet(channels, classes, **init_args)}
-        if not opts.no_monai and len(features) == 5:  # BasicUNet has five levels
+        # BasicUNet has five levels and halves every side four times
+        if not opts.no_monai and len(features) == 5 and min(batches[0]["image"].shape[2:]) >= 16:
             baselines["monai"] = lambda: BasicUNet(
-                2, channels, classes, (*features, features[0]), act="relu", norm="batch"
+                opts.dims, channels, classes, (*features, features[0]), act="relu", norm="batch"
             )
         for _ in range(opts.repeats):
             paired = PairedSteps(baselines, lr, clip)
-            preloaded_fit(work, root, batches, [paired], extra)
-            runs.append(paired.rates(opts.warmup, opts.steps, opts.batch_size))
+            preloaded_fit(work, root, batches, [paired], extra, configs)
+            runs.append(paired.rates(opts.warmup, opts.steps, batch_size))
             window = slice(opts.warmup, opts.warmup + opts.steps)
             for name, seconds in paired.seconds.items():
                 steps.setdefault(name, []).extend(seconds[window])
-        # FLOPs of one training image, so the two networks' speeds compare per unit of work
+        # FLOPs of one training image (patch), so the two networks' speeds compare per unit of work
         image, mask = batches[0]["image"][:2], batches[0]["mask"][:2]
-        flops = {name: train_flops(build(), image, mask) / 2 for name, build in baselines.items()}
+        flops = {name: train_flops(build(), image, mask) / len(image) for name, build in baselines.items()}
     rates = {name: median(r[name]["images_per_s"] for r in runs) for name in runs[0]}
     cpu = {name: median(r[name]["cpu_s_per_step"] for r in runs) for name in runs[0]}
+    shape = list(batches[0]["image"].shape[2:])
     result = {
         "images_per_s": {k: round(v, 3) for k, v in rates.items()},
         "ratio": ratio(rates["pipeline"], rates["bare"]),
@@ -266,7 +240,8 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_s_per_step": {k: round(v, 4) for k, v in cpu.items()},
         "flops_per_image": flops,
         "runs": runs,
-        "settings": {k: v for k, v in vars(opts).items() if k != "output"} | {"features": features},
+        "settings": {k: v for k, v in vars(opts).items() if k != "output"}
+        | {"features": features, "batch_size": batch_size, "input": shape, **planned},
         "machine": machine_info(),
     }
     if "monai" in rates:
@@ -275,16 +250,17 @@ def main(argv: list[str] | None = None) -> dict:
         result["ours_vs_monai_flop_rate"] = ratio(
             rates["bare"] * flops["bare"], rates["monai"] * flops["monai"]
         )
+    unit, per_s = ("patch", "patches/s") if opts.dims == 3 else ("image", "img/s")
     print(
-        f"training: medseg fit {rates['pipeline']:.2f} img/s, bare loop {rates['bare']:.2f} img/s, "
-        f"ratio {result['ratio']:.3f} (target >= 0.95; CPU time {result['cpu_ratio']:.3f})"
+        f"training {opts.dims}D: medseg fit {rates['pipeline']:.2f} {per_s}, bare loop {rates['bare']:.2f} "
+        f"{per_s}, ratio {result['ratio']:.3f} (target >= 0.95; CPU time {result['cpu_ratio']:.3f})"
         + (
             f"; bare UNet / MONAI BasicUNet {result['ours_vs_monai']:.3f} ({flops['bare'] / 1e9:.2f} vs "
-            f"{flops['monai'] / 1e9:.2f} GFLOP/image; per FLOP {result['ours_vs_monai_flop_rate']:.3f})"
+            f"{flops['monai'] / 1e9:.2f} GFLOP/{unit}; per FLOP {result['ours_vs_monai_flop_rate']:.3f})"
             if "monai" in rates
             else ""
         )
-        + f" ({opts.size}x{opts.size}, batch {opts.batch_size}, {opts.steps} steps x {opts.repeats} fits)"
+        + f" ({'x'.join(map(str, shape))}, batch {batch_size}, {opts.steps} steps x {opts.repeats} fits)"
     )
     write_json(opts.output, result)
     return result

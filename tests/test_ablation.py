@@ -125,3 +125,76 @@ def test_ablation_stops_at_a_data_error_instead_of_failing_every_run(tmp_path):
     with pytest.raises(DataError, match="data folder not found"):
         run_all(runs, tmp_path / "suite.json", "medseg ablation", fit, lambda line: None)
     assert calls == ["first"]
+
+
+SUITE_3D = "configs/experiment/ablation3d.yaml"
+VANISHING_3D, REFERENCE_3D = "unet3d-noskip-sigmoid-default-nonorm-s0", "unet3d-relu-kaiming-s0"
+
+
+def test_ablation3d_suite_composes_msd_data_and_the_3d_models(monkeypatch):
+    monkeypatch.chdir(REPO)
+    experiment, runs = plan(SUITE_3D, profile="cpu")
+    names = [run.name for run in runs]
+    # 4 models (long x short skips) + 2 x 8 grid cells, of which unet3d and unet3d_noskip are two
+    assert experiment == "ablation3d" and len(names) == len(set(names)) == 18
+    assert {REFERENCE_3D, "unet3d-noskip-residual-relu-kaiming-s0", VANISHING_3D} <= set(names)
+    args = " ".join(runs[names.index(VANISHING_3D)].args)
+    assert args.startswith(
+        "fit -c configs/default.yaml -c configs/data/msd.yaml -c configs/model/unet3d_noskip.yaml"
+    )
+    assert (
+        "-c configs/experiment/ablation3d_cpu.yaml --model.net.init_args.features [8, 16, 32, 64, 128]"
+        in args
+    )
+    experiment, runs = plan(SUITE_3D, profile="gpu", only=[REFERENCE_3D])
+    assert experiment == "ablation3d-gpu" and "[32, 64, 128, 256, 320]" in " ".join(runs[0].args)
+
+
+@pytest.mark.slow
+def test_ablation3d_flags_vanishing_gradients_in_the_noskip_sigmoid_unet3d_only(
+    volume_dir, tmp_path, monkeypatch
+):
+    """The 3D suite's two extreme runs, as it composes them (msd.yaml planning generated volumes,
+    the CPU profile's widths), for a few steps: only the no-skip sigmoid UNet is flagged."""
+    monkeypatch.chdir(REPO)
+    tiny = [
+        "--data.root",
+        str(volume_dir),
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--data.num_workers",
+        "0",
+    ]
+    tiny += [
+        "--data.iterations_per_epoch",
+        "5",
+        "--trainer.max_epochs",
+        "1",
+        "--trainer.log_every_n_steps",
+        "1",
+    ]
+    only = [arg for name in (VANISHING_3D, REFERENCE_3D) for arg in ("--only", name)]
+    main(
+        [
+            "ablation",
+            "--suite",
+            SUITE_3D,
+            "--profile",
+            "cpu",
+            "--root",
+            str(tmp_path),
+            *only,
+            "--",
+            *tiny,
+            "--run.wandb",
+            "false",
+        ]
+    )
+    for name, vanishes in ((VANISHING_3D, True), (REFERENCE_3D, False)):
+        summary = json.loads((tmp_path / "ablation3d" / name / "summary.json").read_text())
+        grads = summary["GradientFlowMonitor"]
+        assert summary["status"] == "completed" and grads["logs"] == 5, name
+        assert grads["vanishing"]["detected"] is vanishes, (name, grads["first_last_ratio"])
+        assert (grads["first_last_ratio"]["end"] < 1e-3) is vanishes, (name, grads["first_last_ratio"])
+    config = (tmp_path / "ablation3d" / REFERENCE_3D / "config.yaml").read_text()
+    assert "spatial_dims: 3" in config and "strides:" in config  # planned for the volumes

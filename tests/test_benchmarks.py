@@ -17,9 +17,11 @@ from benchmarks.common import alternate, machine_slug, markdown_table, median, r
 from benchmarks.gpu_throughput import main as gpu_main
 from benchmarks.inference_speed import bare_pass, infer_device
 from benchmarks.memory import smaps_rollup
+from benchmarks.preloaded import planned_network, preload
 from benchmarks.readme_figures import main as readme_figures
 from benchmarks.run_all import summarize, write_report
 from benchmarks.training_overhead import PairedSteps
+from benchmarks.training_overhead import main as training_overhead
 from pipeline.models import UNet
 from pipeline.training.module import SegmentationModule
 
@@ -60,6 +62,42 @@ def test_benchmarks_paired_steps_time_baselines_and_pipeline_alike() -> None:
     }
     with pytest.raises(RuntimeError, match="steps timed"):
         paired.rates(warmup=2, steps=2, batch_size=8)
+
+
+def test_benchmarks_preload_gives_planned_3d_patches_and_the_fit_flags_for_that_network(
+    volume_dir: Path, tmp_path: Path
+) -> None:
+    settings = {"spatial_dims": 3, "iterations_per_epoch": 3, "cache_dir": str(tmp_path / "cache")}
+    batches, data = preload(volume_dir, None, 4, (4, 8, 16, 32), **settings)
+    net = data.plan.net_3d
+    assert len(batches) == 4 and data.batch_size == net.batch and data.patch_size == net.patch
+    assert batches[0]["image"].shape == (net.batch, 1, *net.patch) and batches[0]["mask"].shape == (
+        net.batch,
+        *net.patch,
+    )
+    init, flags = planned_network(data, 3)
+    assert init["strides"] == [list(s) for s in net.strides] and len(init["kernel_sizes"]) == 4
+    assert init["strides"][0] == [1, 2, 2]  # 3 mm slices at 0.9 mm in plane: pooled in plane first
+    assert flags == [
+        "--data.patch_size", json.dumps(list(net.patch)),
+        "--model.net.init_args.strides", json.dumps(init["strides"]),
+        "--model.net.init_args.kernel_sizes", json.dumps(init["kernel_sizes"]),
+    ]  # fmt: skip
+    assert planned_network(SimpleNamespace(plan=None), 2) == ({}, [])  # 2D images: nothing planned
+
+
+def test_benchmarks_training_overhead_3d_trains_fit_and_baselines_on_the_planned_network(
+    tmp_path: Path,
+) -> None:
+    args = "--dims 3 --volumes 6 --patch 16 24 24 --features 4 8 16 32 64 --steps 2 --warmup 1 --repeats 1"
+    result = training_overhead([*args.split(), "--output", str(tmp_path / "t.json"), "--run.wandb", "false"])
+    assert set(result["images_per_s"]) == {"pipeline", "bare", "monai"} and result["ratio"] > 0
+    settings = result["settings"]
+    assert settings["dims"] == 3 and settings["input"] == [16, 24, 24] and len(settings["strides"]) == 4
+    assert result["flops_per_image"]["bare"] > 0 and result["flops_per_image"]["monai"] > 0
+    (first, *_) = summarize("training_3d", result)
+    shape = "x".join(map(str, settings["input"]))
+    assert first[1] == f"3D UNet, {shape} x {settings['batch_size']}: medseg fit vs bare loop (patches/s)"
 
 
 def test_benchmarks_machine_slug_names_gpu_or_cpu() -> None:
@@ -110,6 +148,8 @@ def test_benchmarks_report_files_flag_missed_targets(tmp_path: Path) -> None:
     assert "| gpu | skipped | no CUDA GPU available |" in table
     assert "RuntimeError: disk full" in table
     assert summarize("unknown", {}) == []
+    again, _ = write_report(report, tmp_path)  # a second run of the day keeps the first
+    assert again != json_path and again.name.startswith("cpu2-test-2026-01-02-") and json_path.is_file()
 
 
 def test_benchmarks_markdown_table_and_json(tmp_path: Path) -> None:
@@ -190,6 +230,10 @@ def test_benchmarks_readme_figures_come_from_the_newest_run_of_each_benchmark(tm
     )
     assert "`cpu2-test-2026-02-01.json`" in text and "| gpu |" not in text and "| cache |" not in text
     assert readme_figures(["--check", *args]) == 0  # rewriting again changes nothing
+    # a later run of the same day (its file name carries the time) is newer than the day's first
+    write_json(tmp_path / "cpu2-test-2026-02-01-093000.json", {"date": "2026-02-01", "quick": False,
+               "benchmarks": {"inference": {**inference, "ratio": 0.93}}})  # fmt: skip
+    assert readme_figures(args) == 0 and "inference.ratio -->0.93<" in readme.read_text()
 
 
 def test_benchmarks_readme_figures_match_the_recorded_results() -> None:

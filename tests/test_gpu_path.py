@@ -195,13 +195,20 @@ def test_gpu_check_dry_run_on_the_cpu_writes_its_report(tmp_path):
     (json_file,) = tmp_path.glob("gpu_check-*.json")
     report = json.loads(json_file.read_text())
     sections = report["sections"]
-    assert report["dry_run"] and set(sections) == {"environment", "throughput", "train", "infer", "overhead"}
+    assert report["dry_run"] and set(sections) == {
+        "environment", "throughput", "train", "infer", "train3d", "infer3d", "overhead"
+    }  # fmt: skip
     assert not [name for name, result in sections.items() if "error" in result]
-    assert set(sections["throughput"]["unet2d"]["images_per_s"]) == {"fp32", "bf16", "bf16_cl"}
-    train = sections["train"]
-    assert train["exit"] == 0 and train["status"] == "completed" and train["stride_warnings"] == 0
-    assert train["bf16"] and train["channels_last_weights"] == train["conv_weights"] > 0
-    assert sections["infer"]["exit"] == 0 and sections["infer"]["ok"] == sections["infer"]["cases"]
+    for case in ("unet2d", "unet3d"):
+        assert set(sections["throughput"][case]["images_per_s"]) == {"fp32", "bf16", "bf16_cl"}, case
+    assert len(sections["throughput"]["unet3d"]["input"]["spatial"]) == 3  # a planned 3D patch
+    for name in ("train", "train3d"):  # the 3D fit's weights channels-last-3d, as on a GPU
+        train = sections[name]
+        assert train["exit"] == 0 and train["status"] == "completed" and train["stride_warnings"] == 0
+        assert train["bf16"] and train["channels_last_weights"] == train["conv_weights"] > 0, name
+    for name in ("infer", "infer3d"):
+        assert sections[name]["exit"] == 0 and sections[name]["ok"] == sections[name]["cases"], name
     assert sections["overhead"]["host_syncs"]["median"] == 0  # at a GPU's cadence
     table = json_file.with_suffix(".md").read_text()
     assert "| train | medseg fit: exit status + stride-mismatch warnings | 0 |" in table
+    assert "| train3d | medseg fit: exit status + stride-mismatch warnings | 0 |" in table
