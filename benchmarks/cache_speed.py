@@ -44,14 +44,17 @@ import numpy as np  # noqa: E402
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform  # noqa: E402
 
 from benchmarks.common import RESULTS, alternate, machine_info, median, write_json  # noqa: E402
-from pipeline.data.cache import open_case, prepare_cache  # noqa: E402
+from pipeline.data.cache import prepare_facts  # noqa: E402
 from pipeline.data.dataset import SliceDataset  # noqa: E402
+from pipeline.data.grids import open_case, prepare_grid  # noqa: E402
 from pipeline.data.io import read_nifti  # noqa: E402
 from pipeline.data.layouts import describe  # noqa: E402
 from pipeline.data.normalization import Normalization  # noqa: E402
 from pipeline.data.slicing import to_slices  # noqa: E402
 from pipeline.data.synthetic_volumes import CLASS_NAMES, generate_volumes  # noqa: E402
 from pipeline.data.transforms import build_eval_transform  # noqa: E402
+
+SPACING = (0.9, 0.9, 3.0)  # mm, every generated volume's
 
 
 def _rate(read: Callable[[str, int], None], pairs: list[tuple[str, int]]) -> float:
@@ -97,9 +100,11 @@ def measure(root: Path, work: Path, slices: int, nifti_slices: int, repeats: int
     cases = {case.case_id: case for case in describe(root).cases}
     cache_dir, plain = work / "cache", work / "nii"
     plain.mkdir()
-    manifest, _ = prepare_cache(list(cases.values()), cache_dir, CLASS_NAMES)
-    entries, axis = manifest["cases"], manifest["slice_axis"]
-    arrays = {cid: open_case(cache_dir, cid, e, [Normalization("zscore")]) for cid, e in entries.items()}
+    facts = prepare_facts(list(cases.values()), cache_dir, CLASS_NAMES)
+    axis = 2  # the volumes' own spacing as the target: the grid holds their own slices, read as stored
+    key, entries = prepare_grid(list(cases.values()), cache_dir, SPACING, axis, CLASS_NAMES)
+    norms = [Normalization("zscore")]
+    arrays = {cid: open_case(cache_dir, key, cid, facts[cid], e, norms, axis) for cid, e in entries.items()}
     dataset = SliceDataset(list(arrays.values()), build_eval_transform())
     first = {
         cid: sum(len(arrays[c].image) for c in sorted(arrays)[:k]) for k, cid in enumerate(sorted(arrays))
@@ -168,7 +173,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--output", type=Path, default=RESULTS / "cache_speed.json")
     opts = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
-        root = generate_volumes(Path(tmp) / "msd", opts.cases, opts.shape, seed=opts.seed)
+        root = generate_volumes(Path(tmp) / "msd", opts.cases, opts.shape, seed=opts.seed, spacing=SPACING)
         result = measure(root, Path(tmp), opts.slices, opts.nifti_slices, opts.repeats, opts.seed)
     result["settings"] = vars(opts) | {"output": str(opts.output)}
     result["machine"] = machine_info()

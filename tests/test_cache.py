@@ -6,7 +6,8 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.cli import main
-from pipeline.data.cache import MappedArray, open_case, prepare_facts, prepare_grid, read_manifest
+from pipeline.data.cache import MappedArray, prepare_facts, read_manifest
+from pipeline.data.grids import open_case, prepare_grid
 from pipeline.data.layouts import describe
 from pipeline.data.normalization import Normalization, fit_intensity
 from pipeline.data.resample import resample_image

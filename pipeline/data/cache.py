@@ -8,9 +8,9 @@ foreground intensities (the fingerprint the plan is made from), and its labels o
     <cache>/cases/<case>.label.npy     (X, Y, Z) uint8 labels, RAS+ order, the case's own grid
     <cache>/cases/<case>.fg.npy        (N, C) float32: up to 10,000 foreground intensities
 
-Grids (per target spacing and slice axis, ``grid_key``): the case resampled to the plan's spacing
-(``pipeline.data.resample``) and cut along the slice axis, so a slice, or a 3D patch, is a small
-contiguous read::
+Grids (per target spacing and slice axis, ``pipeline.data.grids``): the case resampled to the
+plan's spacing (``pipeline.data.resample``) and cut along the slice axis, so a slice, or a 3D
+patch, is a small contiguous read::
 
     <cache>/grids/<key>/manifest.json
     <cache>/grids/<key>/<case>.image.npy      (S, H, W, C) float32 intensities
@@ -32,13 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.dataset import CaseArrays, OriginalGrid, slices_per_class
 from pipeline.data.fingerprint import CaseFacts
 from pipeline.data.layouts import Case
-from pipeline.data.normalization import Normalization, case_stats, intensity_moments
-from pipeline.data.resample import resample_image, resample_labels
-from pipeline.data.slicing import in_slice_order, to_slices
-from pipeline.data.transforms3d import class_locations
 from pipeline.data.volumes import load_volume_case
 from pipeline.errors import DataError
 from pipeline.files import atomic_write, read_json, write_json
@@ -100,8 +95,9 @@ def signature(case: Case) -> dict[str, list[int]]:
     return found
 
 
-def _rng(case_id: str) -> np.random.Generator:
-    return np.random.default_rng(zlib.crc32(case_id.encode()))
+def case_rng(case_id: str) -> np.random.Generator:
+    """A generator seeded by the case id: samples drawn for a case do not depend on the others."""
+    return np.random.defaultcase_rng(zlib.crc32(case_id.encode()))
 
 
 def sample_foreground(image: np.ndarray, mask: np.ndarray, case_id: str) -> np.ndarray:
@@ -109,29 +105,16 @@ def sample_foreground(image: np.ndarray, mask: np.ndarray, case_id: str) -> np.n
     from ``case_id``. ``image``: (..., C); ``mask``: its spatial shape."""
     foreground = image[mask > 0]
     if len(foreground) > SAMPLE:
-        foreground = foreground[np.sort(_rng(case_id).choice(len(foreground), SAMPLE, replace=False))]
+        foreground = foreground[np.sort(case_rng(case_id).choice(len(foreground), SAMPLE, replace=False))]
     return foreground.astype(np.float32)
 
 
-def class_voxels(mask: np.ndarray, case_id: str) -> np.ndarray:
-    """(N, 4) int32 rows (class, s, h, w): up to ``SAMPLE`` voxels of each foreground class of the
-    (S, H, W) ``mask`` (``class_locations``), seeded by ``case_id``."""
-    found = class_locations(mask, SAMPLE, zlib.crc32(case_id.encode()))
-    rows = [np.column_stack([np.full(len(where), label), where]) for label, where in found.items()]
-    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
-
-
-def locations_by_class(rows: np.ndarray) -> dict[int, np.ndarray]:
-    """``class_voxels`` rows back as class -> (N, 3) voxel coordinates."""
-    rows = np.asarray(rows)
-    return {int(label): rows[rows[:, 0] == label, 1:] for label in np.unique(rows[:, 0])}
-
-
-def _save(path: Path, array: np.ndarray) -> None:
+def save_array(path: Path, array: np.ndarray) -> None:
+    """``np.save`` to ``path`` atomically."""
     atomic_write(path, lambda tmp: np.save(tmp, array))
 
 
-def _fresh(entries: dict, folder: Path, inputs: dict[str, dict], files: Sequence[str]) -> dict:
+def fresh_entries(entries: dict, folder: Path, inputs: dict[str, dict], files: Sequence[str]) -> dict:
     """The entries whose inputs are unchanged and whose files all exist."""
     return {
         cid: entry
@@ -141,7 +124,8 @@ def _fresh(entries: dict, folder: Path, inputs: dict[str, dict], files: Sequence
     }
 
 
-def _drop_gone(old: dict, new: dict, folder: Path, files: Sequence[str]) -> None:
+def drop_gone(old: dict, new: dict, folder: Path, files: Sequence[str]) -> None:
+    """Delete the files of the entries of ``old`` that ``new`` no longer has."""
     for gone in set(old) - set(new):
         for key in files:
             if old[gone].get(key):
@@ -163,18 +147,20 @@ def _facts_entry(case: Case, cache_dir: Path, class_names, label_map, inputs: di
     if mask is not None:
         entry["label"] = f"cases/{case.case_id}.label.npy"
         entry["foreground_sample"] = f"cases/{case.case_id}.fg.npy"
-        _save(cache_dir / entry["label"], np.ascontiguousarray(mask))
-        _save(cache_dir / entry["foreground_sample"], sample_foreground(volume.array, mask, case.case_id))
+        save_array(cache_dir / entry["label"], np.ascontiguousarray(mask))
+        save_array(
+            cache_dir / entry["foreground_sample"], sample_foreground(volume.array, mask, case.case_id)
+        )
         labels, counts = np.unique(mask, return_counts=True)
         entry["class_voxels"] = {str(k): int(n) for k, n in zip(labels, counts, strict=True)}
     return entry
 
 
 FACT_FILES = ("label", "foreground_sample")
-GRID_FILES = ("image", "mask", "where")
 
 
-def _folder(cache_dir: str | Path) -> Path:
+def cache_folder(cache_dir: str | Path) -> Path:
+    """``cache_dir`` (created), or a ``DataError`` saying how to choose another."""
     cache_dir = Path(cache_dir)
     try:
         (cache_dir / "cases").mkdir(parents=True, exist_ok=True)
@@ -200,7 +186,7 @@ def prepare_facts(
         DataError: an input cannot be read or is inconsistent (naming the file), or the cache
             folder cannot be written.
     """
-    cache_dir = _folder(cache_dir)
+    cache_dir = cache_folder(cache_dir)
     settings = {
         "version": CACHE_VERSION,
         "label_map": {str(k): int(v) for k, v in (label_map or {}).items()},
@@ -209,7 +195,7 @@ def prepare_facts(
     old = read_manifest(cache_dir) or {}
     reusable = old.get("cases", {}) if old.get("settings") == settings else {}
     inputs = {case.case_id: signature(case) for case in cases}
-    fresh = _fresh(reusable, cache_dir, inputs, FACT_FILES)
+    fresh = fresh_entries(reusable, cache_dir, inputs, FACT_FILES)
     stale = [case for case in cases if case.case_id not in fresh]
     if stale:
         log.info("cache %s: reading %d of %d cases", cache_dir, len(stale), len(cases))
@@ -219,7 +205,7 @@ def prepare_facts(
     )
     entries = {**fresh, **{c.case_id: e for c, e in zip(stale, decoded, strict=True)}}
     entries = {case.case_id: entries[case.case_id] for case in cases}
-    _drop_gone(old.get("cases", {}), entries, cache_dir, FACT_FILES)
+    drop_gone(old.get("cases", {}), entries, cache_dir, FACT_FILES)
     manifest = {"settings": settings, "layout": layout, "cases": entries}
     if manifest != old:
         write_json(cache_dir / MANIFEST, manifest, indent=1)
@@ -241,108 +227,3 @@ def foreground_sample(cache_dir: str | Path, entries: Sequence[dict]) -> np.ndar
     """(N, C) foreground intensities of the given cases, concatenated; None when none has any."""
     parts = [np.load(Path(cache_dir) / e["foreground_sample"]) for e in entries if e["foreground_sample"]]
     return np.concatenate(parts) if parts else None
-
-
-def grid_key(target_spacing: Sequence[float], slice_axis: int) -> str:
-    """The folder name of a grid: slice axis and target spacing (RAS, mm)."""
-    return f"axis{slice_axis}_" + "x".join(f"{s:.5g}" for s in target_spacing)
-
-
-def _grid_entry(item: tuple[Case, dict], folder: Path, target, axis, class_names, label_map) -> dict:
-    """Decode, resample and cut one case onto the grid; return its grid entry."""
-    case, inputs = item
-    volume, mask = load_volume_case(case, class_names, label_map)
-    spacing = in_slice_order(volume.spacing, axis)
-    image = resample_image(to_slices(volume.array, axis), spacing, in_slice_order(target, axis))
-    entry = {
-        "inputs": inputs,
-        "image": f"{case.case_id}.image.npy",
-        "mask": None,
-        "where": None,
-        "shape": list(image.shape),
-        "moments": intensity_moments(image),
-        "class_slices": {},
-    }
-    _save(folder / entry["image"], image)
-    if mask is not None:
-        labels = resample_labels(to_slices(mask, axis), len(class_names), image.shape[:3])
-        entry["mask"], entry["where"] = f"{case.case_id}.mask.npy", f"{case.case_id}.where.npy"
-        _save(folder / entry["mask"], labels)
-        _save(folder / entry["where"], class_voxels(labels, case.case_id))
-        entry["class_slices"] = {str(k): found for k, found in slices_per_class(labels).items()}
-    return entry
-
-
-def prepare_grid(
-    cases: Sequence[Case],
-    cache_dir: str | Path,
-    target_spacing: Sequence[float],
-    slice_axis: int,
-    class_names: Sequence[str],
-    label_map: dict[int, int] | None = None,
-    workers: int = 1,
-    progress: bool = False,
-) -> tuple[str, dict[str, dict]]:
-    """Bring the cases' arrays on the grid (``target_spacing`` RAS mm, ``slice_axis``) up to date.
-
-    Returns:
-        The grid key (its folder under ``<cache>/grids``) and each case's grid entry.
-    """
-    cache_dir = _folder(cache_dir)
-    key = grid_key(target_spacing, slice_axis)
-    folder = cache_dir / "grids" / key
-    folder.mkdir(parents=True, exist_ok=True)
-    settings = {
-        "version": CACHE_VERSION,
-        "target_spacing": [float(s) for s in target_spacing],
-        "slice_axis": int(slice_axis),
-        "label_map": {str(k): int(v) for k, v in (label_map or {}).items()},
-        "class_names": list(class_names),
-    }
-    old = read_json(folder / MANIFEST)
-    reusable = old.get("cases", {}) if old.get("settings") == settings else {}
-    inputs = {case.case_id: signature(case) for case in cases}
-    fresh = _fresh(reusable, folder, inputs, GRID_FILES)
-    stale = [case for case in cases if case.case_id not in fresh]
-    if stale:
-        log.info(
-            "cache %s: resampling %d of %d cases to %s mm", folder, len(stale), len(cases), target_spacing
-        )
-    work = functools.partial(
-        _grid_entry, folder=folder, target=tuple(target_spacing), axis=slice_axis,
-        class_names=class_names, label_map=label_map,
-    )  # fmt: skip
-    made = map_with_progress(work, [(c, inputs[c.case_id]) for c in stale], workers, "resampling", progress)
-    entries = {**{k: v for k, v in reusable.items() if k not in inputs}, **fresh}
-    entries.update({c.case_id: e for c, e in zip(stale, made, strict=True)})
-    manifest = {"settings": settings, "cases": entries}
-    if manifest != old:
-        write_json(folder / MANIFEST, manifest, indent=1)
-    return key, {case.case_id: entries[case.case_id] for case in cases}
-
-
-def open_case(
-    cache_dir: str | Path,
-    key: str,
-    case_id: str,
-    facts: dict,
-    grid: dict,
-    norms: Sequence[Normalization],
-    slice_axis: int,
-) -> CaseArrays:
-    """A cached case as memory-mapped ``CaseArrays`` on the grid ``key``, with its intensity
-    statistics for ``norms`` and its own-grid labels and spacing (where validation scores it)."""
-    cache_dir = Path(cache_dir)
-    folder = cache_dir / "grids" / key
-    image = MappedArray(folder / grid["image"], grid["shape"])
-    mask = MappedArray(folder / grid["mask"], grid["shape"][:3]) if grid["mask"] else None
-    where = MappedArray(folder / grid["where"], (0, 4)) if grid["where"] else None
-    original = None
-    if facts["label"]:
-        labels = MappedArray(cache_dir / facts["label"], facts["shape"])
-        original = OriginalGrid(labels, tuple(facts["spacing"]), slice_axis)
-    stats = case_stats(image.open(), norms, grid["moments"])
-    class_slices = {int(label): slices for label, slices in grid["class_slices"].items()}
-    return CaseArrays(
-        case_id, image, mask, stats, is_volume=True, class_slices=class_slices, original=original, where=where
-    )

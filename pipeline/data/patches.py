@@ -3,7 +3,7 @@
 One dataset item is one case; the training sampler (``pipeline.data.sampling.ForegroundSampler``)
 draws cases, and for a third of its draws (nnU-Net's share) a foreground class first, then a case
 that shows it: the patch is then placed on a voxel of that class, drawn from the case's cached
-class voxels (``pipeline.data.cache.class_voxels``), so small structures are seen as often as
+class voxels (``pipeline.data.grids.class_voxels``), so small structures are seen as often as
 large ones, as in 2D.
 """
 
@@ -15,8 +15,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.cache import locations_by_class
 from pipeline.data.dataset import CaseArrays
+from pipeline.data.grids import locations_by_class
 from pipeline.data.transforms3d import PatchAugmenter3D
 
 

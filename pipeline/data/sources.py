@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import cache
+from pipeline.data import cache, grids
 from pipeline.data.dataset import CaseArrays, apply_label_map, load_case_2d
 from pipeline.data.fingerprint import CaseFacts
 from pipeline.data.io import read_image_2d, read_mask_2d
@@ -120,13 +120,13 @@ class VolumeSource:
     ) -> list[CaseArrays]:
         """The cases ``ids`` resampled to ``target_spacing`` (RAS, mm) and cut along ``slice_axis``."""
         facts = self.facts_entries()
-        key, grid = cache.prepare_grid(
+        key, grid = grids.prepare_grid(
             [self.cases[cid] for cid in ids], self.cache_dir, target_spacing, slice_axis,
             self.class_names, self.label_map, self.workers, progress=sys.stderr.isatty(),
         )  # fmt: skip
         self.grid = key
         return [
-            cache.open_case(self.cache_dir, key, cid, facts[cid], grid[cid], norms, slice_axis) for cid in ids
+            grids.open_case(self.cache_dir, key, cid, facts[cid], grid[cid], norms, slice_axis) for cid in ids
         ]
 
 

@@ -1,0 +1,160 @@
+"""The cache's grids: cases resampled to a plan's target spacing and cut along its slice axis.
+
+Per target spacing and slice axis (``grid_key``), ``<cache>/grids/<key>/`` holds, for each case,
+``<case>.image.npy`` (S, H, W, C) float32 intensities, ``<case>.mask.npy`` (S, H, W) uint8 class
+indices and ``<case>.where.npy`` (N, 4) int32 rows (class, s, h, w): up to 10,000 voxels of each
+foreground class, for foreground patches; and a manifest with each case's intensity moments and
+the slices that show each class (``pipeline.data.cache`` describes the facts pass before it).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import zlib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.data.cache import (
+    CACHE_VERSION,
+    MANIFEST,
+    SAMPLE,
+    MappedArray,
+    cache_folder,
+    fresh_entries,
+    save_array,
+    signature,
+)
+from pipeline.data.dataset import CaseArrays, OriginalGrid, slices_per_class
+from pipeline.data.layouts import Case
+from pipeline.data.normalization import Normalization, case_stats, intensity_moments
+from pipeline.data.resample import resample_image, resample_labels
+from pipeline.data.slicing import in_slice_order, to_slices
+from pipeline.data.transforms3d import class_locations
+from pipeline.data.volumes import load_volume_case
+from pipeline.files import read_json, write_json
+from pipeline.parallel import map_with_progress
+
+log = logging.getLogger(__name__)
+GRID_FILES = ("image", "mask", "where")
+
+
+def class_voxels(mask: np.ndarray, case_id: str) -> np.ndarray:
+    """(N, 4) int32 rows (class, s, h, w): up to ``SAMPLE`` voxels of each foreground class of the
+    (S, H, W) ``mask`` (``class_locations``), seeded by ``case_id``."""
+    found = class_locations(mask, SAMPLE, zlib.crc32(case_id.encode()))
+    rows = [np.column_stack([np.full(len(where), label), where]) for label, where in found.items()]
+    return np.concatenate(rows).astype(np.int32) if rows else np.zeros((0, 4), np.int32)
+
+
+def locations_by_class(rows: np.ndarray) -> dict[int, np.ndarray]:
+    """``class_voxels`` rows back as class -> (N, 3) voxel coordinates."""
+    rows = np.asarray(rows)
+    return {int(label): rows[rows[:, 0] == label, 1:] for label in np.unique(rows[:, 0])}
+
+
+def grid_key(target_spacing: Sequence[float], slice_axis: int) -> str:
+    """The folder name of a grid: slice axis and target spacing (RAS, mm)."""
+    return f"axis{slice_axis}_" + "x".join(f"{s:.5g}" for s in target_spacing)
+
+
+def _grid_entry(item: tuple[Case, dict], folder: Path, target, axis, class_names, label_map) -> dict:
+    """Decode, resample and cut one case onto the grid; return its grid entry."""
+    case, inputs = item
+    volume, mask = load_volume_case(case, class_names, label_map)
+    spacing = in_slice_order(volume.spacing, axis)
+    image = resample_image(to_slices(volume.array, axis), spacing, in_slice_order(target, axis))
+    entry = {
+        "inputs": inputs,
+        "image": f"{case.case_id}.image.npy",
+        "mask": None,
+        "where": None,
+        "shape": list(image.shape),
+        "moments": intensity_moments(image),
+        "class_slices": {},
+    }
+    save_array(folder / entry["image"], image)
+    if mask is not None:
+        labels = resample_labels(to_slices(mask, axis), len(class_names), image.shape[:3])
+        entry["mask"], entry["where"] = f"{case.case_id}.mask.npy", f"{case.case_id}.where.npy"
+        save_array(folder / entry["mask"], labels)
+        save_array(folder / entry["where"], class_voxels(labels, case.case_id))
+        entry["class_slices"] = {str(k): found for k, found in slices_per_class(labels).items()}
+    return entry
+
+
+def prepare_grid(
+    cases: Sequence[Case],
+    cache_dir: str | Path,
+    target_spacing: Sequence[float],
+    slice_axis: int,
+    class_names: Sequence[str],
+    label_map: dict[int, int] | None = None,
+    workers: int = 1,
+    progress: bool = False,
+) -> tuple[str, dict[str, dict]]:
+    """Bring the cases' arrays on the grid (``target_spacing`` RAS mm, ``slice_axis``) up to date.
+
+    Returns:
+        The grid key (its folder under ``<cache>/grids``) and each case's grid entry.
+    """
+    cache_dir = cache_folder(cache_dir)
+    key = grid_key(target_spacing, slice_axis)
+    folder = cache_dir / "grids" / key
+    folder.mkdir(parents=True, exist_ok=True)
+    settings = {
+        "version": CACHE_VERSION,
+        "target_spacing": [float(s) for s in target_spacing],
+        "slice_axis": int(slice_axis),
+        "label_map": {str(k): int(v) for k, v in (label_map or {}).items()},
+        "class_names": list(class_names),
+    }
+    old = read_json(folder / MANIFEST)
+    reusable = old.get("cases", {}) if old.get("settings") == settings else {}
+    inputs = {case.case_id: signature(case) for case in cases}
+    fresh = fresh_entries(reusable, folder, inputs, GRID_FILES)
+    stale = [case for case in cases if case.case_id not in fresh]
+    if stale:
+        log.info(
+            "cache %s: resampling %d of %d cases to %s mm", folder, len(stale), len(cases), target_spacing
+        )
+    work = functools.partial(
+        _grid_entry, folder=folder, target=tuple(target_spacing), axis=slice_axis,
+        class_names=class_names, label_map=label_map,
+    )  # fmt: skip
+    made = map_with_progress(work, [(c, inputs[c.case_id]) for c in stale], workers, "resampling", progress)
+    entries = {**{k: v for k, v in reusable.items() if k not in inputs}, **fresh}
+    entries.update({c.case_id: e for c, e in zip(stale, made, strict=True)})
+    manifest = {"settings": settings, "cases": entries}
+    if manifest != old:
+        write_json(folder / MANIFEST, manifest, indent=1)
+    return key, {case.case_id: entries[case.case_id] for case in cases}
+
+
+def open_case(
+    cache_dir: str | Path,
+    key: str,
+    case_id: str,
+    facts: dict,
+    grid: dict,
+    norms: Sequence[Normalization],
+    slice_axis: int,
+) -> CaseArrays:
+    """A cached case as memory-mapped ``CaseArrays`` on the grid ``key``, with its intensity
+    statistics for ``norms`` and its own-grid labels and spacing (where validation scores it)."""
+    cache_dir = Path(cache_dir)
+    folder = cache_dir / "grids" / key
+    image = MappedArray(folder / grid["image"], grid["shape"])
+    mask = MappedArray(folder / grid["mask"], grid["shape"][:3]) if grid["mask"] else None
+    where = MappedArray(folder / grid["where"], (0, 4)) if grid["where"] else None
+    original = None
+    if facts["label"]:
+        labels = MappedArray(cache_dir / facts["label"], facts["shape"])
+        original = OriginalGrid(labels, tuple(facts["spacing"]), slice_axis)
+    stats = case_stats(image.open(), norms, grid["moments"])
+    class_slices = {int(label): slices for label, slices in grid["class_slices"].items()}
+    return CaseArrays(
+        case_id, image, mask, stats, is_volume=True, class_slices=class_slices, original=original, where=where
+    )
