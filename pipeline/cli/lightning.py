@@ -9,9 +9,6 @@ matters) and the loggers (W&B + the ``metrics.csv`` mirror, beside any logger of
 
 from __future__ import annotations
 
-import dataclasses
-import importlib
-import inspect
 import logging
 import os
 import sys
@@ -19,7 +16,6 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from jsonargparse import Namespace
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -27,10 +23,10 @@ from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
+from pipeline.cli.plan import plan_config
 from pipeline.cli.progress import ThrottledProgressBar
 from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.plan import DEFAULT_FEATURES
-from pipeline.models import Network, net_knobs, net_spec, remember_spec
+from pipeline.models import net_knobs, net_spec, remember_spec
 from pipeline.monitors.progress import TrainingCurves
 from pipeline.run.directory import RunConfig
 from pipeline.run.loggers import build_loggers, finish_wandb, read_wandb_id
@@ -97,24 +93,6 @@ def record_network_spec(class_type: type, *args, **kwargs) -> object:
     return net
 
 
-def import_class(class_path: str) -> type:
-    """The class a config's ``class_path`` names."""
-    module, _, name = class_path.rpartition(".")
-    return getattr(importlib.import_module(module), name)
-
-
-def from_namespace(cls: type, namespace: Namespace) -> object:
-    """``cls`` built from a config section; dataclass arguments given as mappings become dataclasses
-    (lists as tuples, as their fields are typed)."""
-    kwargs = namespace.as_dict()
-    for name, parameter in inspect.signature(cls).parameters.items():
-        default = parameter.default
-        if dataclasses.is_dataclass(default) and isinstance(kwargs.get(name), dict):
-            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs[name].items()}
-            kwargs[name] = type(default)(**fields)
-    return cls(**kwargs)
-
-
 class MedsegCLI(LightningCLI):
     """LightningCLI that names the run, creates its directory and sets up loggers and precision."""
 
@@ -131,37 +109,8 @@ class MedsegCLI(LightningCLI):
         parser.link_arguments("data.patch_size", "model.patch_size")
 
     def before_instantiate_classes(self) -> None:
-        """Plan volume data from its training cases before anything is built: the settings the
-        config leaves unset (target spacing, slice axis, patch, batch, and the network's strides and
-        kernel sizes) are filled in here, so ``config.yaml`` records the values the run used."""
-        config = self.config[self.subcommand]
-        net = config.model.net
-        init = net.get("init_args") or Namespace()
-        config.data.spatial_dims = int(init.get("spatial_dims") or 2)
-        net_class = import_class(net.class_path)
-        widths = (
-            net_class.level_widths(init.as_dict()) if issubclass(net_class, Network) else DEFAULT_FEATURES
-        )
-        datamodule = from_namespace(SegmentationDataModule, config.data)
-        plan = datamodule.resolve_plan(widths)
-        if plan is None:
-            return
-        config.data.target_spacing = list(datamodule.target_spacing)
-        config.data.slice_axis = datamodule.slice_axis
-        config.data.patch_size = config.model.patch_size = list(datamodule.patch_size)
-        config.data.batch_size = datamodule.batch_size
-        planned = plan.network(config.data.spatial_dims)
-        accepted = inspect.signature(net_class).parameters if issubclass(net_class, Network) else {}
-        for key in ("strides", "kernel_sizes"):  # per-axis pooling for anisotropic volumes
-            if key in accepted and init.get(key) is None:
-                init[key] = [list(value) for value in getattr(planned, key)]
-        net.init_args = init
-        log.info(
-            "planned: spacing %s mm, patch %s, batch %s",
-            plan.target_spacing,
-            datamodule.patch_size,
-            datamodule.batch_size,
-        )
+        # volume data: the plan fills what the config leaves unset, so config.yaml records it
+        plan_config(self.config[self.subcommand])
 
     def instantiate_classes(self) -> None:
         from torch import nn

@@ -10,10 +10,18 @@ settings (seeded fractions, folds or a split file): ``pipeline.data.plan`` lists
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib
+import inspect
+import logging
 from collections.abc import Sequence
+
+from jsonargparse import Namespace
 
 from pipeline.data.layouts import LAYOUTS
 from pipeline.data.slicing import AXIS_NAMES
+
+log = logging.getLogger(__name__)
 
 
 def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
@@ -104,6 +112,61 @@ def plan_table(dm: object) -> str:
         + (f", {budget.cpu_step_voxels} voxels per step" if device == "cpu" else ""),
     ]
     return "\n".join(lines)
+
+
+def import_class(class_path: str) -> type:
+    """The class a config's ``class_path`` names."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def from_namespace(cls: type, namespace: Namespace) -> object:
+    """``cls`` built from a config section; dataclass arguments given as mappings become dataclasses
+    (lists as tuples, as their fields are typed)."""
+    kwargs = namespace.as_dict()
+    for name, parameter in inspect.signature(cls).parameters.items():
+        default = parameter.default
+        if dataclasses.is_dataclass(default) and isinstance(kwargs.get(name), dict):
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs[name].items()}
+            kwargs[name] = type(default)(**fields)
+    return cls(**kwargs)
+
+
+def plan_config(config: Namespace) -> None:
+    """Plan volume data from its training cases before anything is built (``medseg fit``,
+    ``validate``, ``test``): the settings the config leaves unset (target spacing, slice axis, patch,
+    batch, and a medseg network's strides and kernel sizes) are filled into ``config``, so the run's
+    ``config.yaml`` records the values it used. 2D image data is left as it is."""
+    from pipeline.data.datamodule import SegmentationDataModule
+    from pipeline.data.plan import DEFAULT_FEATURES
+    from pipeline.models import Network
+
+    net = config.model.net
+    init = net.get("init_args") or Namespace()
+    config.data.spatial_dims = int(init.get("spatial_dims") or 2)
+    net_class = import_class(net.class_path)
+    ours = issubclass(net_class, Network)
+    widths = net_class.level_widths(init.as_dict()) if ours else DEFAULT_FEATURES
+    datamodule = from_namespace(SegmentationDataModule, config.data)
+    plan = datamodule.resolve_plan(widths)
+    if plan is None:
+        return
+    config.data.target_spacing = list(datamodule.target_spacing)
+    config.data.slice_axis = datamodule.slice_axis
+    config.data.patch_size = config.model.patch_size = list(datamodule.patch_size)
+    config.data.batch_size = datamodule.batch_size
+    planned = plan.network(config.data.spatial_dims)
+    accepted = inspect.signature(net_class).parameters if ours else {}
+    for key in ("strides", "kernel_sizes"):  # per-axis pooling for anisotropic volumes
+        if key in accepted and init.get(key) is None:
+            init[key] = [list(value) for value in getattr(planned, key)]
+    net.init_args = init
+    log.info(
+        "planned: spacing %s mm, patch %s, batch %s",
+        plan.target_spacing,
+        datamodule.patch_size,
+        datamodule.batch_size,
+    )
 
 
 def plan_command(args: Sequence[str]) -> None:

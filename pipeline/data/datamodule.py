@@ -18,17 +18,17 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data import cache
+from pipeline.data.checkpoint_state import DataCheckpointState
 from pipeline.data.dataset import CaseArrays, CaseDataset, SliceDataset
-from pipeline.data.fingerprint import Fingerprint
 from pipeline.data.layouts import Case, describe, resolve_class_names
-from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
-from pipeline.data.order import global_seed, resumable_loader, resume_position
+from pipeline.data.loaders import auto_workers, evaluation_loader, training_loader
+from pipeline.data.normalization import Normalization
+from pipeline.data.order import global_seed
 from pipeline.data.patches import PatchDataset
-from pipeline.data.plan import DEFAULT_FEATURES, Plan, PlanSettings, make_plan
-from pipeline.data.preprocessing import DEFAULT_SLICE_AXIS, Preprocessing
-from pipeline.data.sampling import EvalBatches, ForegroundSampler
+from pipeline.data.plan import DEFAULT_FEATURES, Plan, PlanSettings
+from pipeline.data.planning import plan_volumes, training_normalization
 from pipeline.data.sources import case_source
-from pipeline.data.split import SPLITS, make_split, read_split
+from pipeline.data.split import SPLITS, make_split, read_split, require_test_split
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
 from pipeline.data.transforms3d import PatchAugmenter3D
 from pipeline.errors import DataError
@@ -36,25 +36,17 @@ from pipeline.files import write_json
 from pipeline.parallel import usable_cores
 
 log = logging.getLogger(__name__)
-MAX_AUTO_WORKERS = 16
 VOLUME_ITERATIONS = 250  # nnU-Net's epoch: a fixed number of steps, whatever the data set's size
 IMAGE_BATCH = 8  # 2D images are not planned: their batch unless set
 
 
-def auto_workers(devices: int = 1) -> int:
-    """Loader workers for ``num_workers: null``: the CPU cores this process may use, shared among
-    the node's ``devices`` (a fast GPU eats augmented 2D slices faster than two workers make them)."""
-    return max(1, min(MAX_AUTO_WORKERS, usable_cores() // max(1, devices)))
-
-
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
     """Cases split by patient; volumes planned and resampled; augmented training loaders.
 
     Args:
         root: data folder (see ``data/README.md`` for the layouts).
         layout: ``auto`` or a layout name from ``pipeline.data.layouts`` (folders, dicom, msd, nnunet).
-        class_names: class names in index order, background first; default from ``dataset.json``
-            or ``classes.json``.
+        class_names: class names, background first; default from ``dataset.json``/``classes.json``.
         label_map: optional ``{stored value: class index}`` applied to masks on load.
         val_fraction: fraction of cases for validation (when not using folds or a split file).
         test_fraction: fraction of cases held out for ``medseg test``.
@@ -66,11 +58,9 @@ class SegmentationDataModule(pl.LightningDataModule):
             (``seed_everything``), so runs with different seeds also see different draws.
         batch_size: training batch per process; None: planned (volumes) or 8 (2D images).
         val_batch_size: 2D images per validation batch (default: ``batch_size``).
-        num_workers: loader worker processes; None: one per CPU core, shared among the node's
-            devices, at most 16 (``auto_workers``).
+        num_workers: loader workers; None: the CPU cores shared among the node's devices, <= 16.
         pin_memory: pin host memory; None pins when CUDA is available.
-        patch_size: training patch, (H, W) or (S, H, W) for a 3D network; None: planned (volumes)
-            or whole images (2D images).
+        patch_size: training patch, (H, W) or (S, H, W); None: planned (volumes), whole 2D images.
         normalization: intensity normalisation (stored in the checkpoint); ``auto`` picks it per
             channel from the modality (CT: foreground-percentile clip + z-score, MR: z-score).
         augmentation: training augmentation.
@@ -82,12 +72,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             resampled to; None: planned (the training cases' median, see ``pipeline.data.plan``).
         spatial_dims: 2 (slices) or 3 (patches); set from the network by ``medseg``.
         plan: the budgets the plan sizes patches and batches for.
-        iterations_per_epoch: training steps per epoch; None: 250 for volumes (nnU-Net's epoch),
-            one pass over the images for 2D images.
+        iterations_per_epoch: steps an epoch; None: 250 (volumes, nnU-Net's), one pass (2D images).
         test_split: what ``medseg test`` scores: ``test`` (the held-out cases; refused when there
             are none) or ``val`` (the validation cases, on purpose).
-        foreground_fraction: probability that a training draw is forced to show foreground
-            (a class drawn first, then a slice and a patch that show it), as nnU-Net's 1/3.
+        foreground_fraction: share of training draws forced to show a class (nnU-Net's 1/3).
         cache_dir: volume cache folder; default ``<root>/.medseg-cache``.
     """
 
@@ -197,41 +185,28 @@ class SegmentationDataModule(pl.LightningDataModule):
         cases only (a validation or test case never shapes them)."""
         if self._channel_norms is None:
             modalities = self.modalities or [None] * self.in_channels
-            foreground = None
-            if needs_foreground(self.normalization, modalities):
-                foreground = self.source.foreground_sample(self.make_split()["train"])
-            self._channel_norms = resolve_channels(self.normalization, modalities, foreground)
+            train = self.make_split()["train"]
+            self._channel_norms = training_normalization(self.source, train, self.normalization, modalities)
         return self._channel_norms
 
     def resolve_plan(self, features: Sequence[int] = DEFAULT_FEATURES) -> Plan | None:
-        """Plan volumes from the training cases and fill every setting left unset (target spacing,
-        slice axis, patch, batch); None for 2D images. Writes ``<cache>/plan.json``.
+        """Plan volumes from the training cases (``pipeline.data.planning``) and fill every setting
+        left unset: target spacing, slice axis, patch, batch. None for 2D images.
 
         Args:
-            features: the network's widths, for the memory estimate and the number of levels.
+            features: the network's widths per level, for the memory estimate and the poolings.
         """
         if not self.volumetric:
             return None
-        train = self.make_split()["train"]
-        facts = self.source.facts(train)
-        foreground = self.source.foreground_sample(train)
-        fingerprint = Fingerprint.of(facts, self.num_classes, foreground)
-        axis = None if self.slice_axis == "auto" else int(self.slice_axis)
-        plan = make_plan(
-            fingerprint, self.plan_settings, features, self.class_names, self.target_spacing, axis
-        )
-        norms = [to_plain(n) for n in self.channel_normalization()]
-        self.plan = Plan(**{**vars(plan), "normalization": norms})
+        self.plan = plan_volumes(self, features)
         network = self.plan.network(self.spatial_dims)
-        self.target_spacing = self.plan.target_spacing
-        self.slice_axis = self.plan.slice_axis
+        self.target_spacing, self.slice_axis = self.plan.target_spacing, self.plan.slice_axis
         self.patch_size = self.patch_size or network.patch
         self.batch_size = self.batch_size or network.batch
         if len(self.patch_size) != self.spatial_dims:
             raise DataError(
                 self.root, f"patch_size {list(self.patch_size)} has not {self.spatial_dims} sides"
             )
-        write_json(self.cache_dir / "plan.json", self.plan.to_json())
         return self.plan
 
     def _load(self, ids: list[str]) -> list[CaseArrays]:
@@ -251,13 +226,8 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         split = self.make_split()
-        if stage == "test" and self.test_split == "test" and not split["test"]:
-            raise DataError(
-                self.root,
-                "this run has no test split, and scoring its validation cases as a test would report them "
-                "twice: hold cases out with --data.test_fraction 0.2 (a new split: train again), or score "
-                "the validation split on purpose with --data.test_split val",
-            )
+        if stage == "test" and self.test_split == "test":
+            require_test_split(split, self.root)
         if self.datasets:
             return
         if self.volumetric and (self.plan is None or self.patch_size is None or self.batch_size is None):
@@ -301,30 +271,22 @@ class SegmentationDataModule(pl.LightningDataModule):
         return iterations * self.batch_size * world_size
 
     def _loader(self, name: str) -> DataLoader:
-        """Training: ``batch_size`` items drawn by a ``ForegroundSampler``; evaluation: whole cases
-        (volumes) or whole 2D images in batches of one size (``EvalBatches``)."""
+        """Training: ``batch_size`` items a step, drawn by a ``ForegroundSampler``; evaluation: whole
+        cases (volumes) or whole 2D images in batches of one size (``pipeline.data.loaders``)."""
         dataset = self.datasets[name]
         workers = self.num_workers
         if workers is None:
             workers = auto_workers(self.trainer.num_devices if self.trainer is not None else 1)
-        common = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
+        options = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
         if name != "train":
-            batches = (
-                dataset if self.volumetric else EvalBatches(dataset, self.val_batch_size or self.batch_size)
-            )
-            return DataLoader(batches, batch_size=None, **common)
-        seed = global_seed(self.seed)
+            batch = None if self.volumetric else self.val_batch_size or self.batch_size
+            return evaluation_loader(dataset, batch, **options)
         world = self.trainer.world_size if self.trainer is not None else 1
-        draws = self.draws_per_epoch(world)
-        sampler = ForegroundSampler(
-            len(dataset), dataset.class_items(), self.foreground_fraction, seed, draws
-        )
-        drop_last = draws > self.batch_size
-        # Resumable mid-epoch, split across DDP ranks, augmentation seeded per sample (pipeline.data.order).
         start, self._train_start = getattr(self, "_train_start", (0, 0)), (0, 0)
-        return resumable_loader(
-            self.trainer, dataset, sampler, self.batch_size, seed, start, drop_last=drop_last, **common
-        )
+        return training_loader(
+            self.trainer, dataset, self.batch_size, self.draws_per_epoch(world), self.foreground_fraction,
+            global_seed(self.seed), start, **options,
+        )  # fmt: skip
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
@@ -334,33 +296,3 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._loader("val" if self.test_split == "val" else "test")
-
-    def preprocessing(self) -> Preprocessing:
-        """What inference needs to reproduce this data's preprocessing (stored in every checkpoint)."""
-        return Preprocessing(
-            class_names=tuple(self.class_names),
-            in_channels=self.in_channels,
-            normalization=tuple(self.channel_normalization()),
-            configured=self.normalization,
-            patch_size=self.patch_size,
-            slice_axis=int(self.slice_axis) if self.volumetric else DEFAULT_SLICE_AXIS,
-            volumetric=self.volumetric,
-            modalities=tuple(self.modalities) if self.modalities else None,
-            layout=self.info.layout,
-            label_map=dict(self.label_map or {}),
-            target_spacing=self.target_spacing if self.volumetric else None,
-            spacing_range=self.plan.spacing_range if self.plan else None,
-            spatial_dims=self.spatial_dims,
-        )
-
-    def state_dict(self) -> dict:
-        # train_position: (epoch, batches trained in it), where a resumed fit's data order continues.
-        position = resume_position(self.trainer)
-        return {
-            "preprocessing": self.preprocessing().to_checkpoint(),
-            "split": self.split,
-            "train_position": position,
-        }
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self._train_start = tuple(state_dict.get("train_position", (0, 0)))

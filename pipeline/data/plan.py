@@ -246,8 +246,10 @@ def make_plan(
     class_names: Sequence[str] = (),
     spacing: Sequence[float] | None = None,
     slice_axis: int | None = None,
+    normalization: Sequence[dict] = (),
 ) -> Plan:
-    """The plan for the training cases' ``fingerprint``; ``spacing`` and ``slice_axis`` override rules 1-2."""
+    """The plan for the training cases' ``fingerprint``; ``spacing`` and ``slice_axis`` override
+    rules 1-2; ``normalization`` (the resolved per-channel settings) is recorded with it."""
     if fingerprint.cases == 0:
         raise ValueError("cannot plan from zero training cases")
     target = tuple(float(s) for s in spacing) if spacing is not None else target_spacing(fingerprint)
@@ -262,5 +264,5 @@ def make_plan(
     return Plan(
         target, axis, tuple(float(n) for n in median_shape),
         (tuple(fingerprint.spacings.min(0).tolist()), tuple(fingerprint.spacings.max(0).tolist())),
-        net_2d, net_3d, settings, fingerprint.summary(class_names),
+        net_2d, net_3d, settings, fingerprint.summary(class_names), list(normalization),
     )  # fmt: skip

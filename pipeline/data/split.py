@@ -59,3 +59,14 @@ def read_split(path: str | Path, case_ids: list[str]) -> dict[str, list[str]]:
     if not split.get("train") or not split.get("val"):
         raise DataError(path, "split needs non-empty 'train' and 'val' lists")
     return {name: list(split.get(name, [])) for name in SPLITS}
+
+
+def require_test_split(split: dict[str, list[str]], root: object) -> None:
+    """Refuse a test of a split without test cases, saying how to make one or score validation."""
+    if not split["test"]:
+        raise DataError(
+            root,
+            "this run has no test split, and scoring its validation cases as a test would report them "
+            "twice: hold cases out with --data.test_fraction 0.2 (a new split: train again), or score "
+            "the validation split on purpose with --data.test_split val",
+        )

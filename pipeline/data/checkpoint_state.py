@@ -1,0 +1,41 @@
+"""The data module's part of a checkpoint: the preprocessing inference needs, the split, and
+where a resumed fit's training order continues."""
+
+from __future__ import annotations
+
+from pipeline.data.order import resume_position
+from pipeline.data.preprocessing import DEFAULT_SLICE_AXIS, Preprocessing
+
+
+class DataCheckpointState:
+    """Mixed into ``SegmentationDataModule``: reads its settings, resolved plan and split."""
+
+    def preprocessing(self) -> Preprocessing:
+        """What inference needs to reproduce this data's preprocessing (stored in every checkpoint)."""
+        return Preprocessing(
+            class_names=tuple(self.class_names),
+            in_channels=self.in_channels,
+            normalization=tuple(self.channel_normalization()),
+            configured=self.normalization,
+            patch_size=self.patch_size,
+            slice_axis=int(self.slice_axis) if self.volumetric else DEFAULT_SLICE_AXIS,
+            volumetric=self.volumetric,
+            modalities=tuple(self.modalities) if self.modalities else None,
+            layout=self.info.layout,
+            label_map=dict(self.label_map or {}),
+            target_spacing=self.target_spacing if self.volumetric else None,
+            spacing_range=self.plan.spacing_range if self.plan else None,
+            spatial_dims=self.spatial_dims,
+        )
+
+    def state_dict(self) -> dict:
+        # train_position: (epoch, batches trained in it), where a resumed fit's data order continues.
+        position = resume_position(self.trainer)
+        return {
+            "preprocessing": self.preprocessing().to_checkpoint(),
+            "split": self.split,
+            "train_position": position,
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self._train_start = tuple(state_dict.get("train_position", (0, 0)))
