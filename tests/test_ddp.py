@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import csv
 import json
 from pathlib import Path
 
 import pytest
 import pytorch_lightning as pl
 
+from pipeline.cli import main
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import build_net
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.module import SegmentationModule
+from tests.conftest import CONFIGS
 from tests.helpers.resume import (
     BEST,
     final_state,
@@ -102,3 +105,41 @@ def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_and_resumes_exactly(
     assert max_difference(weights, reference[0]) <= 1e-6
     assert dice == pytest.approx(reference[1], abs=1e-6)
     assert [step for step, _ in losses] == [step for step, _ in reference[2]] == list(range(steps))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_score_each_volume_once(volume_dir, tmp_path):
+    # 3 validation cases over 2 ranks: one rank gets a padding repeat, scored once
+    runs = tmp_path / "runs"
+    args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / "unet.yaml")]
+    args += ["-c", str(CONFIGS / "data" / "msd.yaml"), "--data.root", str(volume_dir)]
+    args += [
+        "--data.cache_dir",
+        str(tmp_path / "cache"),
+        "--data.test_fraction",
+        "0",
+        "--data.val_fraction",
+        "0.5",
+    ]
+    args += ["--data.iterations_per_epoch", "2", "--trainer.max_epochs", "1", "--data.num_workers", "0"]
+    args += [
+        "--model.net.init_args.features",
+        "[4, 8, 16, 32]",
+        "--model.hd95",
+        "false",
+        "--run.root",
+        str(runs),
+    ]
+    args += ["--run.name", "vol", "--run.wandb", "false", "--trainer.enable_progress_bar", "false"]
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
+    code, err = finish(start_fit([*args, *ddp]), 300)
+    assert code == 0, err[-3000:]
+    run = runs / "default" / "vol"
+    final = json.loads((run / "summary.json").read_text())["final"]
+    main(["validate", "-c", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
+          "--trainer.devices", "1", "--trainer.strategy", "auto"])  # fmt: skip
+    with open(run / "validate" / "metrics.csv") as f:
+        single = {k: float(v) for row in csv.DictReader(f) for k, v in row.items() if v}
+    assert final["val/images"] == single["val/images"] == 3  # per case, the repeat once
+    for key in ("val/dice", "val/dice_organ", "val/dice_lesion", "val/loss", "val/dice_slice"):
+        assert final[key] == pytest.approx(single[key], abs=1e-5), key

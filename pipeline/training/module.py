@@ -26,6 +26,7 @@ from pipeline.training.schedule import WarmupCosine, planned_steps
 
 CHECKPOINT_KEY = "medseg"
 STAGES = ("val", "test")
+MAX_SLICES = 1 << 20  # slice ids of a case: case index x MAX_SLICES + slice
 
 
 class SegmentationModule(pl.LightningModule):
@@ -193,7 +194,8 @@ class SegmentationModule(pl.LightningModule):
         target = batch["target"]
         labels = labels_from_probabilities(logits.float().softmax(0), target.shape)
         self.metrics[stage].update(labels[None], target[None], index, batch["spacing"].tolist())
-        self.slice_metrics[stage].update(labels, target)
+        slices = index * MAX_SLICES + torch.arange(len(target), device=index.device)  # a repeat counts once
+        self.slice_metrics[stage].update(labels, target, slices)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
