@@ -235,3 +235,20 @@ def test_activation_monitor_sees_a_compiled_network_like_an_eager_one(tmp_path):
 def test_monitors_reject_bad_settings(cls, kwargs):
     with pytest.raises(ValueError, match="must be"):
         cls(**kwargs)
+
+
+def test_fixed_samples_of_a_volume_show_the_slice_with_the_largest_foreground_area():
+    from pipeline.monitors.samples import FixedSamples
+
+    mask = torch.zeros(9, 12, 10, dtype=torch.long)
+    mask[2, :2, :2], mask[6, :5, :5] = 1, 2  # slice 6 holds the most foreground
+    case = {"image": torch.arange(9.0).view(1, 9, 1, 1).expand(1, 9, 12, 10), "mask": mask, "target": mask}
+    case |= {"case_id": "ct", "index": 0}
+    flat = FixedSamples(2)
+    flat.capture(case)  # a 2D network: the slice
+    assert flat.names == ["ct slice 6"] and flat.images[0].shape == (1, 12, 10) and flat.images[0].max() == 6
+    block = FixedSamples(2)
+    block.capture(case, spatial_dims=3, depth=4)  # a 3D network: a block around it, that slice shown
+    shown = block.display[0]
+    assert block.images[0].shape == (1, 4, 12, 10) and block.images[0][0, shown].max() == 6
+    assert torch.equal(block.masks[0][shown], mask[6])
