@@ -104,7 +104,7 @@ def run_columns(classes: Sequence[str]) -> list[tuple[str, str]]:
     return [
         ("run", "run"), ("status", "status"), ("params", "params"), ("epochs", "epochs"),
         ("dice", "best val Dice"), *((f"dice_{c}", f"Dice {c}") for c in classes),
-        ("hd95", "HD95 (px)"), ("seconds_per_epoch", "s/epoch"), ("ratio_start", "grad first/last, start"),
+        ("hd95", "HD95 (px; mm for volumes)"), ("seconds_per_epoch", "s/epoch"), ("ratio_start", "grad first/last, start"),
         ("ratio_end", "grad first/last, end"), ("vanishing", "vanishing"), ("exploding", "exploding"),
     ]  # fmt: skip
 
@@ -135,7 +135,7 @@ def variant_table(rows: Sequence[dict], classes: Sequence[str]) -> str:
         body.append(
             [variant, str(len(members)), *(_spread([r[k] for r in members], k) for k in keys), *flags]
         )
-    header = ["variant", "seeds", "best val Dice", *(f"Dice {c}" for c in classes), "HD95 (px)", "s/epoch"]
+    header = ["variant", "seeds", "best val Dice", *(f"Dice {c}" for c in classes), "HD95 (px; mm for volumes)", "s/epoch"]
     return markdown_table(
         [*header, "grad first/last, start", "grad first/last, end", "vanishing", "exploding"], body
     )
