@@ -39,7 +39,7 @@ def test_compare_report_has_a_row_per_run_with_the_numbers_of_its_summary(report
         assert row["best val Dice"] == f"{best['val/dice']:.3f}"
         for cls in ("organ", "lesion", "vessel"):
             assert row[f"Dice {cls}"] == f"{best[f'val/dice_{cls}']:.3f}", cls
-        assert row["HD95 (px)"] == f"{best['val/hd95']:.1f}"
+        assert row["HD95 (px; mm for volumes)"] == f"{best['val/hd95']:.1f}"
         assert row["s/epoch"] == f"{summary['seconds_per_epoch']:.1f}"
         assert row["grad first/last, start"] == f"{grads['first_last_ratio']['start']:.2e}"
         assert row["grad first/last, end"] == f"{grads['first_last_ratio']['end']:.2e}"

@@ -135,7 +135,14 @@ def variant_table(rows: Sequence[dict], classes: Sequence[str]) -> str:
         body.append(
             [variant, str(len(members)), *(_spread([r[k] for r in members], k) for k in keys), *flags]
         )
-    header = ["variant", "seeds", "best val Dice", *(f"Dice {c}" for c in classes), "HD95 (px; mm for volumes)", "s/epoch"]
+    header = [
+        "variant",
+        "seeds",
+        "best val Dice",
+        *(f"Dice {c}" for c in classes),
+        "HD95 (px; mm for volumes)",
+        "s/epoch",
+    ]
     return markdown_table(
         [*header, "grad first/last, start", "grad first/last, end", "vanishing", "exploding"], body
     )
