@@ -55,6 +55,7 @@ from pipeline.data.io import write_png  # noqa: E402
 from pipeline.data.layouts import discover  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 from pipeline.files import atomic_write  # noqa: E402
+from pipeline.run.naming import dataset_name  # noqa: E402
 
 
 def drive_split(ids: list[str], seed: int) -> dict[str, list[str]]:
@@ -206,7 +207,7 @@ def run(argv: Sequence[str]) -> dict:
     split_file = opts.out / opts.dataset / "split.json"
     split = write_split(opts.data, data_set, opts.seed, split_file)
     args = fit_args(opts, split_file, extra)
-    run_dir = opts.out / opts.dataset / opts.name
+    run_dir = opts.out / opts.dataset / dataset_name(opts.data) / opts.name
     start = time.perf_counter()
     if not opts.skip_fit:
         medseg(args)

@@ -53,6 +53,13 @@ def micro_ablation(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) 
     return run_micro_ablation(phantom_dir, tmp_path_factory.mktemp("ablation"))
 
 
+def run_path(runs: Path, experiment: str, data_root: Path, name: str) -> Path:
+    """Where ``medseg fit`` writes run ``name`` of ``experiment`` on ``data_root``."""
+    from pipeline.run.naming import dataset_name
+
+    return runs / experiment / dataset_name(data_root) / name
+
+
 def fit_args(data_root: Path, runs: Path, *extra: str) -> list[str]:
     """``medseg fit`` arguments for a seconds-long CPU run on tiny data."""
     return [

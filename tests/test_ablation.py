@@ -9,8 +9,10 @@ import pytest
 
 from pipeline.cli import main
 from pipeline.errors import DataError
-from pipeline.experiments.ablation import run_all, run_state
+from pipeline.experiments.ablation import run_all
 from pipeline.experiments.suite import Run, plan
+from pipeline.run.directory import run_state
+from pipeline.run.naming import dataset_name
 from tests.conftest import REPO
 from tests.helpers.ablation import RUNS, ablation_args
 
@@ -39,6 +41,8 @@ def test_ablation_plan_names_each_network_of_the_suite_once(monkeypatch):
         in args
     )
     assert "--run.experiment ablation --run.name unet-noskip-sigmoid-default-nonorm-s0" in args
+    # in the folder of the suite's data set (configs/data/synthetic.yaml: data/synthetic), as fit names it
+    assert runs[0].directory == Path("runs/ablation/synthetic") / names[0]
 
     experiment, runs = plan(profile="gpu", only=["unet-relu-kaiming-s?"])
     assert experiment == "ablation-gpu"
@@ -98,20 +102,21 @@ def test_ablation_run_all_skips_done_runs_resumes_interrupted_ones_and_survives_
 
 
 def test_ablation_micro_suite_trains_every_run_then_skips_them(micro_ablation, phantom_dir, capsys):
+    runs = micro_ablation / dataset_name(phantom_dir)  # the data set's folder of the experiment
     for name in RUNS:
-        summary = json.loads((micro_ablation / name / "summary.json").read_text())
+        summary = json.loads((runs / name / "summary.json").read_text())
         assert summary["status"] == "completed" and summary["experiment"] == "micro", name
         assert summary["GradientFlowMonitor"]["logs"] == 2
     record = json.loads((micro_ablation / "suite.json").read_text())
     assert [record["runs"][name]["outcome"] for name in RUNS] == ["completed", "completed"]
     assert record["command"].startswith("medseg ablation --suite ")
-    written = {name: (micro_ablation / name / "summary.json").stat().st_mtime_ns for name in RUNS}
+    written = {name: (runs / name / "summary.json").stat().st_mtime_ns for name in RUNS}
 
     folder = micro_ablation.parents[1]
     main(ablation_args(folder / "suite.yaml", folder / "runs", phantom_dir))
     out = capsys.readouterr().out
     assert out.count(": skipped (completed)") == 2 and "2 skipped" in out
-    assert written == {name: (micro_ablation / name / "summary.json").stat().st_mtime_ns for name in RUNS}
+    assert written == {name: (runs / name / "summary.json").stat().st_mtime_ns for name in RUNS}
 
 
 def test_ablation_stops_at_a_data_error_instead_of_failing_every_run(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.cli import COMMANDS, main
-from tests.conftest import fit_args
+from tests.conftest import fit_args, run_path
 
 HELP_PROBE = "import sys; from pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
 
@@ -42,7 +42,7 @@ def test_cli_keeps_a_tensorboard_logger_of_the_config_beside_wandb(phantom_dir, 
     (events,) = board.rglob("events.out.tfevents.*")
     scalars = EventAccumulator(str(events)).Reload().Tags()["scalars"]
     assert {"train/loss_step", "val/dice", "grad/global"} <= set(scalars)
-    run = tmp_path / "runs" / "default" / "unet-relu-kaiming-d3-s0"
+    run = run_path(tmp_path / "runs", "default", phantom_dir, "unet-relu-kaiming-d3-s0")
     assert any((run / "wandb").glob("offline-run-*")) and "val/dice" in (run / "metrics.csv").read_text()
 
 
@@ -51,7 +51,7 @@ def test_cli_an_empty_wandb_mode_counts_as_unset(phantom_dir, tmp_path, monkeypa
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
     main(fit_args(phantom_dir, tmp_path / "runs"))
-    run = tmp_path / "runs" / "default" / "unet-relu-kaiming-d3-s0"
+    run = run_path(tmp_path / "runs", "default", phantom_dir, "unet-relu-kaiming-d3-s0")
     assert any((run / "wandb").glob("offline-run-*"))  # offline: no key
 
 
@@ -64,7 +64,9 @@ def test_cli_a_monai_network_from_the_config_trains_checkpoints_and_infers(phant
     ]
     net += ["--model.net.init_args.features", "[4, 4, 8, 16, 32, 4]", "--run.wandb", "false"]
     main(fit_args(phantom_dir, tmp_path / "runs", *net))
-    checkpoint = tmp_path / "runs" / "default" / "basicunet-s0" / "checkpoints" / "best.ckpt"
+    checkpoint = (
+        run_path(tmp_path / "runs", "default", phantom_dir, "basicunet-s0") / "checkpoints" / "best.ckpt"
+    )
     images = phantom_dir / "images"
     main(
         ["infer", "--checkpoint", str(checkpoint), "--input", str(images), "--output", str(tmp_path / "out")]

@@ -14,7 +14,7 @@ from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import build_net
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.module import SegmentationModule
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_path
 from tests.helpers.resume import (
     BEST,
     final_state,
@@ -57,7 +57,7 @@ def test_ddp_two_processes_score_each_validation_image_once(phantom_dir, tmp_pat
     code, err = finish(child)
     assert code == 0, err[-3000:]
 
-    run = runs / "resume" / "unet-relu-kaiming-d3-s0"
+    run = run_path(runs, "resume", phantom_dir, "unet-relu-kaiming-d3-s0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["epochs"] == 1
     single = validate_in_one_process(run / "checkpoints" / "last.ckpt", phantom_dir)
@@ -87,7 +87,7 @@ def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_and_resumes_exactly(
     callbacks = [BEST, last_every(0), kill_at(1, "SIGTERM")]
     code, err = finish(start_fit(run_args(phantom_dir, runs, callbacks, *ddp)), 240)
     assert code == 143, err[-3000:]
-    run = runs / "resume" / "unet-relu-kaiming-d3-s0"
+    run = run_path(runs, "resume", phantom_dir, "unet-relu-kaiming-d3-s0")
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2 and checkpoint["optimizer_states"][0]["state"]
     assert json.loads((run / "summary.json").read_text())["status"].startswith("preempted")
@@ -101,7 +101,7 @@ def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_and_resumes_exactly(
     assert code == 0, err[-3000:]
     steps = 2 * steps_per_epoch
     weights, dice, losses, _ = final_state(run, steps=steps)
-    reference = final_state(reference_runs / "resume" / run.name, steps=steps)
+    reference = final_state(run_path(reference_runs, "resume", phantom_dir, run.name), steps=steps)
     assert max_difference(weights, reference[0]) <= 1e-6
     assert dice == pytest.approx(reference[1], abs=1e-6)
     assert [step for step, _ in losses] == [step for step, _ in reference[2]] == list(range(steps))
@@ -134,7 +134,7 @@ def test_ddp_two_processes_score_each_volume_once(volume_dir, tmp_path):
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     code, err = finish(start_fit([*args, *ddp]), 300)
     assert code == 0, err[-3000:]
-    run = runs / "default" / "vol"
+    run = run_path(runs, "default", volume_dir, "vol")
     final = json.loads((run / "summary.json").read_text())["final"]
     main(["validate", "-c", str(run / "config.yaml"), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
           "--trainer.devices", "1", "--trainer.strategy", "auto"])  # fmt: skip

@@ -4,12 +4,12 @@ import json
 import torch
 
 from pipeline.cli import main
-from tests.conftest import fit_args
+from tests.conftest import fit_args, run_path
 
 
 def test_one_epoch_fit_writes_the_run_directory(phantom_dir, tmp_path):
     main(fit_args(phantom_dir, tmp_path / "runs", "--run.experiment", "smoke"))
-    run = tmp_path / "runs" / "smoke" / "unet-relu-kaiming-d3-s0"
+    run = run_path(tmp_path / "runs", "smoke", phantom_dir, "unet-relu-kaiming-d3-s0")
     for name in ("config.yaml", "split.json", "metrics.csv", "summary.json", "plots/progress.png"):
         assert (run / name).is_file(), name
     assert (run / "checkpoints" / "best.ckpt").is_file() and (run / "checkpoints" / "last.ckpt").is_file()

@@ -17,10 +17,10 @@ from pipeline.cli import main
 from pipeline.models import UNet
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.module import SegmentationModule
-from tests.conftest import fit_args
+from tests.conftest import fit_args, run_path
 from tests.helpers.resume import BEST, finish, kill_at, last_every, run_args, start_fit
 
-RUN = "resume/unet-relu-kaiming-d3-s0"
+RUN = "unet-relu-kaiming-d3-s0"  # of experiment "resume"
 STRIDE_WARNING = "Grad strides do not match bucket view strides"
 
 
@@ -96,7 +96,7 @@ def test_fit_bf16_mixed_with_channels_last_and_checks_every_2_steps(phantom_dir,
         "3",
     )
     main(fit_args(phantom_dir, runs, "--run.experiment", "bf16", "--run.wandb", "false", *cuda_path))
-    run = runs / "bf16" / "unet-relu-kaiming-d3-s0"
+    run = run_path(runs, "bf16", phantom_dir, "unet-relu-kaiming-d3-s0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert 0.0 <= summary["final"]["val/dice"] <= 1.0 and not summary["DivergenceGuard"]["diverged"]
@@ -130,7 +130,7 @@ def test_guards_read_every_3_steps_stop_within_3_steps_naming_the_first_bad_one(
     _, error = diverging(phantom_dir, tmp_path / "runs", [BEST, last_every(0)], every=3, batches=5)
     assert "training diverged at step 1 (epoch 0, batch 1)" in error
     assert "Found at step 3 (checked every 3 steps)" in error and "no checkpoint was written yet" in error
-    run = tmp_path / "runs" / RUN
+    run = run_path(tmp_path / "runs", "resume", phantom_dir, RUN)
     assert not (run / "checkpoints").exists() or not any((run / "checkpoints").iterdir())
     assert json.loads((run / "summary.json").read_text())["DivergenceGuard"]["found_at_step"] == 3
 
@@ -139,7 +139,9 @@ def test_guards_read_before_every_checkpoint_so_none_holds_nan_weights(phantom_d
     # last.ckpt every step, flags read every 50: the save after step 1 reads them first and stops
     _, error = diverging(phantom_dir, tmp_path / "runs", [BEST, last_every(1)], every=50)
     assert "training diverged at step 1 (epoch 0, batch 1)" in error and "Found at step 2" in error
-    checkpoint = load_checkpoint(tmp_path / "runs" / RUN / "checkpoints" / "last.ckpt")
+    checkpoint = load_checkpoint(
+        run_path(tmp_path / "runs", "resume", phantom_dir, RUN) / "checkpoints" / "last.ckpt"
+    )
     assert checkpoint["global_step"] == 1  # written after step 0; step 1's save never happened
     weights = {k: v for k, v in checkpoint["state_dict"].items() if k.startswith("net.")}
     assert weights and all(torch.isfinite(v).all() for v in weights.values())
@@ -159,7 +161,7 @@ def test_ddp_channels_last_two_processes_keep_the_fast_path_and_stop_on_sigterm_
     )
     assert code == 143, err[-3000:]
     assert STRIDE_WARNING not in err  # DDP built its buckets after the weights became channels-last
-    checkpoint = load_checkpoint(runs / RUN / "checkpoints" / "last.ckpt")
+    checkpoint = load_checkpoint(run_path(runs, "resume", phantom_dir, RUN) / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 2
     weights = conv_weights(checkpoint["state_dict"])
     assert weights and all(map(channels_last, weights.values()))
@@ -181,7 +183,7 @@ def test_fit_compiled_network_with_the_monitors_on(phantom_dir, tmp_path):
             "false",
         )
     )
-    run = runs / "compiled" / "unet-relu-kaiming-d3-s0"
+    run = run_path(runs, "compiled", phantom_dir, "unet-relu-kaiming-d3-s0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["GradientFlowMonitor"]["logs"] == 2
     dead = summary["ActivationMonitor"]

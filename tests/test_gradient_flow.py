@@ -8,7 +8,7 @@ import warnings
 import pytest
 
 from pipeline.cli import main
-from tests.conftest import fit_args
+from tests.conftest import fit_args, run_path
 
 DEEP = "[4, 8, 16, 32, 64, 64, 64]"  # seven levels: 26 conv layers between the input and the head
 VARIANTS = {
@@ -42,7 +42,9 @@ def test_gradient_flow_vanishing_warning_in_the_first_epoch_only_for_the_deep_no
             )
         )
     messages = [str(w.message) for w in caught if "vanishing gradients" in str(w.message)]
-    summary = json.loads((tmp_path / "runs" / "default" / variant / "summary.json").read_text())
+    summary = json.loads(
+        (run_path(tmp_path / "runs", "default", phantom_dir, variant) / "summary.json").read_text()
+    )
     grads = summary["GradientFlowMonitor"]
     assert summary["epochs"] == 1 and grads["logs"] == 5
     if vanishes:

@@ -12,6 +12,7 @@ from pipeline.cli import main
 from pipeline.errors import TrainingDiverged
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.guards import DivergenceGuard
+from tests.conftest import run_path
 from tests.helpers.resume import BEST, last_every, run_args
 
 
@@ -27,7 +28,7 @@ def test_guards_diverging_learning_rate_stops_at_that_step(phantom_dir, tmp_path
     assert "training diverged at step 1 (epoch 0, batch 1)" in lines[0]
     assert "learning rate" in lines[0] and "last good checkpoint is kept" in lines[0]
 
-    run = runs / "resume" / "unet-relu-kaiming-d3-s0"
+    run = run_path(runs, "resume", phantom_dir, "unet-relu-kaiming-d3-s0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"].startswith("failed: TrainingDiverged")
     event = summary["DivergenceGuard"]

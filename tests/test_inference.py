@@ -24,7 +24,7 @@ from pipeline.inference.cases import find_inputs, safe_name
 from pipeline.inference.writer import OutputLayout
 from pipeline.metrics import SegmentationMetrics
 from pipeline.training.module import SegmentationModule
-from tests.conftest import REPO, fit_args
+from tests.conftest import REPO, fit_args, run_path
 from tests.helpers.dicom import axial_series
 from tests.helpers.validation import scored_cases
 from tests.test_io import oblique_affine
@@ -37,7 +37,7 @@ def trained_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     runs = tmp_path_factory.mktemp("runs")
     extra = ["--run.experiment", "infer", "--run.name", "tiny", "--run.wandb", "false"]
     main(fit_args(phantom_dir, runs, *extra, "--data.patch_size", "[48, 48]", "--model.hd95", "false"))
-    return runs / "infer" / "tiny"
+    return run_path(runs, "infer", phantom_dir, "tiny")
 
 
 @pytest.fixture(scope="session")
@@ -225,7 +225,7 @@ def test_inference_equals_what_validation_scores_on_volumes(tmp_path, monkeypatc
              "--data.patch_size", "[24, 24]", "--data.normalization.mode", "auto",
              "--data.iterations_per_epoch", "2"]  # fmt: skip
     main(fit_args(data, tmp_path / "runs", *extra))
-    run = tmp_path / "runs" / "vol" / "tiny"
+    run = run_path(tmp_path / "runs", "vol", data, "tiny")
     checkpoint = run / "checkpoints" / "last.ckpt"
     scored = scored_cases(run, checkpoint, monkeypatch)
     assert sorted(scored) == json.loads((run / "split.json").read_text())["val"]

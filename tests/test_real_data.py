@@ -113,7 +113,7 @@ def test_real_data_quick_run_writes_scores_inside_the_fov(tmp_path):
     root = make_fundus_set(tmp_path / "drive", ["01", "02", "21", "22", "23", "24", "25"])
     out = tmp_path / "out"
     report = run(["drive", "--quick", "--data", str(root), "--out", str(out), "--", "--run.wandb", "false"])
-    run_dir = out / "drive" / "unet-f8-p128-e2"
+    run_dir = out / "drive" / "drive" / "unet-f8-p128-e2"  # experiment, data folder, run
     written = json.loads((run_dir / "benchmark.json").read_text())
     assert written["split"] == {"train": 4, "val": 1, "test": 2} and written["scored_region"] == "fov"
     assert all(0.0 <= written["test"][key] <= 1.0 for key in KEYS if key != "auc")

@@ -11,6 +11,7 @@ import torch
 from pipeline.cli import main
 from pipeline.errors import CheckpointError
 from pipeline.training.checkpoint import SafeCheckpointIO, load_checkpoint
+from tests.conftest import run_path
 from tests.helpers.resume import (
     BEST,
     MONITORS,
@@ -23,14 +24,14 @@ from tests.helpers.resume import (
     start_fit,
 )
 
-RUN = "resume/unet-relu-kaiming-d3-s0"
+RUN = "unet-relu-kaiming-d3-s0"  # of experiment "resume"
 
 
 @pytest.fixture(scope="module")
 def uninterrupted(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple:
     runs = tmp_path_factory.mktemp("uninterrupted")
     main(run_args(phantom_dir, runs, [BEST, last_every(2), *MONITORS], "--run.wandb", "false"))
-    return final_state(runs / RUN)
+    return final_state(run_path(runs, "resume", phantom_dir, RUN))
 
 
 def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterrupted):
@@ -39,7 +40,7 @@ def test_resume_after_sigkill_mid_epoch_is_exact(phantom_dir, tmp_path, uninterr
     child = start_fit(run_args(phantom_dir, runs, [BEST, last_every(2), *MONITORS, kill_at(5, "SIGKILL")]))
     code, err = finish(child)
     assert code == -9, err[-2000:]
-    run = runs / RUN
+    run = run_path(runs, "resume", phantom_dir, RUN)
     checkpoint = load_checkpoint(run / "checkpoints" / "last.ckpt")
     assert checkpoint["global_step"] == 4 and checkpoint["epoch"] == 1
     assert checkpoint["SegmentationDataModule"]["train_position"] == (1, 1)
@@ -74,7 +75,7 @@ def stopped_by_sigterm(data: Path, runs: Path, step: int = 1) -> Path:
     code, err = finish(child)
     assert code == 143, err[-2000:]
     assert "stopped by SIGTERM" in err
-    return runs / RUN
+    return run_path(runs, "resume", data, RUN)
 
 
 def test_resume_sigterm_saves_a_complete_checkpoint(phantom_dir, tmp_path):

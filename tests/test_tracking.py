@@ -12,7 +12,7 @@ import pytest
 from pipeline.cli import main
 from pipeline.models import UNet
 from pipeline.monitors.layers import parameter_layers
-from tests.conftest import fit_args
+from tests.conftest import fit_args, run_path
 from tests.helpers.wandb_records import OfflineRun, read_offline_run
 
 CLASSES = ("organ", "lesion", "vessel")
@@ -29,7 +29,7 @@ def offline_run(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         warnings.simplefilter("always")
         patch.setattr("pipeline.run.loggers.rank_zero_info", hints.append)
         main(fit_args(phantom_dir, runs, "--run.experiment", "wandb", "--run.log_model", "true", *FIVE_STEPS))
-    run_dir = runs / "wandb" / "unet-relu-kaiming-d3-s0"
+    run_dir = run_path(runs, "wandb", phantom_dir, "unet-relu-kaiming-d3-s0")
     (folder,) = (run_dir / "wandb").glob("offline-run-*")
     return {
         "dir": run_dir,
@@ -89,8 +89,11 @@ def test_tracking_config_name_group_and_tags_describe_the_variant(offline_run):
     assert records.config["model.net.init_args.features"] == [8, 16, 32]
     assert records.config["variant.act"] == "relu" and records.config["variant.params"] > 0
     assert records.config["trainer.max_epochs"] == 1 and records.config["model.lr"] == 0.003
-    assert records.run.display_name == "unet-relu-kaiming-d3-s0" and records.run.run_group == "wandb"
-    assert {"skips:true", "act:relu", "init:kaiming"} <= set(records.run.tags)
+    dataset = offline_run["dir"].parent.name  # the data set's name is part of the W&B run's
+    assert (
+        records.run.display_name == f"{dataset}/unet-relu-kaiming-d3-s0" and records.run.run_group == "wandb"
+    )
+    assert {"skips:true", "act:relu", "init:kaiming", f"dataset:{dataset}"} <= set(records.run.tags)
 
 
 def test_tracking_checkpoints_are_artifacts_and_the_sync_hint_comes_once(offline_run):
@@ -149,7 +152,7 @@ def test_tracking_test_stage_writes_per_case_csv_and_confusion_png_into_the_run(
 
 def test_tracking_test_without_a_test_split_refuses_and_says_how(phantom_dir, tmp_path, capsys):
     main(fit_args(phantom_dir, tmp_path / "runs", "--run.wandb", "false"))
-    run_dir = tmp_path / "runs" / "default" / "unet-relu-kaiming-d3-s0"
+    run_dir = run_path(tmp_path / "runs", "default", phantom_dir, "unet-relu-kaiming-d3-s0")
     with pytest.raises(SystemExit) as exit_info:
         main(
             [

@@ -1,8 +1,9 @@
 """``medseg fit | validate | test``: LightningCLI with medseg's run directory, loggers and safety nets.
 
 What ``MedsegCLI`` adds to a plain LightningCLI, each a named step of ``instantiate_trainer``:
-the run's identity and directory (``runs/<experiment>/<run>/``), a preflight that reads the data
-and the checkpoint before anything is written, the precision for the machine, atomic
+the run's identity and directory (``runs/<experiment>/<dataset>/<run>/``; a fresh fit never
+writes into a directory holding another run), a preflight that reads the data and the checkpoint
+before anything is written, the precision for the machine, atomic
 weights-only checkpoint IO, the always-on callbacks (``always_on_callbacks``: their order
 matters) and the loggers (W&B + the ``metrics.csv`` mirror, beside any logger of the config).
 """
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import sys
 import warnings
 from collections.abc import Sequence
@@ -21,6 +23,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from pytorch_lightning.loggers import CSVLogger, Logger
 from pytorch_lightning.plugins import CheckpointIO
+from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.cli.plan import plan_config
@@ -28,9 +31,9 @@ from pipeline.cli.progress import ThrottledProgressBar
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import net_knobs, net_spec, remember_spec
 from pipeline.monitors.progress import TrainingCurves
-from pipeline.run.directory import RunConfig
+from pipeline.run.directory import RunConfig, check_fresh_fit
 from pipeline.run.loggers import build_loggers, finish_wandb, read_wandb_id
-from pipeline.run.naming import knob_tags, variant_name
+from pipeline.run.naming import RunIdentity, knob_tags, run_identity, variant_name
 from pipeline.run.summary import RunSummary
 from pipeline.training.checkpoint import SafeCheckpointIO, load_checkpoint
 from pipeline.training.checks import StepChecks
@@ -70,7 +73,7 @@ class SaveAndLogConfig(SaveConfigCallback):
 
 
 def always_on_callbacks(
-    subcommand: str, run_dir: Path, run: RunConfig, name: str, seed: int | None
+    subcommand: str, identity: RunIdentity, run: RunConfig, seed: int | None
 ) -> list[Callback]:
     """The callbacks every fit gets, in this order: ``DivergenceGuard`` before ``RunSummary``, so its
     ``on_exception`` runs first and ``summary.json`` records it; ``SigtermCheckpoint`` after every
@@ -80,7 +83,7 @@ def always_on_callbacks(
     if subcommand != "fit":
         return []
     checks = StepChecks(run.sync_every_n_steps)
-    summary = RunSummary(run_dir, name, run.experiment, seed)
+    summary = RunSummary(identity.directory, identity.name, run.experiment, seed, identity.dataset)
     return [DivergenceGuard(checks=checks), BatchSeed(), TrainingCurves(), summary, SigtermCheckpoint(checks)]
 
 
@@ -122,8 +125,13 @@ class MedsegCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs) -> object:
         config = self.config_init[self.subcommand]
         run: RunConfig = config["run"]
-        name, run_dir = self._run_identity(config)
+        identity = self._run_identity(config)
+        name, run_dir = identity.name, identity.directory
+        replace = self._check_run_directory(config.get("ckpt_path"), run, run_dir)
         self._preflight(config.get("ckpt_path"), run_dir)
+        if replace:
+            log.info("replacing the run in %s (--run.overwrite true)", run_dir)
+            shutil.rmtree(run_dir)
         trainer_config = config["trainer"]
         if trainer_config.get("precision") is None:
             kwargs["precision"] = default_precision(trainer_config.get("accelerator"))
@@ -131,26 +139,40 @@ class MedsegCLI(LightningCLI):
         kwargs["plugins"] = self._plugins(trainer_config.get("plugins"))
         callbacks = self._configured_callbacks(trainer_config, run_dir, run)
         kwargs["callbacks"] = callbacks + always_on_callbacks(
-            self.subcommand, run_dir, run, name, config.get("seed_everything")
+            self.subcommand, identity, run, config.get("seed_everything")
         )
         if trainer_config.get("logger") is not False:
-            kwargs["logger"] = self._loggers(trainer_config.get("logger"), run, run_dir, name, config)
+            kwargs["logger"] = self._loggers(trainer_config.get("logger"), run, identity, config)
         if self.subcommand == "fit":
             run_dir.mkdir(parents=True, exist_ok=True)
         params = sum(p.numel() for p in self.model.parameters())
         log.info("run %s -> %s (%s parameters, %s)", name, run_dir, f"{params:,}", net_knobs(self.model.net))
         return super().instantiate_trainer(**kwargs)
 
-    def _run_identity(self, config: dict) -> tuple[str, Path]:
-        """The run's name (given, or from the network's knobs and the seed) and its directory.
-        validate/test report into the run of the checkpoint they score."""
-        run: RunConfig = config["run"]
-        name = run.name or f"{variant_name(self.model.net)}-s{config.get('seed_everything')}"
-        run_dir = Path(run.root) / run.experiment / name
+    def _run_identity(self, config: dict) -> RunIdentity:
+        """The run's name (given, or from the network's knobs, the fold and the seed) and its
+        directory. validate/test report into the run of the checkpoint they score."""
+        data = self.datamodule
+        fold = data.fold if data.num_folds > 1 else None
+        identity = run_identity(
+            config["run"], variant_name(self.model.net), data.root, config.get("seed_everything"), fold
+        )
         ckpt = Path(str(config.get("ckpt_path") or ""))
         if self.subcommand != "fit" and ckpt.parent.name == "checkpoints":
-            run_dir = ckpt.parent.parent
-        return name, run_dir
+            identity = dataclasses.replace(identity, directory=ckpt.parent.parent)
+        return identity
+
+    def _check_run_directory(self, ckpt_path: str | None, run: RunConfig, run_dir: Path) -> bool:
+        """A fit that does not resume this run's own checkpoint must not write into another run:
+        True when that run is to be replaced (``run.overwrite``). Checked once, by the process
+        that starts the fit (DDP workers started later find the directory in use by their own run)."""
+        if self.subcommand != "fit" or rank_zero_only.rank != 0:
+            return False
+        own = run_dir / "checkpoints"
+        resuming = (ckpt_path == "last" and (own / "last.ckpt").is_file()) or (
+            ckpt_path not in (None, "last") and Path(ckpt_path).resolve().parent == own.resolve()
+        )
+        return False if resuming else check_fresh_fit(run_dir, run.overwrite)
 
     @staticmethod
     def _plugins(configured: object) -> list:
@@ -173,26 +195,28 @@ class MedsegCLI(LightningCLI):
         return callbacks
 
     def _loggers(
-        self, configured: object, run: RunConfig, run_dir: Path, name: str, config: dict
+        self, configured: object, run: RunConfig, identity: RunIdentity, config: dict
     ) -> list[Logger]:
         """W&B and the CSV mirror, then the config's own loggers (TensorBoard, MLflow, ...).
 
-        fit: ``<run>/metrics.csv`` and a new (or, with ``--ckpt_path``, the continued) W&B run.
+        fit: ``<run>/metrics.csv`` and a new (or, with ``--ckpt_path``, the continued) W&B run,
+        named ``<dataset>/<run>`` and tagged with the data set, in the run's group.
         validate/test: ``<run>/<stage>/metrics.csv`` (first, so ``config.yaml`` goes there too) and
         the training run's own W&B run, resumed by its id, so the scores sit beside its curves.
         """
+        run_dir, name = identity.directory, identity.wandb_name
         user = [
             c for c in (configured if isinstance(configured, list) else [configured]) if isinstance(c, Logger)
         ]
         if self.subcommand == "fit":
             resume = bool(config.get("ckpt_path"))
-            tags = knob_tags(net_knobs(self.model.net))
-            return [*build_loggers(run_dir, run, name, tags, resume), *user]
+            tags = [*knob_tags(net_knobs(self.model.net)), f"dataset:{identity.dataset}"]
+            return [*build_loggers(run_dir, run, name, tags, resume, group=identity.group), *user]
         stage_csv = CSVLogger(save_dir=str(run_dir), name="", version=self.subcommand)
         wandb_id = read_wandb_id(run_dir)
         wandb = [
             logger
-            for logger in build_loggers(run_dir, run, name, [], resume=True, csv=False)
+            for logger in build_loggers(run_dir, run, name, [], resume=True, csv=False, group=identity.group)
             if wandb_id is not None
         ]
         return [stage_csv, *wandb, *user]

@@ -30,27 +30,11 @@ from pathlib import Path
 from pipeline.cli.lightning import run_lightning
 from pipeline.errors import DataError
 from pipeline.experiments.suite import DEFAULT_SUITE, Run, plan
-from pipeline.files import atomic_write
+from pipeline.files import atomic_write, read_json
+from pipeline.run.directory import run_state
 
 log = logging.getLogger(__name__)
 DONE = ("completed", "diverged")  # run states that are results: a diverged run would diverge again
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError):
-        return {}
-
-
-def run_state(directory: Path) -> str:
-    """``completed`` or ``diverged`` (done), ``resume`` (a ``last.ckpt`` to go on from) or ``new``."""
-    summary = _read_json(directory / "summary.json")
-    if summary.get("status") == "completed":
-        return "completed"
-    if (summary.get("DivergenceGuard") or {}).get("diverged"):
-        return "diverged"
-    return "resume" if (directory / "checkpoints" / "last.ckpt").is_file() else "new"
 
 
 def _minutes(seconds: float) -> str:
@@ -58,7 +42,7 @@ def _minutes(seconds: float) -> str:
 
 
 def _best_dice(directory: Path) -> str:
-    best = _read_json(directory / "summary.json").get("best", {})
+    best = read_json(directory / "summary.json").get("best", {})
     dice = best.get("val/dice")
     return f", best val/dice {dice:.3f} (epoch {best.get('epoch')})" if dice is not None else ""
 
@@ -69,6 +53,7 @@ def run_all(
     command: str,
     fit: Callable[[Sequence[str]], None],
     report: Callable[[str], None] = log.info,
+    label: str = "ablation",
 ) -> dict[str, int]:
     """Fit every run that is not done, one after the other; returns the count of each outcome.
 
@@ -81,9 +66,10 @@ def run_all(
         command: the command line, for the record.
         fit: runs ``medseg`` with the given arguments (``pipeline.cli.lightning.run_lightning``).
         report: where the progress lines go.
+        label: the command named in the closing line.
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
-    state = {"command": command, "started": started, "runs": _read_json(record).get("runs", {})}
+    state = {"command": command, "started": started, "runs": read_json(record).get("runs", {})}
     counts = {"trained": 0, "skipped": 0, "diverged": 0, "failed": 0}
     start, trained_seconds = time.perf_counter(), []
     width = len(str(len(runs)))
@@ -124,7 +110,7 @@ def run_all(
         state["wall_seconds"] = round(time.perf_counter() - start, 1)
         atomic_write(record, lambda tmp: Path(tmp).write_text(json.dumps(state, indent=2)))
     report(
-        f"ablation: {counts['trained']} trained, {counts['skipped']} skipped, {counts['diverged']} "
+        f"{label}: {counts['trained']} trained, {counts['skipped']} skipped, {counts['diverged']} "
         f"diverged, {counts['failed']} failed in {_minutes(time.perf_counter() - start)}"
     )
     return counts

@@ -2,7 +2,8 @@
 
 A suite names shared configs, model configs, profiles (experiment folder, seeds, per-network widths)
 and an optional grid of network knobs; ``plan`` composes each run's complete arguments and names
-it exactly as ``medseg fit`` would (from the network's knobs and the seed).
+it exactly as ``medseg fit`` would (from the network's knobs and the seed), in the data set's
+folder of the experiment (``runs/<experiment>/<dataset>/<run>``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 import yaml
 
+from pipeline.cli.identity import fit_settings
 from pipeline.errors import DataError
 from pipeline.models import build_net
 from pipeline.run.naming import variant_name
@@ -128,7 +130,7 @@ def plan(
     shared = [arg for config in suite.get("configs") or [] for arg in ("-c", str(config))]
     profile_configs = [arg for config in settings.get("configs") or [] for arg in ("-c", str(config))]
     tags = json.dumps(["ablation", f"profile:{profile}"])
-    runs: list[Run] = []
+    runs: list[tuple[str, list[str]]] = []
     networks: dict[str, dict] = {}
     for model, knobs in variants(suite):
         config, net = _model_config(model_dir, model)
@@ -152,5 +154,9 @@ def plan(
             args = ["fit", *shared, "-c", str(config), *profile_configs, *knob_flags]
             args += ["--seed_everything", str(seed), "--run.experiment", experiment, "--run.name", name]
             args += ["--run.root", str(root), "--run.tags", tags, *extra]
-            runs.append(Run(name, Path(root) / experiment / name, tuple(args)))
-    return experiment, runs
+            runs.append((name, args))
+    if not runs:
+        return experiment, []
+    # Every run reads the same data: its folder (the data set's name) is parsed once, as `fit` would.
+    folder = fit_settings(runs[0][1]).identity().directory.parent
+    return experiment, [Run(name, folder / name, tuple(args)) for name, args in runs]

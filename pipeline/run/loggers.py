@@ -38,10 +38,16 @@ def wandb_mode() -> str:
 
 
 def build_loggers(
-    run_dir: Path, run: RunConfig, name: str, tags: list[str], resume: bool = False, csv: bool = True
+    run_dir: Path,
+    run: RunConfig,
+    name: str,
+    tags: list[str],
+    resume: bool = False,
+    csv: bool = True,
+    group: str | None = None,
 ) -> list[Logger]:
-    """If enabled, a W&B logger in ``run_dir/wandb``; with ``csv``, a CSV logger writing
-    ``run_dir/metrics.csv``.
+    """If enabled, a W&B logger in ``run_dir/wandb`` (run ``name``, in ``group``, default the
+    experiment); with ``csv``, a CSV logger writing ``run_dir/metrics.csv``.
 
     ``resume`` (``fit --ckpt_path``, validate, test): continue the run's W&B run (its id from
     ``wandb_id.txt``) and keep its earlier metrics.csv rows.
@@ -53,7 +59,7 @@ def build_loggers(
             WandbLogger(
                 name=name,
                 project=run.project,
-                group=run.experiment,
+                group=group or run.experiment,
                 tags=[*tags, *run.tags],
                 save_dir=str(run_dir),
                 # wandb's own mode, not Lightning's `offline` flag: that one refuses log_model (wandb

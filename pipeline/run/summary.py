@@ -36,9 +36,11 @@ class RunSummary(pl.Callback):
     Any callback with a ``summary() -> dict`` method adds its section under its class name.
     """
 
-    def __init__(self, run_dir: str | Path, run_name: str, experiment: str, seed: int | None) -> None:
+    def __init__(
+        self, run_dir: str | Path, run_name: str, experiment: str, seed: int | None, dataset: str = ""
+    ) -> None:
         self.run_dir = Path(run_dir)
-        self.meta = {"run_name": run_name, "experiment": experiment, "seed": seed}
+        self.meta = {"run_name": run_name, "experiment": experiment, "dataset": dataset, "seed": seed}
         self.best: dict[str, float] = {}
         self.epoch_seconds: list[float] = []
         self._epoch_start = 0.0
