@@ -77,6 +77,10 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             are none) or ``val`` (the validation cases, on purpose).
         foreground_fraction: share of training draws forced to show a class (nnU-Net's 1/3).
         cache_dir: volume cache folder; default ``<root>/.medseg-cache``.
+        plan_cases: the cases the plan and the normalisation statistics are measured on:
+            ``train``, or ``train_val`` (every case outside the test split, as nnU-Net's
+            cross-validation does: ``medseg cv`` sets it, so that all folds share one
+            preprocessing and their checkpoints can be ensembled).
     """
 
     def __init__(
@@ -107,6 +111,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         test_split: str = "test",
         foreground_fraction: float = 1 / 3,
         cache_dir: str | None = None,
+        plan_cases: str = "train",
     ) -> None:
         super().__init__()
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
@@ -119,6 +124,8 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
         if test_split not in ("test", "val"):
             raise ValueError(f"test_split must be 'test' or 'val', got {test_split!r}")
+        if plan_cases not in ("train", "train_val"):
+            raise ValueError(f"plan_cases must be 'train' or 'train_val', got {plan_cases!r}")
         if iterations_per_epoch is not None and iterations_per_epoch < 1:
             raise ValueError(f"iterations_per_epoch must be >= 1 (or null), got {iterations_per_epoch}")
         self.root = Path(root)
@@ -137,6 +144,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         self.target_spacing = tuple(float(s) for s in target_spacing) if target_spacing else None
         self.spatial_dims, self.plan_settings = spatial_dims, plan
         self.iterations_per_epoch, self.test_split = iterations_per_epoch, test_split
+        self.plan_cases = plan_cases
         self.cache_dir = Path(cache_dir) if cache_dir else cache.default_cache_dir(self.root)
         self.info = describe(self.root, layout)
         self.cases: list[Case] = self.info.cases
@@ -180,18 +188,25 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
                 )
         return self.split
 
+    def plan_ids(self) -> list[str]:
+        """The cases the plan and the statistics come from (``plan_cases``), sorted."""
+        split = self.make_split()
+        return sorted(split["train"] + (split["val"] if self.plan_cases == "train_val" else []))
+
     def channel_normalization(self) -> list[Normalization]:
         """One resolved ``Normalization`` per input channel, data-set statistics from the training
-        cases only (a validation or test case never shapes them)."""
+        cases only (``plan_cases``: with the validation cases too under ``medseg cv``; a test case
+        never shapes them)."""
         if self._channel_norms is None:
             modalities = self.modalities or [None] * self.in_channels
-            train = self.make_split()["train"]
-            self._channel_norms = training_normalization(self.source, train, self.normalization, modalities)
+            self._channel_norms = training_normalization(
+                self.source, self.plan_ids(), self.normalization, modalities
+            )
         return self._channel_norms
 
     def resolve_plan(self, features: Sequence[int] = DEFAULT_FEATURES) -> Plan | None:
-        """Plan volumes from the training cases (``pipeline.data.planning``) and fill every setting
-        left unset: target spacing, slice axis, patch, batch. None for 2D images.
+        """Plan volumes from the training cases (``plan_cases``; ``pipeline.data.planning``) and fill
+        every setting left unset: target spacing, slice axis, patch, batch. None for 2D images.
 
         Args:
             features: the network's widths per level, for the memory estimate and the poolings.

@@ -1,7 +1,8 @@
 """The data module's planning step: the training cases' fingerprint and statistics in, a plan out.
 
-Only the training split is read (never a validation or test case): the fingerprint that the plan
-is made from (``pipeline.data.plan``) and the CT normalisation statistics alike. The plan is
+Only the training split is read (never a test case, and a validation case only under ``medseg
+cv``'s ``data.plan_cases: train_val``): the fingerprint that the plan is made from
+(``pipeline.data.plan``) and the CT normalisation statistics alike. The plan is
 written to ``<cache>/plan.json`` (and, by ``RunSummary``, to the run directory).
 """
 
@@ -27,7 +28,7 @@ def plan_volumes(datamodule: object, features: Sequence[int]) -> Plan:
     """The plan of a ``SegmentationDataModule``'s training cases, its explicit target spacing and
     slice axis kept, the resolved normalisation recorded; written to ``<cache>/plan.json``."""
     dm = datamodule
-    train = dm.make_split()["train"]
+    train = dm.plan_ids()
     fingerprint = Fingerprint.of(dm.source.facts(train), dm.num_classes, dm.source.foreground_sample(train))
     axis = None if dm.slice_axis == "auto" else int(dm.slice_axis)
     norms = [to_plain(n) for n in dm.channel_normalization()]
