@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import numpy as np
 from scipy import ndimage
 
@@ -13,7 +15,9 @@ PALETTE = np.array(
 )  # fmt: skip
 
 
-def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
+def keep_largest_component(
+    labels: np.ndarray, num_classes: int, classes: Iterable[int] | None = None
+) -> np.ndarray:
     """Per foreground class keep only its largest connected component; the rest becomes background.
 
     Connectivity is face-adjacency (6 in 3D, 4 in 2D), nnU-Net's choice for this step.
@@ -21,9 +25,11 @@ def keep_largest_component(labels: np.ndarray, num_classes: int) -> np.ndarray:
     Args:
         labels: (S, H, W) class indices; a stack of slices is treated as one volume.
         num_classes: classes including background.
+        classes: the class indices to treat (``medseg cv`` decides which, from validation);
+            None: every foreground class.
     """
     out = labels.copy()
-    for cls in range(1, num_classes):
+    for cls in range(1, num_classes) if classes is None else classes:
         components, count = ndimage.label(labels == cls)
         if count > 1:
             sizes = np.bincount(components.ravel())

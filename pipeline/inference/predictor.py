@@ -10,6 +10,7 @@ import torch
 
 from pipeline.data.resample import resample_probabilities
 from pipeline.inference.cases import describe
+from pipeline.inference.ensemble import Ensemble
 from pipeline.training.module import SegmentationModule
 
 
@@ -20,7 +21,8 @@ class CasePredictor(pl.LightningModule):
     probabilities brought back to the case's own grid before the arg max.
 
     Args:
-        segmenter: the trained module (``pipeline.training.checkpoint.load_model``).
+        segmenter: the trained module (``pipeline.training.checkpoint.load_model``), or an
+            ``Ensemble`` of several with the same ``predict_case``.
         batch_size: slices (or windows) per forward pass; None: the checkpoint's ``sw_batch_size``,
             as validation uses.
         tta: mirroring test-time augmentation (every spatial axis the network sees).
@@ -29,7 +31,7 @@ class CasePredictor(pl.LightningModule):
 
     def __init__(
         self,
-        segmenter: SegmentationModule,
+        segmenter: SegmentationModule | Ensemble,
         batch_size: int | None = None,
         tta: bool = False,
         probabilities: bool = False,

@@ -1,7 +1,9 @@
 """``medseg infer``: segment new scans with a trained checkpoint, no config needed::
 
-    medseg infer --checkpoint runs/default/<run>/checkpoints/best.ckpt --input scans/ --output masks/
+    medseg infer --checkpoint runs/default/<dataset>/<run>/checkpoints/best.ckpt --input scans/ --output masks/
     medseg infer ... --tta --largest-component --save-probabilities --overlays --devices 2
+    medseg infer --checkpoint f0.ckpt f1.ckpt f2.ckpt ...     # an ensemble: the mean softmax
+    medseg infer --model-dir runs/default/<dataset>/<variant>-cv5-s0 ...   # a CV's folds + postprocessing
 
 ``Trainer.predict`` runs ``CasePredictor`` over an ``InferenceDataset`` (one case per step, loaded
 in loader workers) and ``CaseWriter`` writes each case as it is done. With ``devices`` > 1 the
@@ -27,10 +29,10 @@ from torch.utils.data import DataLoader
 
 from pipeline.errors import DataError
 from pipeline.inference.cases import InferenceDataset, InputCase, find_inputs, first_item
+from pipeline.inference.ensemble import load_models, read_model_dir
 from pipeline.inference.predictor import CasePredictor
 from pipeline.inference.progress import SliceProgress
 from pipeline.inference.writer import CaseWriter, OutputLayout
-from pipeline.training.checkpoint import load_model
 from pipeline.training.precision import default_precision
 
 log = logging.getLogger(__name__)
@@ -108,7 +110,7 @@ def quiet_lightning() -> Iterator[None]:
 
 
 def infer(
-    checkpoint: str | Path,
+    checkpoint: str | Path | Sequence[str | Path],
     inputs: Sequence[str | Path],
     output: str | Path,
     batch_size: int | None = None,
@@ -119,13 +121,14 @@ def infer(
     overwrite: bool = False,
     save_probabilities: bool = False,
     overlays: bool = False,
-    largest_component: bool = False,
+    largest_component: bool | Sequence[str] = False,
     progress_bar: bool = True,
 ) -> InferenceResult:
     """Segment every case under ``inputs`` into ``output``; see the module docstring.
 
     Args:
-        checkpoint: a ``medseg fit`` checkpoint (loaded with ``weights_only=True``).
+        checkpoint: a ``medseg fit`` checkpoint (loaded with ``weights_only=True``), or several:
+            an ensemble averaging their softmax (``pipeline.inference.ensemble``).
         inputs: files and folders (NIfTI, DICOM series folders, 2D images).
         output: output folder (created if needed).
         batch_size: slices (or windows) per forward pass; None: the checkpoint's, as validation.
@@ -136,15 +139,19 @@ def infer(
         overwrite: replace existing outputs (otherwise refuse before doing any work).
         save_probabilities: write float16 softmax probabilities per case (``.npz``).
         overlays: write overlay PNGs (the middle slice of volumes).
-        largest_component: keep only the largest connected component of each class.
+        largest_component: keep only the largest connected component of each foreground class
+            (True) or of the classes named.
         progress_bar: show a progress bar over the input slices.
 
     Raises:
-        DataError: a bad checkpoint, missing inputs, or outputs that exist already.
+        DataError: a bad checkpoint, checkpoints that disagree, an unknown class, missing inputs,
+            or outputs that exist already.
     """
     if devices < 1 or num_workers < 0:
         raise ValueError(f"devices must be >= 1 and num_workers >= 0, got {devices} and {num_workers}")
-    module, prep = load_model(checkpoint)
+    paths = [checkpoint] if isinstance(checkpoint, (str, Path)) else list(checkpoint)
+    module, prep = load_models(paths)
+    kept = component_classes(largest_component, prep.class_names, paths[0])
     cases = find_inputs(inputs, prep.in_channels)
     layout = OutputLayout(Path(output), save_probabilities, overlays)
     check_outputs(cases, layout, overwrite)
@@ -152,7 +159,7 @@ def infer(
     if devices > len(cases):  # Lightning's unrepeated sampler needs a case for every rank
         log.info("%d case(s): using %d device(s) instead of %d", len(cases), len(cases), devices)
         devices = len(cases)
-    writer = CaseWriter(layout, prep, largest_component)
+    writer = CaseWriter(layout, prep, kept)
     with quiet_lightning():
         trainer = _trainer(
             accelerator,
@@ -183,11 +190,38 @@ def infer(
     )
 
 
+def component_classes(
+    chosen: bool | Sequence[str], class_names: Sequence[str], checkpoint: str | Path
+) -> list[int]:
+    """Class indices for ``largest_component``: every foreground class for True, none for False.
+
+    Raises:
+        DataError: a name that is no foreground class of the checkpoint.
+    """
+    if isinstance(chosen, bool):
+        return list(range(1, len(class_names))) if chosen else []
+    unknown = [name for name in chosen if name not in class_names[1:]]
+    if unknown:
+        raise DataError(
+            checkpoint,
+            f"has no foreground class {unknown[0]!r} to post-process; its classes: {list(class_names)}",
+        )
+    return [class_names.index(name) for name in chosen]
+
+
 def infer_command(args: Sequence[str]) -> None:
     """``medseg infer``: prints a summary; exits 1 when any case failed."""
     parser = argparse.ArgumentParser(prog="medseg infer", description="Segment new scans with a checkpoint.")
     add = parser.add_argument
-    add("--checkpoint", required=True, help="a medseg fit checkpoint (e.g. best.ckpt)")
+    models = parser.add_mutually_exclusive_group(required=True)
+    models.add_argument(
+        "--checkpoint", nargs="+", help="a medseg fit checkpoint (e.g. best.ckpt); several: their ensemble"
+    )
+    models.add_argument(
+        "--model-dir",
+        help="a medseg cv folder: the ensemble of its folds' best checkpoints, with the postprocessing "
+        "chosen on their validation",
+    )
     add("--input", required=True, nargs="+", help="NIfTI files, DICOM series folders, images, folders")
     add("--output", required=True, help="output folder")
     add(
@@ -203,10 +237,19 @@ def infer_command(args: Sequence[str]) -> None:
     add("--overwrite", action="store_true", help="replace existing outputs")
     add("--save-probabilities", action="store_true", help="write probabilities/<case>.npz (float16)")
     add("--overlays", action="store_true", help="write overlays/<case>.png")
-    add("--largest-component", action="store_true", help="keep each class's largest connected component")
+    add(
+        "--largest-component",
+        action="store_true",
+        help="keep each class's largest connected component (with --model-dir: for every class, not "
+        "only those the CV chose)",
+    )
     opts = parser.parse_args(args)
+    checkpoints, largest = opts.checkpoint, opts.largest_component
+    if opts.model_dir:
+        checkpoints, chosen = read_model_dir(opts.model_dir)
+        largest = largest or chosen
     result = infer(
-        opts.checkpoint,
+        checkpoints,
         opts.input,
         opts.output,
         batch_size=opts.batch_size,
@@ -217,7 +260,7 @@ def infer_command(args: Sequence[str]) -> None:
         overwrite=opts.overwrite,
         save_probabilities=opts.save_probabilities,
         overlays=opts.overlays,
-        largest_component=opts.largest_component,
+        largest_component=largest,
     )
     if result.is_global_zero:
         print(f"{len(result.ok)} ok, {len(result.failed)} failed -> {result.table}")

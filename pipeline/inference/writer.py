@@ -12,6 +12,7 @@ import csv
 import io
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -92,14 +93,17 @@ class CaseWriter(BasePredictionWriter):
     Args:
         layout: output paths.
         prep: the checkpoint's preprocessing (class names, slice axis).
-        largest_component: keep only the largest connected component of each foreground class.
+        largest_component: the foreground classes (indices) of which only the largest connected
+            component is kept.
     """
 
-    def __init__(self, layout: OutputLayout, prep: Preprocessing, largest_component: bool = False) -> None:
+    def __init__(
+        self, layout: OutputLayout, prep: Preprocessing, largest_component: Sequence[int] = ()
+    ) -> None:
         super().__init__(write_interval="batch")
         self.layout = layout
         self.prep = prep
-        self.largest_component = largest_component
+        self.largest_component = tuple(largest_component)
         self.rows: list[dict] = []
 
     def write_on_batch_end(
@@ -135,7 +139,7 @@ class CaseWriter(BasePredictionWriter):
         labels = prediction["labels"].numpy()  # (S, H, W), the case's own grid in slice order
         names = self.prep.class_names
         if self.largest_component:
-            labels = keep_largest_component(labels, len(names))
+            labels = keep_largest_component(labels, len(names), self.largest_component)
         probs = prediction["probabilities"]
         probs = None if probs is None else np.moveaxis(probs.numpy(), 0, -1)  # (S, H, W, K)
         geometry = batch["geometry"]
