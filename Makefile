@@ -16,7 +16,7 @@ CONFIGS := -c configs/default.yaml -c configs/model/$(MODEL).yaml -c configs/dat
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train infer ablation compare bench gpu-check test test-slow lint clean
+.PHONY: help install data train infer cv ablation compare bench gpu-check test test-slow lint clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -40,6 +40,9 @@ train: install data ## train MODEL (configs/model/*.yaml) on DATA (configs/data/
 infer: install ## segment new scans: make infer CKPT=<run>/checkpoints/best.ckpt INPUT=scans/ OUTPUT=masks/ (ARGS= adds flags)
 	@test -n "$(CKPT)" -a -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "usage: make infer CKPT=best.ckpt INPUT=scans/ OUTPUT=masks/ [ARGS=--tta]"; exit 2; }
 	$(BIN)/medseg infer --checkpoint $(CKPT) --input $(INPUT) --output $(OUTPUT) $(ARGS)
+
+cv: install data ## k-fold cross-validation of MODEL on DATA (k: --data.num_folds, default 5; resumable), out-of-fold scores, postprocessing; ARGS= adds flags
+	$(BIN)/medseg cv $(CONFIGS) $(ARGS)
 
 ablation: install data ## train the ablation suite (configs/experiment/ablation.yaml; resumable); ARGS= adds flags, e.g. --dry-run
 	$(BIN)/medseg ablation $(ARGS)

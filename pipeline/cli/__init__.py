@@ -6,6 +6,7 @@ right, the last wins)::
 
     medseg fit -c configs/default.yaml -c configs/model/unet.yaml -c configs/data/synthetic.yaml
     medseg validate -c <run>/config.yaml --ckpt_path <run>/checkpoints/best.ckpt
+    medseg cv -c configs/default.yaml -c configs/model/unet.yaml -c configs/data/synthetic.yaml
     medseg fit ... --print_config          # the full config, to start a new file
 """
 
@@ -39,7 +40,15 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.experiments.ablation:ablation_command",
         "train every variant of an ablation suite",
     ),
+    "cv": (
+        "pipeline.experiments.cv:cv_command",
+        "k-fold cross-validation: train every fold, out-of-fold scores, postprocessing",
+    ),
     "compare": ("pipeline.experiments.compare:compare_command", "compare run directories: report and plots"),
+    "export": (
+        "pipeline.experiments.export:export_command",
+        "export a network to ONNX or TorchScript with its preprocessing.json",
+    ),
 }
 
 

@@ -54,6 +54,7 @@ def run_all(
     fit: Callable[[Sequence[str]], None],
     report: Callable[[str], None] = log.info,
     label: str = "ablation",
+    done: Sequence[str] = DONE,
 ) -> dict[str, int]:
     """Fit every run that is not done, one after the other; returns the count of each outcome.
 
@@ -67,6 +68,8 @@ def run_all(
         fit: runs ``medseg`` with the given arguments (``pipeline.cli.lightning.run_lightning``).
         report: where the progress lines go.
         label: the command named in the closing line.
+        done: the run states that are skipped (``medseg cv`` needs every fold completed: a
+            diverged fold is fitted again, which stops unless it is resumed or replaced).
     """
     started = datetime.now(timezone.utc).isoformat(timespec="seconds")
     state = {"command": command, "started": started, "runs": read_json(record).get("runs", {})}
@@ -76,7 +79,7 @@ def run_all(
     for i, run in enumerate(runs, 1):
         prefix = f"[{i:>{width}}/{len(runs)}] {run.name}"
         before = run_state(run.directory)
-        if before in DONE:
+        if before in done:
             counts["skipped"] += 1
             report(f"{prefix}: skipped ({before})")
             continue
@@ -95,7 +98,7 @@ def run_all(
         outcome = outcome if outcome in DONE else "failed"
         counts["trained" if outcome == "completed" else outcome] += 1
         trained_seconds.append(seconds)
-        left = statistics.fmean(trained_seconds) * sum(run_state(r.directory) not in DONE for r in runs[i:])
+        left = statistics.fmean(trained_seconds) * sum(run_state(r.directory) not in done for r in runs[i:])
         detail = _best_dice(run.directory) if outcome != "failed" else f": {error or 'no summary.json'}"
         report(
             f"{prefix}: {outcome} in {seconds:.0f} s{detail} "

@@ -1,0 +1,255 @@
+"""``medseg cv``: k-fold cross-validation of one configuration, nnU-Net's workflow, resumable::
+
+    medseg cv -c configs/default.yaml -c configs/model/unet.yaml -c configs/data/synthetic.yaml
+    medseg cv ... --data.num_folds 3 --data.test_fraction 0.2   # k from the config (default 5)
+    medseg cv --dry-run ...                                     # the folds and which are done
+    medseg infer --model-dir runs/<experiment>/<dataset>/<variant>-cv5-s0 --input scans/ --output masks/
+
+Every flag but ``--dry-run`` and ``--tta`` goes to each fold's ``medseg fit``. The folds train one
+after the other in this process (``pipeline.experiments.ablation.run_all``: a completed fold is
+skipped, an interrupted one resumes from its ``last.ckpt``), each an ordinary run named
+``<variant>-f<fold>-s<seed>`` in the data set's folder of the experiment, all in one W&B group.
+Folds are cut by case, seeded by ``data.seed`` (not the run's seed) after the test cases, so
+variants compare on the same cases; ``splits.json`` stores them. Every fold plans and normalises
+from all cases outside the test split (``data.plan_cases: train_val``, as nnU-Net), so the folds
+share one preprocessing and their checkpoints ensemble.
+
+Then each fold's best checkpoint segments its validation cases with ``medseg infer`` (into
+``<fold run>/validation/``), those out-of-fold predictions are scored and choose the
+postprocessing (``pipeline.experiments.cv_scores``). The CV folder ``<variant>-cv<k>-s<seed>/``
+beside the fold runs holds ``splits.json``, ``folds.json`` (each fold's outcome and time),
+``postprocessing.json``, ``cv_summary.json`` and ``cv_report.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import logging
+import os
+import shlex
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.cli.identity import FitSettings, fit_settings
+from pipeline.cli.lightning import run_lightning
+from pipeline.data.layouts import Case, describe
+from pipeline.data.preprocessing import Preprocessing
+from pipeline.data.split import make_split
+from pipeline.data.volumes import is_volume_case
+from pipeline.errors import DataError
+from pipeline.experiments.ablation import run_all
+from pipeline.experiments.cv_report import write_report
+from pipeline.experiments.cv_scores import CaseResult, evaluate_case, summarise
+from pipeline.experiments.suite import Run
+from pipeline.files import read_json, write_json
+from pipeline.inference.ensemble import CV_SUMMARY, POSTPROCESSING, check_shared
+from pipeline.inference.run import infer
+from pipeline.run.directory import run_state
+from pipeline.training.checkpoint import load_checkpoint
+from pipeline.training.module import CHECKPOINT_KEY
+
+log = logging.getLogger(__name__)
+DEFAULT_FOLDS = 5  # nnU-Net's
+SPLITS = "splits.json"
+
+
+@dataclass(frozen=True)
+class CrossValidation:
+    """The folds of one configuration.
+
+    Attributes:
+        folder: the CV folder, ``<experiment>/<dataset>/<variant>-cv<k>-s<seed>``.
+        runs: one ``medseg fit`` per fold, in fold order.
+        splits: per fold, its ``{"train", "val", "test"}`` case ids.
+        settings: the parsed fit settings (data section, identity).
+    """
+
+    folder: Path
+    runs: list[Run]
+    splits: list[dict[str, list[str]]]
+    settings: FitSettings
+
+
+def plan_cv(fit_args: Sequence[str]) -> CrossValidation:
+    """The folds of the configuration that ``fit_args`` (``medseg fit`` flags) describe.
+
+    Raises:
+        DataError: ``--run.name`` or ``--data.split_file`` given (the CV names and cuts its folds),
+            too few cases, or a missing data folder.
+    """
+    settings = fit_settings(["fit", *fit_args])
+    data = settings.data
+    if settings.run.name:
+        raise DataError("--run.name", "medseg cv names its fold runs <variant>-f<fold>-s<seed>: drop it, "
+                        "and keep CVs apart with --run.experiment")  # fmt: skip
+    if data["split_file"]:
+        raise DataError(data["split_file"], "medseg cv cuts its own folds: drop --data.split_file")
+    folds = data["num_folds"] if data["num_folds"] > 1 else DEFAULT_FOLDS
+    identities = [settings.identity(fold=f) for f in range(folds)]
+    name = f"{settings.variant}-cv{folds}-s{settings.seed}"
+    group = f"{identities[0].dataset}/{name}"  # the W&B group of every fold
+    ids = [case.case_id for case in describe(data["root"], data["layout"]).cases]
+    splits = [
+        make_split(ids, data["val_fraction"], data["test_fraction"], data["seed"], folds, f)
+        for f in range(folds)
+    ]
+    shared = ["--data.num_folds", str(folds), "--data.plan_cases", "train_val", "--run.group", group]
+    runs = [
+        Run(identity.name, identity.directory, ("fit", *fit_args, *shared, "--data.fold", str(f)))
+        for f, identity in enumerate(identities)
+    ]
+    return CrossValidation(identities[0].directory.parent / name, runs, splits, settings)
+
+
+def write_splits(cv: CrossValidation) -> None:
+    """``splits.json``; one written by an earlier start of this CV must hold the same folds."""
+    path = cv.folder / SPLITS
+    if path.is_file() and read_json(path).get("folds") != cv.splits:
+        raise DataError(
+            path,
+            "holds other folds (the data, data.seed or data.test_fraction changed since this CV began): "
+            "start a new CV with --run.experiment NAME",
+        )
+    write_json(path, {"seed": cv.settings.data["seed"], "folds": cv.splits})
+
+
+def _predicted(table: Path, inputs: set[str], checkpoint: Path) -> bool:
+    """Whether ``table`` lists every input as segmented, after ``checkpoint`` was written."""
+    if not table.is_file() or table.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
+        return False
+    with table.open(newline="") as f:
+        return {row["input"] for row in csv.DictReader(f) if row["status"] == "ok"} == inputs
+
+
+def predict_fold(checkpoint: Path, cases: Sequence[Case], folder: Path, tta: bool) -> list[tuple[Case, Path]]:
+    """Segment ``cases`` with ``checkpoint`` into ``folder`` (skipped when done after the checkpoint
+    was written); returns each case with its predicted mask."""
+    by_input = {";".join(map(str, case.images)): case for case in cases}
+    table = folder / "predictions.csv"
+    if not _predicted(table, set(by_input), checkpoint):
+        result = infer(
+            checkpoint,
+            [p for case in cases for p in case.images],
+            folder,
+            tta=tta,
+            overwrite=True,
+            progress_bar=False,
+        )
+        if result.failed:
+            raise DataError(result.failed[0][0], f"out-of-fold prediction failed: {result.failed[0][1]}")
+    with table.open(newline="") as f:
+        rows = list(csv.DictReader(f))
+    suffix = {True: ".nii.gz", False: ".png"}
+    return [
+        (by_input[r["input"]], folder / f"{r['case']}{suffix[is_volume_case(by_input[r['input']])]}")
+        for r in rows
+    ]
+
+
+def fold_preprocessing(checkpoint: Path) -> Preprocessing:
+    """The preprocessing stored in a fold's checkpoint (class names, label map, ...)."""
+    return Preprocessing.from_checkpoint(load_checkpoint(checkpoint)[CHECKPOINT_KEY]["preprocessing"])
+
+
+def out_of_fold(cv: CrossValidation, tta: bool = False) -> tuple[list[CaseResult], list[Preprocessing]]:
+    """Predict and score every fold's validation cases with its best checkpoint."""
+    data = cv.settings.data
+    cases = {case.case_id: case for case in describe(data["root"], data["layout"]).cases}
+    results, preps = [], []
+    for fold, run in enumerate(cv.runs):
+        if read_json(run.directory / "split.json") != cv.splits[fold]:
+            raise DataError(run.directory / "split.json", f"is not fold {fold} of {cv.folder / SPLITS}")
+        checkpoint = run.directory / "checkpoints" / "best.ckpt"
+        prep = fold_preprocessing(checkpoint)
+        preps.append(prep)
+        val = [cases[i] for i in cv.splits[fold]["val"]]
+        for case, mask in predict_fold(checkpoint, val, run.directory / "validation", tta):
+            results.append(evaluate_case(case, mask, fold, prep.class_names, dict(prep.label_map)))
+        log.info("fold %d: %d out-of-fold cases scored", fold, len(val))
+    return results, preps
+
+
+def cross_validate(
+    fit_args: Sequence[str],
+    fit: Callable[[Sequence[str]], None] = run_lightning,
+    tta: bool = False,
+    report: Callable[[str], None] = log.info,
+) -> dict:
+    """Train every fold (resumably), score the out-of-fold predictions, choose the postprocessing
+    and write the CV folder; returns ``cv_summary.json``'s content.
+
+    Args:
+        fit_args: ``medseg fit`` flags shared by the folds.
+        fit: runs one fold (``run_lightning``); ``SystemExit`` from it stops the CV.
+        tta: segment the validation cases with mirroring test-time augmentation.
+        report: where the progress lines go.
+
+    Raises:
+        DataError: see ``plan_cv``; a fold that did not complete; folds that disagree on preprocessing.
+    """
+    cv = plan_cv(fit_args)
+    write_splits(cv)
+    command = shlex.join(["medseg", "cv", *fit_args])
+    run_all(cv.runs, cv.folder / "folds.json", command, fit, report, label="cv", done=("completed",))
+    unfinished = [run.name for run in cv.runs if run_state(run.directory) != "completed"]
+    if unfinished:
+        raise DataError(cv.folder, f"fold run(s) {', '.join(unfinished)} did not complete; see above, then run "
+                        "medseg cv again: finished folds are kept, interrupted ones resume")  # fmt: skip
+    results, preps = out_of_fold(cv, tta)
+    checkpoints = [run.directory / "checkpoints" / "best.ckpt" for run in cv.runs]
+    check_shared(checkpoints, preps)
+    class_names = preps[0].class_names
+    summary = summarise(results, len(cv.runs), class_names)
+    write_json(cv.folder / POSTPROCESSING, summary["postprocessing"])
+    identity = cv.settings.identity(fold=0)
+    summary = {
+        "command": command,
+        "experiment": identity.experiment,
+        "dataset": identity.dataset,
+        "variant": cv.settings.variant,
+        "seed": cv.settings.seed,
+        "class_names": list(class_names),
+        "volumetric": preps[0].volumetric,
+        "tta": tta,
+        "checkpoints": [os.path.relpath(path, cv.folder) for path in checkpoints],
+        "runs": [
+            {"fold": f, "run": run.name, "best": read_json(run.directory / "summary.json").get("best", {})}
+            for f, run in enumerate(cv.runs)
+        ],
+        **summary,
+    }
+    write_json(cv.folder / CV_SUMMARY, summary)
+    write_report(cv.folder / "cv_report.md", summary)
+    report(f"cv: {len(results)} out-of-fold cases scored -> {cv.folder}")
+    return summary
+
+
+def cv_command(args: Sequence[str]) -> None:
+    """``medseg cv [--dry-run] [--tta] <medseg fit flags>``."""
+    parser = argparse.ArgumentParser(
+        prog="medseg cv",
+        allow_abbrev=False,
+        description="k-fold cross-validation of one configuration: every fold (resumable), out-of-fold "
+        "scores, postprocessing chosen on them.",
+        epilog="Every other flag goes to each fold's medseg fit, e.g. -c configs/default.yaml "
+        "--data.num_folds 3 (k; default 5).",
+    )
+    parser.add_argument(
+        "--dry-run", action="store_true", help="list the folds and their state, train nothing"
+    )
+    parser.add_argument("--tta", action="store_true", help="segment the validation folds with mirroring TTA")
+    opts, fit_args = parser.parse_known_args(args)
+    if opts.dry_run:
+        cv = plan_cv(fit_args)
+        for run in cv.runs:
+            print(f"{run_state(run.directory):>9}  {run.name}")
+        print(
+            f"{len(cv.runs)} folds; results in {cv.folder}\nthe first: medseg {shlex.join(cv.runs[0].args)}"
+        )
+        return
+    summary = cross_validate(fit_args, tta=opts.tta, report=print)
+    dice = summary["mean_sd"]["dice"]
+    print(f"mean out-of-fold Dice over folds {dice['mean']:.4f} ± {dice['sd'] or 0:.4f}; postprocessing: "
+          f"largest component for {summary['postprocessing']['largest_component'] or 'no class'}")  # fmt: skip

@@ -1,0 +1,146 @@
+"""`medseg cv`: k folds trained resumably, out-of-fold scores, the postprocessing they choose, the
+CV folder (splits, summary, report) and its ensemble through `medseg infer --model-dir`."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pipeline.cli import main
+from pipeline.data.layouts import discover
+from pipeline.data.split import make_split
+from pipeline.experiments.cv_scores import (
+    CaseResult,
+    choose_postprocessing,
+    largest_component_dice,
+    score_case,
+)
+from pipeline.run.naming import dataset_name
+from tests.helpers.cv import cv_args
+from tests.helpers.resume import finish, start_fit
+from tests.test_bad_inputs import medseg
+
+VARIANT = "unet-relu-kaiming-d3"
+CLASSES = ("background", "organ")
+
+
+@pytest.fixture(scope="module")
+def cross_validation(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The CV killed (SIGKILL) in fold 1, then run again: its folder, the fold runs, what it printed."""
+    folder = tmp_path_factory.mktemp("cv")
+    args = cv_args(phantom_dir, folder)
+    code, err = finish(start_fit(args))
+    assert code == -9, err[-3000:]
+    runs = folder / "runs" / "default" / dataset_name(phantom_dir)
+    states = {p.name: sorted(q.name for q in (p / "checkpoints").glob("*.ckpt")) for p in runs.glob("*-f*")}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        main(args)
+    return {
+        "runs": runs,
+        "cv": runs / f"{VARIANT}-cv3-s0",
+        "killed": states,
+        "out": out.getvalue(),
+        "data": phantom_dir,
+    }
+
+
+def test_cv_killed_in_fold_1_resumes_it_and_skips_fold_0(cross_validation):
+    killed, out = cross_validation["killed"], cross_validation["out"]
+    # when killed: fold 0 done, fold 1 with epoch 0's last.ckpt, fold 2 not started
+    assert killed == {
+        f"{VARIANT}-f0-s0": ["best.ckpt", "last.ckpt"],
+        f"{VARIANT}-f1-s0": ["best.ckpt", "last.ckpt"],
+    }
+    assert f"[1/3] {VARIANT}-f0-s0: skipped (completed)" in out
+    assert f"[2/3] {VARIANT}-f1-s0: training (resuming from last.ckpt)" in out
+    assert f"[3/3] {VARIANT}-f2-s0: training\n" in out
+    for fold in range(3):
+        summary = json.loads(
+            (cross_validation["runs"] / f"{VARIANT}-f{fold}-s0" / "summary.json").read_text()
+        )
+        assert summary["status"] == "completed" and summary["epochs"] == 2 and summary["steps"] == 4
+
+
+def test_cv_writes_splits_summary_and_report(cross_validation):
+    cv, data = cross_validation["cv"], cross_validation["data"]
+    ids = [case.case_id for case in discover(data)]
+    splits = json.loads((cv / "splits.json").read_text())["folds"]
+    assert splits == [make_split(ids, 0.2, 0.0, 0, 3, fold) for fold in range(3)]  # seeded by data.seed
+    assert sorted(i for split in splits for i in split["val"]) == sorted(ids)  # each case validated once
+
+    summary = json.loads((cv / "cv_summary.json").read_text())
+    assert summary["checkpoints"] == [f"../{VARIANT}-f{f}-s0/checkpoints/best.ckpt" for f in range(3)]
+    assert sorted(case["case_id"] for case in summary["cases"]) == sorted(ids)
+    for fold, run in zip(summary["folds"], summary["runs"], strict=True):
+        # the out-of-fold predictions (medseg infer, best.ckpt) score what validation scored
+        assert fold["cases"] == 4 and fold["scores"]["dice"] == pytest.approx(
+            run["best"]["val/dice"], abs=1e-6
+        )
+        assert {"dice_organ", "dice_lesion", "dice_vessel", "hd95", "surface_dice"} <= set(fold["scores"])
+    dice = [fold["scores"]["dice"] for fold in summary["folds"]]
+    assert summary["mean_sd"]["dice"]["mean"] == pytest.approx(np.mean(dice))
+    assert summary["mean_sd"]["dice"]["sd"] == pytest.approx(np.std(dice, ddof=1))
+    decision = json.loads((cv / "postprocessing.json").read_text())
+    assert decision == summary["postprocessing"] and set(decision["classes"]) == {"organ", "lesion", "vessel"}
+
+    report = (cv / "cv_report.md").read_text()
+    assert "| mean ± sd |" in report and "## Postprocessing chosen" in report
+    assert all(case_id in report for case_id in ids)
+    for fold in range(3):
+        assert (
+            len(list((cross_validation["runs"] / f"{VARIANT}-f{fold}-s0" / "validation").glob("*.png"))) == 4
+        )
+
+
+def test_cv_run_again_trains_nothing_and_writes_the_same_result(cross_validation, capsys):
+    cv = cross_validation["cv"]
+    before = (cv / "cv_summary.json").read_text()
+    args = cv_args(cross_validation["data"], cv.parents[3])
+    main(args)
+    assert capsys.readouterr().out.count("skipped (completed)") == 3
+    assert (cv / "cv_summary.json").read_text() == before
+    main([*args, "--dry-run"])
+    out = capsys.readouterr().out
+    assert out.count("completed  unet-relu-kaiming-d3-f") == 3 and f"results in {cv}" in out
+
+
+def case_result(predicted: np.ndarray, truth: np.ndarray) -> CaseResult:
+    return CaseResult(
+        "c", 0, score_case(predicted, truth, CLASSES, None), largest_component_dice(predicted, truth, CLASSES)
+    )
+
+
+def test_cv_postprocessing_adopted_for_a_spurious_second_blob_only():
+    truth = np.zeros((32, 32), np.int64)
+    truth[8:20, 8:20] = 1
+    spurious = truth.copy()
+    spurious[26:30, 26:30] = 1  # a false blob apart from the organ
+    decision = choose_postprocessing([case_result(spurious, truth)], CLASSES)
+    assert decision["largest_component"] == ["organ"]
+    assert (
+        decision["classes"]["organ"]["dice_largest_component"] == 1.0 > decision["classes"]["organ"]["dice"]
+    )
+
+    # an organ in two parts: keeping the larger one loses the other, so it is not adopted
+    split = np.zeros((32, 32), np.int64)
+    split[2:10, 2:10] = 1
+    split[20:30, 20:30] = 1
+    decision = choose_postprocessing([case_result(split, split)], CLASSES)
+    assert decision["largest_component"] == [] and not decision["classes"]["organ"]["adopted"]
+    # a single blob already: no change, a tie, not adopted
+    assert choose_postprocessing([case_result(truth, truth)], CLASSES)["largest_component"] == []
+
+
+def test_cv_refuses_a_run_name_and_a_split_file(phantom_dir, tmp_path, capsys):
+    args = cv_args(phantom_dir, tmp_path)
+    code, _, err = medseg(capsys, *args, "--run.name", "mine")
+    assert code == 1 and "error: --run.name: medseg cv names its fold runs" in err
+    code, _, err = medseg(capsys, *args, "--data.split_file", str(tmp_path / "split.json"))
+    assert code == 1 and "medseg cv cuts its own folds" in err
+    assert not (tmp_path / "runs").exists()
