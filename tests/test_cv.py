@@ -111,9 +111,8 @@ def test_cv_run_again_trains_nothing_and_writes_the_same_result(cross_validation
 
 
 def case_result(predicted: np.ndarray, truth: np.ndarray) -> CaseResult:
-    return CaseResult(
-        "c", 0, score_case(predicted, truth, CLASSES, None), largest_component_dice(predicted, truth, CLASSES)
-    )
+    scores = score_case(predicted, truth, CLASSES, None)
+    return CaseResult("c", 0, scores, *largest_component_dice(predicted, truth, CLASSES))
 
 
 def test_cv_postprocessing_adopted_for_a_spurious_second_blob_only():
@@ -133,8 +132,12 @@ def test_cv_postprocessing_adopted_for_a_spurious_second_blob_only():
     split[20:30, 20:30] = 1
     decision = choose_postprocessing([case_result(split, split)], CLASSES)
     assert decision["largest_component"] == [] and not decision["classes"]["organ"]["adopted"]
-    # a single blob already: no change, a tie, not adopted
-    assert choose_postprocessing([case_result(truth, truth)], CLASSES)["largest_component"] == []
+    # one blob, imperfect (Dice 242 / 276): nothing to remove, an exact tie, not adopted
+    shifted = np.zeros((32, 32), np.int64)
+    shifted[9:21, 8:19] = 1
+    decision = choose_postprocessing([case_result(shifted, truth)], CLASSES)
+    assert decision["classes"]["organ"]["dice"] == decision["classes"]["organ"]["dice_largest_component"]
+    assert decision["largest_component"] == []
 
 
 def test_cv_refuses_a_run_name_and_a_split_file(phantom_dir, tmp_path, capsys):

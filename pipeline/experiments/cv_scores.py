@@ -40,13 +40,15 @@ class CaseResult:
     Attributes:
         scores: ``dice``, ``dice_<class>``, ``iou``, ..., ``hd95_<class>``, ``surface_dice``...: the
             foreground mean and each class (None where undefined, as ``pipeline.metrics`` says).
+        class_dice: per foreground class, its Dice in float64, as the postprocessing compares it.
         largest_component_dice: per foreground class, its Dice after keeping only its largest
-            connected component.
+            connected component (float64).
     """
 
     case_id: str
     fold: int
     scores: dict[str, float | None]
+    class_dice: dict[str, float | None] = field(default_factory=dict)
     largest_component_dice: dict[str, float | None] = field(default_factory=dict)
 
 
@@ -98,13 +100,16 @@ def class_dice(predicted: np.ndarray, truth: np.ndarray, num_classes: int) -> np
 
 def largest_component_dice(
     predicted: np.ndarray, truth: np.ndarray, class_names: Sequence[str]
-) -> dict[str, float | None]:
-    """Per foreground class: its Dice after keeping only its largest connected component."""
-    out = {}
+) -> tuple[dict[str, float | None], dict[str, float | None]]:
+    """Per foreground class: its Dice as predicted, and after keeping only its largest connected
+    component; both computed alike (float64), so an unchanged class ties exactly."""
+    num_classes = len(class_names)
+    before = class_dice(predicted, truth, num_classes)
+    after = {}
     for c, name in enumerate(class_names[1:], start=1):
-        kept = keep_largest_component(predicted, len(class_names), [c])
-        out[name] = _plain(class_dice(kept, truth, len(class_names))[c])
-    return out
+        kept = keep_largest_component(predicted, num_classes, [c])
+        after[name] = _plain(class_dice(kept, truth, num_classes)[c])
+    return {name: _plain(before[c]) for c, name in enumerate(class_names[1:], start=1)}, after
 
 
 def evaluate_case(
@@ -112,12 +117,8 @@ def evaluate_case(
 ) -> CaseResult:
     """Score one out-of-fold prediction, with and without each class's largest-component step."""
     predicted, truth, spacing = case_labels(case, prediction, label_map)
-    return CaseResult(
-        case.case_id,
-        fold,
-        score_case(predicted, truth, class_names, spacing),
-        largest_component_dice(predicted, truth, class_names),
-    )
+    scores = score_case(predicted, truth, class_names, spacing)
+    return CaseResult(case.case_id, fold, scores, *largest_component_dice(predicted, truth, class_names))
 
 
 def _mean(values: Sequence[float | None]) -> float | None:
@@ -135,9 +136,9 @@ def choose_postprocessing(results: Sequence[CaseResult], class_names: Sequence[s
     """
     classes = {}
     for name in class_names[1:]:
-        before = _mean([r.scores[f"dice_{name}"] for r in results])
+        before = _mean([r.class_dice[name] for r in results])
         after = _mean([r.largest_component_dice[name] for r in results])
-        cases = sum(r.scores[f"dice_{name}"] is not None for r in results)
+        cases = sum(r.class_dice[name] is not None for r in results)
         adopted = before is not None and after is not None and after > before
         classes[name] = {"dice": before, "dice_largest_component": after, "adopted": adopted, "cases": cases}
     return {
@@ -151,7 +152,7 @@ def choose_postprocessing(results: Sequence[CaseResult], class_names: Sequence[s
 def postprocessed_dice(result: CaseResult, adopted: Sequence[str], class_names: Sequence[str]) -> dict:
     """A case's Dice per class and foreground mean with the adopted postprocessing applied."""
     per_class = {
-        name: result.largest_component_dice[name] if name in adopted else result.scores[f"dice_{name}"]
+        name: (result.largest_component_dice if name in adopted else result.class_dice)[name]
         for name in class_names[1:]
     }
     return {"dice": _mean(list(per_class.values())), **{f"dice_{k}": v for k, v in per_class.items()}}
