@@ -47,10 +47,13 @@ class FitSettings:
 
 
 class _ParseOnly(MedsegCLI):
-    """``MedsegCLI`` that stops after parsing: no seeding, no classes, no run."""
+    """``MedsegCLI`` that stops after parsing: no seeding, no planning, no classes, no run."""
 
     def _set_seed(self) -> None:
         pass
+
+    def before_instantiate_classes(self) -> None:
+        pass  # planning reads the data; what it fills in (patch, spacing, strides) names no run
 
     def instantiate_classes(self) -> None:
         config = self.config[self.subcommand]

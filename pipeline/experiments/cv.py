@@ -40,7 +40,7 @@ from pipeline.data.split import make_split
 from pipeline.data.volumes import is_volume_case
 from pipeline.errors import DataError
 from pipeline.experiments.ablation import run_all
-from pipeline.experiments.cv_report import write_report
+from pipeline.experiments.cv_report import mean_sd_text, write_report
 from pipeline.experiments.cv_scores import CaseResult, evaluate_case, summarise
 from pipeline.experiments.suite import Run
 from pipeline.files import read_json, write_json
@@ -82,8 +82,8 @@ def plan_cv(fit_args: Sequence[str]) -> CrossValidation:
     settings = fit_settings(["fit", *fit_args])
     data = settings.data
     if settings.run.name:
-        raise DataError("--run.name", "medseg cv names its fold runs <variant>-f<fold>-s<seed>: drop it, "
-                        "and keep CVs apart with --run.experiment")  # fmt: skip
+        problem = "medseg cv names its fold runs <variant>-f<fold>-s<seed>: drop it (--run.experiment keeps CVs apart)"
+        raise DataError("--run.name", problem)
     if data["split_file"]:
         raise DataError(data["split_file"], "medseg cv cuts its own folds: drop --data.split_file")
     folds = data["num_folds"] if data["num_folds"] > 1 else DEFAULT_FOLDS
@@ -176,9 +176,9 @@ def cross_validate(
     fit: Callable[[Sequence[str]], None] = run_lightning,
     tta: bool = False,
     report: Callable[[str], None] = log.info,
-) -> dict:
+) -> tuple[Path, dict]:
     """Train every fold (resumably), score the out-of-fold predictions, choose the postprocessing
-    and write the CV folder; returns ``cv_summary.json``'s content.
+    and write the CV folder; returns the folder and ``cv_summary.json``'s content.
 
     Args:
         fit_args: ``medseg fit`` flags shared by the folds.
@@ -195,8 +195,8 @@ def cross_validate(
     run_all(cv.runs, cv.folder / "folds.json", command, fit, report, label="cv", done=("completed",))
     unfinished = [run.name for run in cv.runs if run_state(run.directory) != "completed"]
     if unfinished:
-        raise DataError(cv.folder, f"fold run(s) {', '.join(unfinished)} did not complete; see above, then run "
-                        "medseg cv again: finished folds are kept, interrupted ones resume")  # fmt: skip
+        problem = f"fold run(s) {', '.join(unfinished)} did not complete (see above); run medseg cv again: "
+        raise DataError(cv.folder, problem + "completed folds are kept, interrupted ones resume")
     results, preps = out_of_fold(cv, tta)
     checkpoints = [run.directory / "checkpoints" / "best.ckpt" for run in cv.runs]
     check_shared(checkpoints, preps)
@@ -222,8 +222,8 @@ def cross_validate(
     }
     write_json(cv.folder / CV_SUMMARY, summary)
     write_report(cv.folder / "cv_report.md", summary)
-    report(f"cv: {len(results)} out-of-fold cases scored -> {cv.folder}")
-    return summary
+    report(f"cv: {len(results)} out-of-fold cases scored")
+    return cv.folder, summary
 
 
 def cv_command(args: Sequence[str]) -> None:
@@ -249,7 +249,7 @@ def cv_command(args: Sequence[str]) -> None:
             f"{len(cv.runs)} folds; results in {cv.folder}\nthe first: medseg {shlex.join(cv.runs[0].args)}"
         )
         return
-    summary = cross_validate(fit_args, tta=opts.tta, report=print)
-    dice = summary["mean_sd"]["dice"]
-    print(f"mean out-of-fold Dice over folds {dice['mean']:.4f} ± {dice['sd'] or 0:.4f}; postprocessing: "
-          f"largest component for {summary['postprocessing']['largest_component'] or 'no class'}")  # fmt: skip
+    folder, summary = cross_validate(fit_args, tta=opts.tta, report=print)
+    chosen = ", ".join(summary["postprocessing"]["largest_component"]) or "no class"
+    print(f"out-of-fold Dice, mean ± sd over folds: {mean_sd_text(summary['mean_sd']['dice'])}")
+    print(f"postprocessing: largest connected component kept for {chosen} -> {folder}")

@@ -14,7 +14,8 @@ def _number(value: float | None, digits: int = 4) -> str:
     return "" if value is None else f"{value:.{digits}f}"
 
 
-def _mean_sd(entry: dict) -> str:
+def mean_sd_text(entry: dict) -> str:
+    """``0.9423 ± 0.0181`` from ``{"mean", "sd"}``; empty when undefined."""
     mean, sd = entry.get("mean"), entry.get("sd")
     return "" if mean is None else f"{mean:.4f} ± {sd or 0:.4f}"
 
@@ -55,7 +56,7 @@ def report_lines(summary: dict) -> list[str]:
         ]
         for fold, run in zip(summary["folds"], summary["runs"], strict=True)
     ]
-    rows.append(["mean ± sd", "", "", *(_mean_sd(summary["mean_sd"].get(k, {})) for k in keys)])
+    rows.append(["mean ± sd", "", "", *(mean_sd_text(summary["mean_sd"].get(k, {})) for k in keys)])
     rows.append(
         ["all cases", str(len(summary["cases"])), "", *(_number(summary["pooled"].get(k)) for k in keys)]
     )
@@ -85,7 +86,7 @@ def report_lines(summary: dict) -> list[str]:
     after = summary["mean_sd_postprocessed"]["dice"]
     lines += [
         "",
-        f"Mean Dice over folds with it: {_mean_sd(after)} (without: {_mean_sd(summary['mean_sd']['dice'])}).",
+        f"Mean Dice over folds with it: {mean_sd_text(after)} (without: {mean_sd_text(summary['mean_sd']['dice'])}).",
         "",
     ]
     lines += ["## Every case, out of fold", ""]
