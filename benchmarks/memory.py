@@ -106,6 +106,7 @@ def fit_args(root: Path, runs: Path, steps: int, val_batches: int) -> list[str]:
     args = ["fit", *(a for c in configs for a in ("-c", str(c)))]
     args += ["--data.root", str(root), "--data.patch_size", "null", "--run.root", str(runs)]
     args += ["--run.wandb", "false", "--trainer.enable_progress_bar", "false"]
+    args += ["--run.overwrite", "true"]  # a repeat replaces the same size's run: only its memory counts
     args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(steps)]
     args += ["--trainer.limit_val_batches", str(val_batches), "--trainer.num_sanity_val_steps", "0"]
     return args

@@ -76,7 +76,8 @@ def preloaded_fit(
     args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(len(batches))]
     args += ["--trainer.limit_val_batches", "0", "--trainer.enable_progress_bar", "false"]
     args += ["--trainer.enable_model_summary", "false"]
-    args += ["--run.root", str(work / "runs"), "--run.name", "bench", *extra]
+    # the same run again on every repeat: each replaces the last (they are measurements, not results)
+    args += ["--run.root", str(work / "runs"), "--run.name", "bench", "--run.overwrite", "true", *extra]
     with mock.patch.object(cli, "MedsegCLI", PreloadedFitCLI):
         cli.run_lightning(args)
 

@@ -17,6 +17,8 @@ from pathlib import Path
 
 import torch
 
+from pipeline.run.naming import dataset_name
+
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "configs"
 STRIDE_WARNING = "Grad strides do not match bucket view strides"
@@ -51,7 +53,7 @@ def train(work: Path, count: int, batches: int, flags: list[str], spatial_dims: 
     args += ["--trainer.max_epochs", "1", "--trainer.limit_train_batches", str(batches)]
     log_file = work / f"train{tag}.log"
     code, seconds, log = medseg([*args, "--trainer.enable_progress_bar", "false", *flags], log_file)
-    run = runs / "default" / name
+    run = runs / "default" / dataset_name(data) / name
     summary = json.loads((run / "summary.json").read_text()) if (run / "summary.json").is_file() else {}
     last = run / "checkpoints" / "last.ckpt"
     weights = torch.load(last, weights_only=True)["state_dict"].values() if last.is_file() else []

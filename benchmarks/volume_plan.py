@@ -44,6 +44,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.common import RESULTS, load_average, machine_info, markdown_table, write_json  # noqa: E402
 from pipeline.data.resample import resample_labels, resampled_shape  # noqa: E402
+from pipeline.run.naming import dataset_name  # noqa: E402
 
 CONFIGS = REPO / "configs"
 CLASSES = ("organ", "lesion")
@@ -89,7 +90,7 @@ def fit_medseg(work: Path, data: Path, name: str, minutes: float, model: str, *e
     args += ["--trainer.max_time", clock, "--trainer.max_epochs", "10000", "--run.root", str(runs)]
     args += ["--run.name", name, "--run.wandb", "false", "--trainer.enable_progress_bar", "false", *extra]
     medseg(*args)
-    return runs / "default" / name / "checkpoints" / "best.ckpt"
+    return runs / "default" / dataset_name(data) / name / "checkpoints" / "best.ckpt"
 
 
 def zscore(volume: np.ndarray) -> np.ndarray:

@@ -88,7 +88,7 @@ def test_plan_fit_fills_unset_values_and_config_yaml_records_them(mixed_volume_d
     args += ["--trainer.enable_progress_bar", "false", "--data.num_workers", "0", "--data.batch_size", "3"]
     args += ["--model.net.init_args.features", "[4, 8, 16, 32, 64]"]
     main(args)
-    (run,) = (tmp_path / "runs" / "default").iterdir()
+    (run,) = (tmp_path / "runs" / "default" / mixed_volume_dir.name).iterdir()  # experiment, data set, run
     config = yaml.safe_load((run / "config.yaml").read_text())
     assert config["data"]["patch_size"] == planned["net_2d"]["patch"] and config["data"]["batch_size"] == 3
     assert config["data"]["target_spacing"] == pytest.approx(planned["target_spacing"])

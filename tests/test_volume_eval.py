@@ -16,7 +16,7 @@ from scipy import ndimage
 from pipeline.cli import main
 from pipeline.data.io import read_nifti
 from pipeline.data.slicing import to_slices
-from tests.conftest import CONFIGS
+from tests.conftest import CONFIGS, run_path
 from tests.helpers.validation import scored_cases
 
 
@@ -44,7 +44,7 @@ def fit_volumes(data: Path, runs: Path, model: str, *extra: str) -> Path:
     ]
     args += ["--model.net.init_args.features", "[4, 8, 16, 32]", *extra]
     main(args)
-    return runs / "default" / "run"
+    return run_path(runs, "default", data, "run")
 
 
 def hd95_mm(pred: np.ndarray, truth: np.ndarray, spacing) -> float:

@@ -11,7 +11,7 @@ from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.normalization import Normalization, fit_intensity
 from pipeline.data.slicing import to_slices
 from pipeline.data.transforms import Augmentation
-from tests.conftest import fit_args
+from tests.conftest import fit_args, run_path
 
 SHAPE = (6, 8, 5)  # stored voxels; distinct sides, so a wrong axis shows in the sample shape
 SPACING = (1.5, 1.0, 3.0)
@@ -142,7 +142,7 @@ def test_volumes_one_epoch_fit_through_the_cli(volume_dir, tmp_path):
     args += ["--data.patch_size", "[32, 32]", "--model.net.init_args.features", "[8, 16]"]
     args += ["--trainer.limit_val_batches", "1.0", "--data.iterations_per_epoch", "2"]
     main(args)
-    run = next((tmp_path / "runs" / "vol").iterdir())
+    run = run_path(tmp_path / "runs", "vol", volume_dir, "unet-relu-kaiming-d2-s0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and 0.0 <= summary["final"]["val/dice"] <= 1.0
     pre = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["medseg"]["preprocessing"]
