@@ -1,1 +1,2 @@
-"""Experiments over many runs: the ablation suite, the comparison report and its plots."""
+"""Experiments over many runs: the ablation suite, k-fold cross-validation (``cv``, its scores
+and report), the comparison report and its plots; and ``export`` of a trained network."""
