@@ -15,7 +15,7 @@ from all cases outside the test split (``data.plan_cases: train_val``, as nnU-Ne
 share one preprocessing and their checkpoints ensemble.
 
 Then each fold's best checkpoint segments its validation cases with ``medseg infer`` (into
-``<fold run>/validation/``), those out-of-fold predictions are scored and choose the
+``<fold run>/validation/``; ``validation_tta/`` with ``--tta``), those out-of-fold predictions are scored and choose the
 postprocessing (``pipeline.experiments.cv_scores``). The CV folder ``<variant>-cv<k>-s<seed>/``
 beside the fold runs holds ``splits.json``, ``folds.json`` (each fold's outcome and time),
 ``postprocessing.json``, ``cv_summary.json`` and ``cv_report.md``.
@@ -165,7 +165,8 @@ def out_of_fold(cv: CrossValidation, tta: bool = False) -> tuple[list[CaseResult
         prep = fold_preprocessing(checkpoint)
         preps.append(prep)
         val = [cases[i] for i in cv.splits[fold]["val"]]
-        for case, mask in predict_fold(checkpoint, val, run.directory / "validation", tta):
+        folder = run.directory / ("validation_tta" if tta else "validation")
+        for case, mask in predict_fold(checkpoint, val, folder, tta):
             results.append(evaluate_case(case, mask, fold, prep.class_names, dict(prep.label_map)))
         log.info("fold %d: %d out-of-fold cases scored", fold, len(val))
     return results, preps
