@@ -10,6 +10,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.experiments.compare import PLOTS
+from pipeline.run.naming import dataset_name
 from tests.helpers.ablation import RUNS
 
 
@@ -20,7 +21,9 @@ def report(micro_ablation, tmp_path_factory):
     return output
 
 
-def test_compare_report_has_a_row_per_run_with_the_numbers_of_its_summary(report, micro_ablation):
+def test_compare_report_has_a_row_per_run_with_the_numbers_of_its_summary(
+    report, micro_ablation, phantom_dir
+):
     lines = (report / "report.md").read_text().splitlines()
     header = [
         cell.strip()
@@ -33,7 +36,7 @@ def test_compare_report_has_a_row_per_run_with_the_numbers_of_its_summary(report
             rows[cells[0]] = dict(zip(header, cells, strict=True))
     assert sorted(rows) == sorted(RUNS)
     for name, row in rows.items():
-        summary = json.loads((micro_ablation / name / "summary.json").read_text())
+        summary = json.loads((micro_ablation / dataset_name(phantom_dir) / name / "summary.json").read_text())
         best, grads = summary["best"], summary["GradientFlowMonitor"]
         assert row["status"] == "completed" and row["params"] == f"{summary['params']:,}"
         assert row["best val Dice"] == f"{best['val/dice']:.3f}"
@@ -47,7 +50,7 @@ def test_compare_report_has_a_row_per_run_with_the_numbers_of_its_summary(report
 
     table = {row["run"]: row for row in csv.DictReader((report / "runs.csv").open())}
     for name in RUNS:
-        summary = json.loads((micro_ablation / name / "summary.json").read_text())
+        summary = json.loads((micro_ablation / dataset_name(phantom_dir) / name / "summary.json").read_text())
         assert float(table[name]["dice"]) == summary["best"]["val/dice"]
         assert float(table[name]["dice_vessel"]) == summary["best"]["val/dice_vessel"]
         assert (
