@@ -88,7 +88,8 @@ def fit_medseg(work: Path, data: Path, name: str, minutes: float, model: str, *e
     args += ["-c", str(CONFIGS / "data" / "msd.yaml"), "--data.root", str(data)]
     args += ["--data.split_file", str(work / "split.json"), "--data.cache_dir", str(work / "cache")]
     args += ["--trainer.max_time", clock, "--trainer.max_epochs", "10000", "--run.root", str(runs)]
-    args += ["--run.name", name, "--run.wandb", "false", "--trainer.enable_progress_bar", "false", *extra]
+    args += ["--run.name", name, "--run.overwrite", "true"]  # a re-run of the benchmark measures again
+    args += ["--run.wandb", "false", "--trainer.enable_progress_bar", "false", *extra]
     medseg(*args)
     return runs / "default" / dataset_name(data) / name / "checkpoints" / "best.ckpt"
 
@@ -240,7 +241,9 @@ def main(argv: list[str] | None = None) -> dict:
         print(arm, result["arms"][arm]["dice"], flush=True)
     if "planned_2d" in opts.arms:
         respaced = resampled_copies(data, test, opts.work)
-        checkpoint = opts.work / "runs" / "default" / "planned_2d" / "checkpoints" / "best.ckpt"
+        checkpoint = (
+            opts.work / "runs" / "default" / dataset_name(data) / "planned_2d" / "checkpoints" / "best.ckpt"
+        )
         out = infer(checkpoint, respaced / "imagesTr", test, opts.work / "predictions" / "respaced")
         moved = summarise(dice_per_case(out, respaced / "labelsTr", test))
         own = result["arms"]["planned_2d"]["dice"]

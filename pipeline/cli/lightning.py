@@ -10,6 +10,7 @@ matters) and the loggers (W&B + the ``metrics.csv`` mirror, beside any logger of
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
