@@ -22,11 +22,9 @@ from pipeline.data.slicing import to_slices
 from pipeline.data.synthetic_volumes import generate_volumes
 from pipeline.inference.cases import find_inputs, safe_name
 from pipeline.inference.writer import OutputLayout
-from pipeline.metrics import SegmentationMetrics
-from pipeline.training.module import SegmentationModule
 from tests.conftest import REPO, fit_args, run_path
 from tests.helpers.dicom import axial_series
-from tests.helpers.validation import scored_cases
+from tests.helpers.validation import scored_by_validation, scored_cases
 from tests.test_io import oblique_affine
 
 
@@ -179,28 +177,6 @@ def test_inference_refuses_a_checkpoint_that_needs_unpickling_code(checkpoint, t
         code == 1 and "refused to load: unpickling it would call posix.system" in err and "evil.ckpt" in err
     )
     assert not marker.exists() and not (tmp_path / "out").exists()
-
-
-def scored_by_validation(run: Path, checkpoint: Path, monkeypatch) -> dict[tuple[str, int], np.ndarray]:
-    """``medseg validate`` on the run's validation split: {(case, slice index): the (H, W)
-    argmax that the metrics scored}."""
-    keys, preds = [], []
-    validation_step, update = SegmentationModule.validation_step, SegmentationMetrics.update
-
-    def record_step(self, batch, batch_idx):
-        keys.extend(zip(batch["case_id"], batch["slice_index"].tolist(), strict=True))
-        return validation_step(self, batch, batch_idx)
-
-    def record_update(self, pred, *args):
-        preds.extend(pred.cpu().numpy())
-        return update(self, pred, *args)
-
-    monkeypatch.setattr(SegmentationModule, "validation_step", record_step)
-    monkeypatch.setattr(SegmentationMetrics, "update", record_update)
-    main(["validate", "-c", str(run / "config.yaml"), "--ckpt_path", str(checkpoint),
-          "--trainer.limit_val_batches", "1.0", "--trainer.logger", "false"])  # fmt: skip
-    monkeypatch.undo()
-    return dict(zip(keys, preds, strict=True))
 
 
 def test_inference_equals_what_validation_scores_2d(
