@@ -9,6 +9,7 @@ from PIL import Image
 from pipeline.data.datamodule import SegmentationDataModule, make_split
 from pipeline.data.transforms import Augmentation
 from pipeline.errors import DataError
+from pipeline.files import write_json
 
 NO_INTENSITY = dict(brightness_contrast_p=0.0, gamma_p=0.0, noise_p=0.0, elastic_p=0.0)
 
@@ -39,7 +40,7 @@ def test_split_is_by_case_seeded_and_written(phantom_dir, tmp_path):
     dm.setup("fit")
     assert not set(dm.split["train"]) & set(dm.split["val"])
     assert len(dm.split["val"]) == 3 and len(dm.split["train"]) == 9
-    dm.save_split(tmp_path / "split.json")
+    write_json(tmp_path / "split.json", dm.split)  # as RunSummary writes the run's split.json
     again = SegmentationDataModule(
         root=str(phantom_dir), split_file=str(tmp_path / "split.json"), num_workers=0
     )

@@ -19,9 +19,9 @@ from torch.utils.data import DataLoader
 
 from pipeline.data import cache
 from pipeline.data.checkpoint_state import DataCheckpointState
-from pipeline.data.dataset import CaseArrays, CaseDataset, SliceDataset
+from pipeline.data.dataset import CaseArrays, CaseDataset, SliceDataset, require_one_size
 from pipeline.data.layouts import Case, describe, resolve_class_names
-from pipeline.data.loaders import auto_workers, evaluation_loader, training_loader
+from pipeline.data.loaders import auto_workers, epoch_draws, evaluation_loader, training_loader
 from pipeline.data.normalization import Normalization
 from pipeline.data.order import global_seed
 from pipeline.data.patches import PatchDataset
@@ -32,11 +32,9 @@ from pipeline.data.split import SPLITS, make_split, read_split, require_test_spl
 from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
 from pipeline.data.transforms3d import PatchAugmenter3D
 from pipeline.errors import DataError
-from pipeline.files import write_json
 from pipeline.parallel import usable_cores
 
 log = logging.getLogger(__name__)
-VOLUME_ITERATIONS = 250  # nnU-Net's epoch: a fixed number of steps, whatever the data set's size
 IMAGE_BATCH = 8  # 2D images are not planned: their batch unless set
 
 
@@ -77,10 +75,8 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             are none) or ``val`` (the validation cases, on purpose).
         foreground_fraction: share of training draws forced to show a class (nnU-Net's 1/3).
         cache_dir: volume cache folder; default ``<root>/.medseg-cache``.
-        plan_cases: the cases the plan and the normalisation statistics are measured on:
-            ``train``, or ``train_val`` (every case outside the test split, as nnU-Net's
-            cross-validation does: ``medseg cv`` sets it, so that all folds share one
-            preprocessing and their checkpoints can be ensembled).
+        plan_cases: what the plan and statistics are measured on: ``train``, or ``train_val`` (all but
+            the test split, as nnU-Net's CV: ``medseg cv`` sets it, so its folds can be ensembled).
     """
 
     def __init__(
@@ -116,16 +112,16 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         super().__init__()
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError("val_fraction must be in (0, 1), test_fraction in [0, 1), and their sum below 1")
-        if slice_axis not in (0, 1, 2, "auto"):
-            raise ValueError(f"slice_axis must be 0, 1, 2 or 'auto', got {slice_axis!r}")
+        choices = {"slice_axis": (slice_axis, (0, 1, 2, "auto")), "spatial_dims": (spatial_dims, (2, 3))}
+        choices |= {
+            "test_split": (test_split, ("test", "val")),
+            "plan_cases": (plan_cases, ("train", "train_val")),
+        }
+        for name, (value, valid) in choices.items():
+            if value not in valid:
+                raise ValueError(f"{name} must be one of {', '.join(map(repr, valid))}, got {value!r}")
         if not 0 <= foreground_fraction <= 1:
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
-        if spatial_dims not in (2, 3):
-            raise ValueError(f"spatial_dims must be 2 or 3, got {spatial_dims}")
-        if test_split not in ("test", "val"):
-            raise ValueError(f"test_split must be 'test' or 'val', got {test_split!r}")
-        if plan_cases not in ("train", "train_val"):
-            raise ValueError(f"plan_cases must be 'train' or 'train_val', got {plan_cases!r}")
         if iterations_per_epoch is not None and iterations_per_epoch < 1:
             raise ValueError(f"iterations_per_epoch must be >= 1 (or null), got {iterations_per_epoch}")
         self.root = Path(root)
@@ -258,11 +254,8 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
                 self.datasets[name] = CaseDataset(cases)
             else:
                 self.datasets[name] = SliceDataset(cases, build_eval_transform())
-        sizes = sorted({tuple(c.image.shape[1:3]) for c in self.datasets["train"].cases})
-        if self.patch_size is None and len(sizes) > 1:  # 2D images only: volumes are always planned
-            raise DataError(
-                self.root, f"training slices differ in size ({sizes[0]} ... {sizes[-1]}); set data.patch_size"
-            )
+        if self.patch_size is None:  # 2D images only: volumes are always planned
+            require_one_size(self.datasets["train"].cases, self.root)
         log.info("data %s: %s", self.root, {k: len(v) for k, v in split.items()})
 
     def _training_set(self, cases: list[CaseArrays]) -> SliceDataset | PatchDataset:
@@ -272,18 +265,6 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         train = build_train_transform(self.augmentation, self.patch_size)
         foreground = build_train_transform(self.augmentation, self.patch_size, foreground_crop=True)
         return SliceDataset(cases, train, None, foreground)
-
-    def save_split(self, path: str | Path) -> None:
-        """Write the case split as JSON (the run directory's ``split.json``)."""
-        write_json(path, self.split)
-
-    def draws_per_epoch(self, world_size: int = 1) -> int:
-        """Training samples drawn per epoch over all processes: ``iterations_per_epoch`` steps of
-        ``batch_size`` on every process, or (2D images, unset) one pass over the training items."""
-        iterations = self.iterations_per_epoch or (VOLUME_ITERATIONS if self.volumetric else None)
-        if iterations is None:
-            return len(self.datasets["train"])
-        return iterations * self.batch_size * world_size
 
     def _loader(self, name: str) -> DataLoader:
         """Training: ``batch_size`` items a step, drawn by a ``ForegroundSampler``; evaluation: whole
@@ -299,7 +280,9 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         world = self.trainer.world_size if self.trainer is not None else 1
         start, self._train_start = getattr(self, "_train_start", (0, 0)), (0, 0)
         return training_loader(
-            self.trainer, dataset, self.batch_size, self.draws_per_epoch(world), self.foreground_fraction,
+            self.trainer, dataset, self.batch_size,
+            epoch_draws(self.iterations_per_epoch, self.volumetric, self.batch_size, world, len(dataset)),
+            self.foreground_fraction,
             global_seed(self.seed), start, **options,
         )  # fmt: skip
 

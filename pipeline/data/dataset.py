@@ -131,6 +131,15 @@ def pair_problems(
     return problems
 
 
+def require_one_size(cases: Sequence[CaseArrays], root: object) -> None:
+    """Whole images train only when they share one size: else a ``DataError`` asking for a patch."""
+    sizes = sorted({tuple(c.image.shape[1:3]) for c in cases})
+    if len(sizes) > 1:
+        raise DataError(
+            root, f"training slices differ in size ({sizes[0]} ... {sizes[-1]}); set data.patch_size"
+        )
+
+
 def apply_label_map(mask: np.ndarray, label_map: dict[int, int] | None) -> np.ndarray:
     """Relabel ``mask`` with ``{stored value: class index}``; values not in the map are kept."""
     if not label_map:

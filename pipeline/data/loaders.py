@@ -18,12 +18,22 @@ from pipeline.data.sampling import EvalBatches, ForegroundSampler
 from pipeline.parallel import usable_cores
 
 MAX_AUTO_WORKERS = 16
+VOLUME_ITERATIONS = 250  # nnU-Net's epoch: a fixed number of steps, whatever the data set's size
 
 
 def auto_workers(devices: int = 1) -> int:
     """Loader workers for ``num_workers: null``: the CPU cores this process may use, shared among
     the node's ``devices`` (a fast GPU eats augmented 2D slices faster than two workers make them)."""
     return max(1, min(MAX_AUTO_WORKERS, usable_cores() // max(1, devices)))
+
+
+def epoch_draws(
+    iterations: int | None, volumetric: bool, batch_size: int, world_size: int, items: int
+) -> int:
+    """Training samples drawn per epoch over all processes: ``iterations`` steps (None: 250 for
+    volumes, or one pass over the ``items`` for 2D images) of ``batch_size`` on every process."""
+    iterations = iterations or (VOLUME_ITERATIONS if volumetric else None)
+    return items if iterations is None else iterations * batch_size * world_size
 
 
 def training_loader(

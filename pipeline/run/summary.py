@@ -51,7 +51,7 @@ class RunSummary(pl.Callback):
         self.run_dir.mkdir(parents=True, exist_ok=True)
         datamodule = trainer.datamodule
         if datamodule is not None and getattr(datamodule, "split", None):
-            datamodule.save_split(self.run_dir / "split.json")
+            write_json(self.run_dir / "split.json", datamodule.split)
         if getattr(datamodule, "plan", None) is not None:
             write_json(self.run_dir / "plan.json", datamodule.plan.to_json())
         for logger in trainer.loggers:
