@@ -196,10 +196,11 @@ def test_ablation3d_flags_vanishing_gradients_in_the_noskip_sigmoid_unet3d_only(
         ]
     )
     for name, vanishes in ((VANISHING_3D, True), (REFERENCE_3D, False)):
-        summary = json.loads((tmp_path / "ablation3d" / name / "summary.json").read_text())
+        run = tmp_path / "ablation3d" / volume_dir.name / name  # runs/<experiment>/<data set>/<run>
+        summary = json.loads((run / "summary.json").read_text())
         grads = summary["GradientFlowMonitor"]
         assert summary["status"] == "completed" and grads["logs"] == 5, name
         assert grads["vanishing"]["detected"] is vanishes, (name, grads["first_last_ratio"])
         assert (grads["first_last_ratio"]["end"] < 1e-3) is vanishes, (name, grads["first_last_ratio"])
-    config = (tmp_path / "ablation3d" / REFERENCE_3D / "config.yaml").read_text()
+    config = (tmp_path / "ablation3d" / volume_dir.name / REFERENCE_3D / "config.yaml").read_text()
     assert "spatial_dims: 3" in config and "strides:" in config  # planned for the volumes
