@@ -40,9 +40,10 @@ class Augmentation:
             nnU-Net's 3D training: the same settings move voxels less in 3D (displacement std 1 px
             in 2D, 0.28 voxel in 3D at the values above; ``pipeline.data.grid3d.elastic_displacement``),
             and it costs about as much as the rest of the patch's augmentation.
-        lowres_p, lowres_range: simulated low resolution (3D only): the patch is resampled to a
-            factor drawn from ``lowres_range`` (in (0, 1]) of its size and back (nnU-Net's values;
-            in-plane only for anisotropic patches).
+        lowres_p, lowres_range: simulated low resolution (nnU-Net's values, in 2D and 3D): the
+            image is resampled linearly to a factor drawn from ``lowres_range`` (in (0, 1]) of its
+            size and back, so a scan acquired at a coarser resolution is not new to the network
+            (in-plane only for anisotropic 3D patches).
         anisotropy_threshold: a 3D patch whose in-plane size exceeds this many times its size
             along the slice axis is treated as anisotropic (nnU-Net's rule and value): rotation,
             scaling and elastic displacement act in-plane only, never across thick slices.
@@ -115,6 +116,28 @@ class ClassBalancedCrop(A.CropNonEmptyMaskIfExists):
         return super().get_params_dependent_on_data(params, only_label)
 
 
+class SimulateLowResolution(A.ImageOnlyTransform):
+    """Linear resize to a factor drawn from ``scale_range`` of the image size, and back.
+
+    Albumentations' ``Downscale`` rounds float images to 8 bits on the way; this keeps float32.
+    Input/output: image (H, W, C) float32.
+    """
+
+    def __init__(self, scale_range: tuple[float, float] = (0.5, 1.0), p: float = 0.25) -> None:
+        super().__init__(p=p)
+        self.scale_range = scale_range
+
+    def get_params(self) -> dict:
+        return {"scale": self.py_random.uniform(*self.scale_range)}
+
+    def apply(self, img: np.ndarray, scale: float, **params: object) -> np.ndarray:
+        h, w = img.shape[:2]
+        small = cv2.resize(
+            img, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_LINEAR
+        )
+        return cv2.resize(small, (w, h), interpolation=cv2.INTER_LINEAR).reshape(img.shape)
+
+
 def _crop(patch_size: tuple[int, int] | None, foreground: bool = False) -> list[A.BasicTransform]:
     if patch_size is None:
         return []
@@ -154,7 +177,8 @@ def build_train_transform(
         ),
     ]
     intensity = [
-        # gamma first: it needs non-negative input, which brightness and noise do not keep
+        SimulateLowResolution(aug.lowres_range, p=aug.lowres_p),
+        # gamma before brightness and noise: it needs non-negative input, which they do not keep
         A.RandomGamma(gamma_limit=(aug.gamma_range[0] * 100, aug.gamma_range[1] * 100), p=aug.gamma_p),
         A.RandomBrightnessContrast(
             brightness_limit=aug.brightness_limit,
