@@ -57,8 +57,9 @@ def medseg(*args: str) -> None:
 
 
 def make_data(work: Path, cases: int, seed: int, test_share: float) -> tuple[Path, dict]:
-    """Generated volumes and one split for every arm: (data folder, split dict)."""
-    data = work / "data"
+    """Generated volumes and one split for every arm: (data folder, split dict). The folder is named
+    by its case count and seed, so a work folder of an earlier run with other settings is not reused."""
+    data = work / f"volumes-{cases}-s{seed}"
     if not (data / "dataset.json").is_file():
         medseg(
             "data",
@@ -80,18 +81,26 @@ def make_data(work: Path, cases: int, seed: int, test_share: float) -> tuple[Pat
     return data, split
 
 
-def fit_medseg(work: Path, data: Path, name: str, minutes: float, model: str, *extra: str) -> Path:
-    """A ``medseg fit`` of ``minutes`` wall time; returns its best checkpoint."""
+def fit_medseg(
+    work: Path, data: Path, name: str, minutes: float, model: str, *extra: str
+) -> tuple[Path, int]:
+    """A ``medseg fit`` of ``minutes`` wall time; returns (its best checkpoint, optimiser steps)."""
     runs = work / "runs"
     clock = f"00:00:{int(minutes):02d}:{round(minutes % 1 * 60):02d}"
     args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / f"{model}.yaml")]
     args += ["-c", str(CONFIGS / "data" / "msd.yaml"), "--data.root", str(data)]
-    args += ["--data.split_file", str(work / "split.json"), "--data.cache_dir", str(work / "cache")]
+    args += [
+        "--data.split_file",
+        str(work / "split.json"),
+        "--data.cache_dir",
+        str(work / "cache" / data.name),
+    ]
     args += ["--trainer.max_time", clock, "--trainer.max_epochs", "10000", "--run.root", str(runs)]
     args += ["--run.name", name, "--run.overwrite", "true"]  # a re-run of the benchmark measures again
     args += ["--run.wandb", "false", "--trainer.enable_progress_bar", "false", *extra]
     medseg(*args)
-    return runs / "default" / dataset_name(data) / name / "checkpoints" / "best.ckpt"
+    run = runs / "default" / dataset_name(data) / name
+    return run / "checkpoints" / "best.ckpt", json.loads((run / "summary.json").read_text())["steps"]
 
 
 def zscore(volume: np.ndarray) -> np.ndarray:
@@ -103,9 +112,9 @@ def axial(path: Path) -> np.ndarray:
     return np.moveaxis(np.asanyarray(nib.load(path).dataobj), 2, 0)
 
 
-def plain_loop(work: Path, data: Path, split: dict, minutes: float, seed: int) -> Path:
+def plain_loop(work: Path, data: Path, split: dict, minutes: float, seed: int) -> tuple[Path, int]:
     """The afternoon peer: 2D BasicUNet on random 64 x 64 axial patches for ``minutes``; writes its
-    predictions of the test cases (NIfTI, the inputs' geometry) and returns their folder."""
+    predictions of the test cases (NIfTI, the inputs' geometry); returns (their folder, steps)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images = {c: zscore(axial(data / "imagesTr" / f"{c}.nii.gz")) for c in split["train"]}
@@ -113,7 +122,7 @@ def plain_loop(work: Path, data: Path, split: dict, minutes: float, seed: int) -
     net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1 + len(CLASSES))
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    patch, batch, cases = 64, 32, list(images)
+    patch, batch, cases, steps = 64, 32, list(images), 0
     end = time.perf_counter() + minutes * 60
     while time.perf_counter() < end:
         xs, ys = [], []
@@ -133,17 +142,21 @@ def plain_loop(work: Path, data: Path, split: dict, minutes: float, seed: int) -
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+        steps += 1
     out = work / "predictions" / "basicunet_loop"
     out.mkdir(parents=True, exist_ok=True)
     net.eval()
     with torch.no_grad():
         for case in split["test"]:
             source = nib.load(data / "imagesTr" / f"{case}.nii.gz")
-            x = torch.from_numpy(zscore(axial(data / "imagesTr" / f"{case}.nii.gz")))[:, None]
+            volume = zscore(axial(data / "imagesTr" / f"{case}.nii.gz"))
+            # padded as in training (BasicUNet's instance norm sees the padding; MONAI's pads with 0)
+            x = torch.from_numpy(np.stack([_pad(plane, patch) for plane in volume]))[:, None]
             logits = sliding_window_inference(x, (patch, patch), 8, net, overlap=0.5, mode="gaussian")
-            pred = np.moveaxis(logits.argmax(1).numpy().astype(np.uint8), 0, 2)
+            labels = logits.argmax(1)[:, : volume.shape[1], : volume.shape[2]]
+            pred = np.moveaxis(labels.numpy().astype(np.uint8), 0, 2)
             nib.save(nib.Nifti1Image(pred, source.affine), out / f"{case}.nii.gz")
-    return out
+    return out, steps
 
 
 def _pad(plane: np.ndarray, size: int) -> np.ndarray:
@@ -226,9 +239,9 @@ def main(argv: list[str] | None = None) -> dict:
     for arm in opts.arms:
         start = time.perf_counter()
         if arm == "basicunet_loop":
-            predictions = plain_loop(opts.work, data, split, opts.minutes, opts.seed)
+            predictions, steps = plain_loop(opts.work, data, split, opts.minutes, opts.seed)
         else:
-            checkpoint = fit_medseg(
+            checkpoint, steps = fit_medseg(
                 opts.work, data, arm, opts.minutes, model.get(arm, "unet"), *extra.get(arm, ())
             )
             predictions = infer(checkpoint, data / "imagesTr", test, opts.work / "predictions" / arm)
@@ -236,6 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
         result["arms"][arm] = {
             "dice": summarise(scores),
             "per_case": scores,
+            "steps": steps,
             "seconds": time.perf_counter() - start,
         }
         print(arm, result["arms"][arm]["dice"], flush=True)
@@ -254,8 +268,11 @@ def main(argv: list[str] | None = None) -> dict:
         }  # fmt: skip
     result["load_end"] = load_average()
     write_json(opts.output, result)
-    rows = [(arm, *(f"{r['dice'][k]:.3f}" for k in (*CLASSES, "mean"))) for arm, r in result["arms"].items()]
-    table = markdown_table(("arm", *(f"Dice {c}" for c in CLASSES), "mean Dice"), rows)
+    rows = [
+        (arm, r["steps"], *(f"{r['dice'][k]:.3f}" for k in (*CLASSES, "mean")))
+        for arm, r in result["arms"].items()
+    ]
+    table = markdown_table(("arm", "steps", *(f"Dice {c}" for c in CLASSES), "mean Dice"), rows)
     opts.output.with_suffix(".md").write_text(table + "\n")
     print(table)
     if "respaced" in result:
