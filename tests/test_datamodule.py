@@ -11,7 +11,7 @@ from pipeline.data.transforms import Augmentation
 from pipeline.errors import DataError
 from pipeline.files import write_json
 
-NO_INTENSITY = dict(brightness_contrast_p=0.0, gamma_p=0.0, noise_p=0.0, elastic_p=0.0)
+NO_INTENSITY = dict(brightness_contrast_p=0.0, gamma_p=0.0, noise_p=0.0, lowres_p=0.0, elastic_p=0.0)
 
 
 def test_datamodule_samples_follow_the_data_contract(phantom_dir):
