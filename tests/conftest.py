@@ -92,3 +92,30 @@ def fit_args(data_root: Path, runs: Path, *extra: str) -> list[str]:
         str(runs),
         *extra,
     ]
+
+
+def volume_fit_args(data_root: Path, runs: Path, model: str = "unet", *extra: str) -> list[str]:
+    """``medseg fit`` arguments for a CPU run on generated volumes, planned by ``configs/data/msd.yaml``:
+    no test split, no loader workers, no W&B, no progress bar."""
+    return [
+        "fit",
+        "-c",
+        str(CONFIGS / "default.yaml"),
+        "-c",
+        str(CONFIGS / "model" / f"{model}.yaml"),
+        "-c",
+        str(CONFIGS / "data" / "msd.yaml"),
+        "--data.root",
+        str(data_root),
+        "--data.test_fraction",
+        "0",
+        "--data.num_workers",
+        "0",
+        "--run.root",
+        str(runs),
+        "--run.wandb",
+        "false",
+        "--trainer.enable_progress_bar",
+        "false",
+        *extra,
+    ]

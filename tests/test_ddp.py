@@ -14,7 +14,7 @@ from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import build_net
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.module import SegmentationModule
-from tests.conftest import CONFIGS, run_path
+from tests.conftest import run_path, volume_fit_args
 from tests.helpers.resume import (
     BEST,
     final_state,
@@ -111,26 +111,9 @@ def test_ddp_sigterm_on_every_rank_saves_one_checkpoint_and_resumes_exactly(
 def test_ddp_two_processes_score_each_volume_once(volume_dir, tmp_path):
     # 3 validation cases over 2 ranks: one rank gets a padding repeat, scored once
     runs = tmp_path / "runs"
-    args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / "unet.yaml")]
-    args += ["-c", str(CONFIGS / "data" / "msd.yaml"), "--data.root", str(volume_dir)]
-    args += [
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--data.test_fraction",
-        "0",
-        "--data.val_fraction",
-        "0.5",
-    ]
-    args += ["--data.iterations_per_epoch", "2", "--trainer.max_epochs", "1", "--data.num_workers", "0"]
-    args += [
-        "--model.net.init_args.features",
-        "[4, 8, 16, 32]",
-        "--model.hd95",
-        "false",
-        "--run.root",
-        str(runs),
-    ]
-    args += ["--run.name", "vol", "--run.wandb", "false", "--trainer.enable_progress_bar", "false"]
+    args = volume_fit_args(volume_dir, runs, "unet", "--data.cache_dir", str(tmp_path / "cache"))
+    args += ["--data.val_fraction", "0.5", "--data.iterations_per_epoch", "2", "--trainer.max_epochs", "1"]
+    args += ["--model.net.init_args.features", "[4, 8, 16, 32]", "--model.hd95", "false", "--run.name", "vol"]
     ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp"]
     code, err = finish(start_fit([*args, *ddp]), 300)
     assert code == 0, err[-3000:]

@@ -11,7 +11,7 @@ import yaml
 from pipeline.cli import main
 from pipeline.data.fingerprint import CaseFacts, Fingerprint
 from pipeline.data.plan import PlanSettings, activation_bytes, make_plan, pooling, target_spacing
-from tests.conftest import CONFIGS
+from tests.conftest import volume_fit_args
 
 GPU, CPU = PlanSettings(device="gpu"), PlanSettings(device="cpu")
 
@@ -74,18 +74,10 @@ def test_plan_fit_fills_unset_values_and_config_yaml_records_them(mixed_volume_d
     table = capsys.readouterr().out
     assert "target spacing" in table and "2D network" in table and "3D network" in table
     planned = json.loads((tmp_path / "cache" / "plan.json").read_text())
-    args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / "unet.yaml")]
-    args += ["-c", str(CONFIGS / "data" / "msd.yaml"), "--data.root", str(mixed_volume_dir)]
-    args += [
-        "--data.cache_dir",
-        str(tmp_path / "cache"),
-        "--data.test_fraction",
-        "0",
-        "--run.root",
-        str(tmp_path / "runs"),
-    ]
-    args += ["--run.wandb", "false", "--trainer.max_epochs", "1", "--data.iterations_per_epoch", "1"]
-    args += ["--trainer.enable_progress_bar", "false", "--data.num_workers", "0", "--data.batch_size", "3"]
+    args = volume_fit_args(
+        mixed_volume_dir, tmp_path / "runs", "unet", "--data.cache_dir", str(tmp_path / "cache")
+    )
+    args += ["--trainer.max_epochs", "1", "--data.iterations_per_epoch", "1", "--data.batch_size", "3"]
     args += ["--model.net.init_args.features", "[4, 8, 16, 32, 64]"]
     main(args)
     (run,) = (tmp_path / "runs" / "default" / mixed_volume_dir.name).iterdir()  # experiment, data set, run

@@ -16,34 +16,14 @@ from scipy import ndimage
 from pipeline.cli import main
 from pipeline.data.io import read_nifti
 from pipeline.data.slicing import to_slices
-from tests.conftest import CONFIGS, run_path
+from tests.conftest import run_path, volume_fit_args
 from tests.helpers.validation import scored_cases
 
 
 def fit_volumes(data: Path, runs: Path, model: str, *extra: str) -> Path:
     """A seconds-long fit on volumes with the planned settings; returns the run directory."""
-    args = ["fit", "-c", str(CONFIGS / "default.yaml"), "-c", str(CONFIGS / "model" / f"{model}.yaml")]
-    args += ["-c", str(CONFIGS / "data" / "msd.yaml"), "--data.root", str(data), "--data.test_fraction", "0"]
-    args += [
-        "--run.root",
-        str(runs),
-        "--run.name",
-        "run",
-        "--run.wandb",
-        "false",
-        "--trainer.max_epochs",
-        "2",
-    ]
-    args += [
-        "--data.iterations_per_epoch",
-        "3",
-        "--trainer.enable_progress_bar",
-        "false",
-        "--data.num_workers",
-        "0",
-    ]
-    args += ["--model.net.init_args.features", "[4, 8, 16, 32]", *extra]
-    main(args)
+    extra = ("--run.name", "run", "--trainer.max_epochs", "2", "--data.iterations_per_epoch", "3", *extra)
+    main(volume_fit_args(data, runs, model, "--model.net.init_args.features", "[4, 8, 16, 32]", *extra))
     return run_path(runs, "default", data, "run")
 
 
