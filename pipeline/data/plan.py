@@ -121,20 +121,6 @@ class Plan:
     def to_json(self) -> dict:
         return asdict(self)
 
-    @classmethod
-    def from_json(cls, data: dict) -> Plan:
-        def net(d: dict) -> NetworkPlan:
-            return NetworkPlan(
-                d["spatial_dims"], tuple(d["patch"]), d["batch"], tuple(map(tuple, d["strides"])),
-                tuple(map(tuple, d["kernel_sizes"])), tuple(d["spacing"]), d["memory_gb"],
-            )  # fmt: skip
-
-        return cls(
-            tuple(data["target_spacing"]), data["slice_axis"], tuple(data["median_shape"]),
-            tuple(map(tuple, data["spacing_range"])), net(data["net_2d"]), net(data["net_3d"]),
-            PlanSettings(**data["settings"]), data.get("fingerprint", {}), data.get("normalization", []),
-        )  # fmt: skip
-
 
 def target_spacing(fingerprint: Fingerprint) -> tuple[float, float, float]:
     """Rule 1: the median spacing; the 10th percentile along a strongly anisotropic coarse axis."""
