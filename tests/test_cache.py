@@ -95,3 +95,24 @@ def test_cache_mapped_arrays_pickle_as_their_path(volume_dir, tmp_path):
     first = np.array(array[3])
     copy = pickle.loads(pickle.dumps(array))  # what a loader worker receives
     assert len(pickle.dumps(array)) < 1000 and np.array_equal(copy[3], first)
+
+
+def test_cache_samples_a_large_organ_reproducibly(tmp_path):
+    # 128 x 128 x 40 at 0.8 mm in plane: the organ alone has far more than SAMPLE voxels, the branch
+    # every real CT organ takes (it crashed on a misspelt numpy name that no phantom reached)
+    from pipeline.data.cache import SAMPLE
+    from pipeline.data.synthetic_volumes import generate_volumes
+
+    root = generate_volumes(tmp_path / "big", num_cases=2, shape=(128, 128, 40), spacing=(0.8, 0.8, 2.0))
+    cases = describe(root).cases
+    first = prepare_facts(cases, tmp_path / "a", CLASS_NAMES)
+    second = prepare_facts(cases[::-1], tmp_path / "b", CLASS_NAMES)
+    for case in cases:
+        entry = first[case.case_id]
+        assert entry["class_voxels"]["1"] + entry["class_voxels"]["2"] > SAMPLE
+        sample = np.load(tmp_path / "a" / entry["foreground_sample"])
+        assert sample.shape == (SAMPLE, 1) and sample.dtype == np.float32
+        # drawn from the case's own foreground (organ ~90 HU, lesion ~125), seeded by its id alone
+        volume, mask = load_volume_case(case, CLASS_NAMES)
+        assert np.isin(sample[:, 0], volume.array[mask > 0][:, 0]).all()
+        assert np.array_equal(sample, np.load(tmp_path / "b" / second[case.case_id]["foreground_sample"]))

@@ -97,7 +97,7 @@ def signature(case: Case) -> dict[str, list[int]]:
 
 def case_rng(case_id: str) -> np.random.Generator:
     """A generator seeded by the case id: samples drawn for a case do not depend on the others."""
-    return np.random.defaultcase_rng(zlib.crc32(case_id.encode()))
+    return np.random.default_rng(zlib.crc32(case_id.encode()))
 
 
 def sample_foreground(image: np.ndarray, mask: np.ndarray, case_id: str) -> np.ndarray:
