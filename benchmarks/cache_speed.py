@@ -3,7 +3,7 @@
     python benchmarks/cache_speed.py                 # about a minute on a 2-core CPU
     python benchmarks/cache_speed.py --shape 512 512 96 --cases 4 --repeats 3
 
-Generates synthetic CT volumes (``pipeline.data.synthetic_volumes``: int16, LPS voxel order,
+Generates synthetic CT volumes (``pipeline.data.synthesis.phantoms_3d``: int16, LPS voxel order,
 0.9 x 0.9 x 3 mm, gzip-compressed NIfTI, as MSD ships them), writes an uncompressed ``.nii``
 copy of each, builds the cache (``medseg data prepare``), then reads one fixed random list of
 (case, axial slice) pairs, image and mask, in these ways:
@@ -44,15 +44,15 @@ import numpy as np  # noqa: E402
 from nibabel.orientations import apply_orientation, axcodes2ornt, io_orientation, ornt_transform  # noqa: E402
 
 from benchmarks.common import RESULTS, alternate, machine_info, median, write_json  # noqa: E402
-from pipeline.data.cache import prepare_facts  # noqa: E402
-from pipeline.data.dataset import SliceDataset  # noqa: E402
-from pipeline.data.grids import open_case, prepare_grid  # noqa: E402
-from pipeline.data.io import read_nifti  # noqa: E402
-from pipeline.data.layouts import describe  # noqa: E402
+from pipeline.data.augment.transforms2d import build_eval_transform  # noqa: E402
+from pipeline.data.cache.facts import prepare_facts  # noqa: E402
+from pipeline.data.cache.grids import open_case, prepare_grid  # noqa: E402
+from pipeline.data.cache.slicing import to_slices  # noqa: E402
+from pipeline.data.loading.datasets import SliceDataset  # noqa: E402
 from pipeline.data.normalization import Normalization  # noqa: E402
-from pipeline.data.slicing import to_slices  # noqa: E402
-from pipeline.data.synthetic_volumes import CLASS_NAMES, generate_volumes  # noqa: E402
-from pipeline.data.transforms import build_eval_transform  # noqa: E402
+from pipeline.data.reading.formats import read_nifti  # noqa: E402
+from pipeline.data.reading.layouts import describe  # noqa: E402
+from pipeline.data.synthesis.phantoms_3d import CLASS_NAMES, generate_volumes  # noqa: E402
 
 SPACING = (0.9, 0.9, 3.0)  # mm, every generated volume's
 

@@ -30,7 +30,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.common import RESULTS, load_average, machine_info, markdown_table, quiet, write_json  # noqa: E402
 from pipeline.cli import main as medseg  # noqa: E402
-from pipeline.data.layouts import discover  # noqa: E402
+from pipeline.data.reading.layouts import discover  # noqa: E402
 from pipeline.experiments.cv import plan_cv  # noqa: E402
 from pipeline.experiments.cv_scores import case_labels, score_case  # noqa: E402
 from pipeline.inference.ensemble import CV_SUMMARY  # noqa: E402

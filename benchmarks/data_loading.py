@@ -40,7 +40,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from benchmarks.common import RESULTS, alternate, machine_info, median, ratio, write_json  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule, auto_workers  # noqa: E402
-from pipeline.data.synthetic import generate_dataset  # noqa: E402
+from pipeline.data.synthesis.phantoms_2d import generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 
 CONFIGS = REPO / "configs"

@@ -5,7 +5,7 @@
 
 ``measure_case`` measures any ``ModelCase`` (a network and its batch); ``gpu_check.py`` runs it
 for every entry of ``MODEL_CASES`` (the 2D UNet, and the 3D UNet at the patch and batch
-``pipeline.data.plan`` gives a CT data set on an 8 GB budget: ``unet3d``), this script for the 2D UNet.
+``pipeline.data.planning.rules`` gives a CT data set on an 8 GB budget: ``unet3d``), this script for the 2D UNet.
 
 Without a CUDA GPU it prints that it skipped and records ``{"skipped": ...}`` (exit status 0).
 
@@ -60,9 +60,9 @@ from benchmarks.common import (  # noqa: E402
     write_json,
 )
 from benchmarks.data_loading import datamodule, default_workers, training_step, wait_fraction  # noqa: E402
-from pipeline.data.fingerprint import Fingerprint  # noqa: E402
-from pipeline.data.plan import PlanSettings, make_plan  # noqa: E402
-from pipeline.data.synthetic import CLASS_NAMES, generate_dataset  # noqa: E402
+from pipeline.data.planning.fingerprint import Fingerprint  # noqa: E402
+from pipeline.data.planning.rules import PlanSettings, make_plan  # noqa: E402
+from pipeline.data.synthesis.phantoms_2d import CLASS_NAMES, generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 from pipeline.training.layout import channels_last_format  # noqa: E402
 
@@ -107,7 +107,7 @@ def unet3d(
     memory_gb: float = 8.0,
 ) -> ModelCase:
     """The 3D UNet as ``medseg fit`` plans it for a GPU data set of CT scans of ``shape`` voxels at
-    ``spacing`` mm (X, Y, Z) with ``memory_gb`` of activations (``pipeline.data.plan``): patch,
+    ``spacing`` mm (X, Y, Z) with ``memory_gb`` of activations (``pipeline.data.planning.rules``): patch,
     batch, strides and kernel sizes. The defaults, an abdominal CT with 2.5 mm slices, give a
     32 x 192 x 192 patch, batch 2, pooled in plane first with 1 x 3 x 3 kernels at full resolution."""
     cases = 40

@@ -36,7 +36,7 @@ import pytorch_lightning as pl  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info, write_json  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
-from pipeline.data.synthetic import generate_dataset  # noqa: E402
+from pipeline.data.synthesis.phantoms_2d import generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 from pipeline.monitors.gradients import GradientFlowMonitor  # noqa: E402
 from pipeline.run.loggers import RunConfig, build_loggers  # noqa: E402

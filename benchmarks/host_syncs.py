@@ -38,7 +38,7 @@ from torch.overrides import TorchFunctionMode  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info, median, quiet, write_json  # noqa: E402
 from benchmarks.preloaded import preload, preloaded_fit  # noqa: E402
-from pipeline.data.synthetic import generate_dataset  # noqa: E402
+from pipeline.data.synthesis.phantoms_2d import generate_dataset  # noqa: E402
 
 READS = {"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "numpy", "cpu", "__format__"}
 # Reads of tensors that stay on the host in a GPU run too: not synchronisations.

@@ -40,7 +40,7 @@ import torch  # noqa: E402
 
 from benchmarks.common import RESULTS, alternate, machine_info, timed, write_json  # noqa: E402
 from pipeline.data.datamodule import SegmentationDataModule  # noqa: E402
-from pipeline.data.synthetic import CLASS_NAMES, generate_dataset, phantom  # noqa: E402
+from pipeline.data.synthesis.phantoms_2d import CLASS_NAMES, generate_dataset, phantom  # noqa: E402
 from pipeline.inference import infer  # noqa: E402
 from pipeline.inference.cases import find_inputs, load_case  # noqa: E402
 from pipeline.models import UNet, net_spec  # noqa: E402

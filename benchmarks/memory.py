@@ -3,7 +3,7 @@
     python benchmarks/memory.py                      # about 5 minutes on a 2-core CPU
     python benchmarks/memory.py --cases 20 400 --shape 128 128 64
 
-Generates synthetic CT volume sets (``pipeline.data.synthetic_volumes``, what ``medseg data synth
+Generates synthetic CT volume sets (``pipeline.data.synthesis.phantoms_3d``, what ``medseg data synth
 --volumes`` writes, MSD layout) of each size, then runs the same ``medseg fit`` on each in a child
 process: default configs with ``configs/data/msd.yaml`` (whole 64x64 slices), the volume cache
 built by the fit itself on first use (decoding every case), then a fixed number of training steps
@@ -53,7 +53,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 import psutil  # noqa: E402
 
 from benchmarks.common import RESULTS, alternate, machine_info, median, ratio, write_json  # noqa: E402
-from pipeline.data.synthetic_volumes import generate_volumes  # noqa: E402
+from pipeline.data.synthesis.phantoms_3d import generate_volumes  # noqa: E402
 
 CONFIGS = REPO / "configs"
 MB = 2**20

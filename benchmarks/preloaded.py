@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.cli import lightning as cli
 from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.plan import DEFAULT_FEATURES
+from pipeline.data.planning.rules import DEFAULT_FEATURES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 CONFIGS_OF = {2: ("model/unet", "data/synthetic"), 3: ("model/unet3d", "data/msd")}  # by spatial dims

@@ -51,8 +51,8 @@ from benchmarks.region_metrics import (  # noqa: E402
 )
 from pipeline.cli import main as medseg  # noqa: E402
 from pipeline.data.datamodule import make_split  # noqa: E402
-from pipeline.data.io import write_png  # noqa: E402
-from pipeline.data.layouts import discover  # noqa: E402
+from pipeline.data.reading.formats import write_png  # noqa: E402
+from pipeline.data.reading.layouts import discover  # noqa: E402
 from pipeline.errors import DataError  # noqa: E402
 from pipeline.files import atomic_write  # noqa: E402
 from pipeline.run.naming import dataset_name  # noqa: E402

@@ -22,8 +22,8 @@ from torch import Tensor
 from torchmetrics.functional.classification import binary_auroc
 
 from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.io import read_mask_2d
 from pipeline.data.preprocessing import Preprocessing
+from pipeline.data.reading.formats import read_mask_2d
 from pipeline.errors import DataError
 from pipeline.metrics import confusion_per_image, scores_from_confusion
 from pipeline.training.checkpoint import load_model

@@ -63,8 +63,8 @@ from torch import nn  # noqa: E402
 
 from benchmarks.common import RESULTS, machine_info, median, quiet, ratio, train_flops, write_json  # noqa: E402
 from benchmarks.preloaded import CONFIGS, CONFIGS_OF, model_init_args, planned_network, preload, preloaded_fit  # noqa: E402
-from pipeline.data.synthetic import generate_dataset  # noqa: E402
-from pipeline.data.synthetic_volumes import generate_volumes  # noqa: E402
+from pipeline.data.synthesis.phantoms_2d import generate_dataset  # noqa: E402
+from pipeline.data.synthesis.phantoms_3d import generate_volumes  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 from pipeline.training.precision import autocast_dtype  # noqa: E402
 

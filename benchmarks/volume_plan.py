@@ -43,7 +43,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.common import RESULTS, load_average, machine_info, markdown_table, write_json  # noqa: E402
-from pipeline.data.resample import resampled_shape  # noqa: E402
+from pipeline.data.cache.resample import resampled_shape  # noqa: E402
 from pipeline.run.naming import dataset_name  # noqa: E402
 
 CONFIGS = REPO / "configs"

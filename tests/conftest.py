@@ -19,7 +19,7 @@ CONFIGS = REPO / "configs"
 @pytest.fixture(scope="session")
 def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """12 phantoms of 64x64 in the image/mask folder layout (read-only: copy before changing)."""
-    from pipeline.data.synthetic import generate_dataset
+    from pipeline.data.synthesis.phantoms_2d import generate_dataset
 
     return generate_dataset(tmp_path_factory.mktemp("phantoms"), num_images=12, size=64, seed=0)
 
@@ -28,7 +28,7 @@ def phantom_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """6 synthetic CT volumes of 40x40x12 voxels at 0.9 x 0.9 x 3 mm in MSD layout (read-only: give
     the data module a ``cache_dir`` in ``tmp_path``, and copy the folder before changing it)."""
-    from pipeline.data.synthetic_volumes import generate_volumes
+    from pipeline.data.synthesis.phantoms_3d import generate_volumes
 
     return generate_volumes(
         tmp_path_factory.mktemp("volumes") / "msd", num_cases=6, shape=(40, 40, 12), spacing=(0.9, 0.9, 3.0)
@@ -39,7 +39,7 @@ def volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def mixed_volume_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """8 synthetic CT volumes, each with its own spacing (in-plane 0.6-1.2 mm, slices 1-5 mm) and
     shape, in MSD layout (read-only, as ``volume_dir``)."""
-    from pipeline.data.synthetic_volumes import generate_volumes
+    from pipeline.data.synthesis.phantoms_3d import generate_volumes
 
     return generate_volumes(tmp_path_factory.mktemp("mixed") / "msd", num_cases=8, seed=1)
 

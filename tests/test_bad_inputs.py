@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data.synthetic_volumes import generate_volumes
+from pipeline.data.synthesis.phantoms_3d import generate_volumes
 from tests.conftest import REPO, fit_args
 
 

@@ -6,14 +6,14 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.cli import main
-from pipeline.data.cache import MappedArray, prepare_facts, read_manifest
-from pipeline.data.grids import open_case, prepare_grid
-from pipeline.data.layouts import describe
+from pipeline.data.cache.facts import MappedArray, prepare_facts, read_manifest
+from pipeline.data.cache.grids import open_case, prepare_grid
+from pipeline.data.cache.resample import resample_image
+from pipeline.data.cache.slicing import in_slice_order, to_slices
 from pipeline.data.normalization import Normalization, fit_intensity
-from pipeline.data.resample import resample_image
-from pipeline.data.slicing import in_slice_order, to_slices
-from pipeline.data.synthetic_volumes import CLASS_NAMES
-from pipeline.data.volumes import load_volume_case
+from pipeline.data.reading.layouts import describe
+from pipeline.data.reading.volumes import load_volume_case
+from pipeline.data.synthesis.phantoms_3d import CLASS_NAMES
 
 GRID = ((0.9, 0.9, 3.0), 2)  # the fixture's own spacing: resampling keeps every voxel
 
@@ -100,8 +100,8 @@ def test_cache_mapped_arrays_pickle_as_their_path(volume_dir, tmp_path):
 def test_cache_samples_a_large_organ_reproducibly(tmp_path):
     # 128 x 128 x 40 at 0.8 mm in plane: the organ alone has far more than SAMPLE voxels, the branch
     # every real CT organ takes (it crashed on a misspelt numpy name that no phantom reached)
-    from pipeline.data.cache import SAMPLE
-    from pipeline.data.synthetic_volumes import generate_volumes
+    from pipeline.data.cache.facts import SAMPLE
+    from pipeline.data.synthesis.phantoms_3d import generate_volumes
 
     root = generate_volumes(tmp_path / "big", num_cases=2, shape=(128, 128, 40), spacing=(0.8, 0.8, 2.0))
     cases = describe(root).cases

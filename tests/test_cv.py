@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from pipeline.cli import main
-from pipeline.data.layouts import discover
-from pipeline.data.split import make_split
+from pipeline.data.loading.split import make_split
+from pipeline.data.reading.layouts import discover
 from pipeline.experiments.cv_scores import (
     CaseResult,
     choose_postprocessing,

@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from pipeline.cli import main
-from pipeline.data.check import check_dataset
+from pipeline.data.reading.check import check_dataset
 
 
 def _rewrite(path, change):

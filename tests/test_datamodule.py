@@ -6,8 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
+from pipeline.data.augment.transforms2d import Augmentation
 from pipeline.data.datamodule import SegmentationDataModule, make_split
-from pipeline.data.transforms import Augmentation
 from pipeline.errors import DataError
 from pipeline.files import write_json
 
@@ -150,7 +150,7 @@ def test_missing_class_names_say_how_to_fix(phantom_dir, tmp_path):
 
 
 def test_class_names_file_must_list_indices(tmp_path):
-    from pipeline.data.layouts import read_class_names
+    from pipeline.data.reading.layouts import read_class_names
 
     (tmp_path / "c.json").write_text(json.dumps({"0": "bg", "2": "x"}))
     with pytest.raises(DataError, match="class indices must be 0..1"):

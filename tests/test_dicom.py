@@ -8,8 +8,8 @@ import pydicom
 import pytest
 
 from pipeline.cli import main
-from pipeline.data.dicom import read_dicom_series
-from pipeline.data.io import write_nifti_like
+from pipeline.data.reading.dicom import read_dicom_series
+from pipeline.data.reading.formats import write_nifti_like
 from pipeline.errors import DataError
 from tests.helpers.dicom import write_series
 
@@ -93,7 +93,7 @@ def test_read_dicom_series_bad_geometry_stops_naming_the_folder(tmp_path, positi
 
 def test_read_dicom_series_tilted_keeps_the_true_step_as_a_sheared_affine(tmp_path, caplog):
     write_series(tmp_path / "s", _tilted(6), pixels=_marked(6))
-    with caplog.at_level(logging.WARNING, logger="pipeline.data.dicom"):
+    with caplog.at_level(logging.WARNING, logger="pipeline.data.reading.dicom"):
         volume = read_dicom_series(tmp_path / "s")
     assert [r.getMessage() for r in caplog.records] == [
         f"{tmp_path / 's'}: gantry tilt of 15.00 degrees; kept as a sheared affine (voxels not resampled)"

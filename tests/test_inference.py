@@ -17,9 +17,9 @@ import pytest
 import torch
 
 from pipeline.cli import main
-from pipeline.data.io import read_image_2d, read_mask_2d, read_nifti
-from pipeline.data.slicing import to_slices
-from pipeline.data.synthetic_volumes import generate_volumes
+from pipeline.data.cache.slicing import to_slices
+from pipeline.data.reading.formats import read_image_2d, read_mask_2d, read_nifti
+from pipeline.data.synthesis.phantoms_3d import generate_volumes
 from pipeline.inference.cases import find_inputs, safe_name
 from pipeline.inference.writer import OutputLayout
 from tests.conftest import REPO, fit_args, run_path

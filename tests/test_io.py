@@ -6,8 +6,8 @@ import pydicom
 import pytest
 from pydicom.data import get_testdata_file
 
-from pipeline.data.dicom import read_dicom_series
-from pipeline.data.io import read_nifti, write_nifti_like
+from pipeline.data.reading.dicom import read_dicom_series
+from pipeline.data.reading.formats import read_nifti, write_nifti_like
 from pipeline.errors import DataError
 from tests.helpers.dicom import axial_series
 
@@ -79,7 +79,7 @@ def test_dicom_folder_with_a_stray_file_names_it(tmp_path):
 
 @pytest.mark.parametrize("axis", [0, 1, 2])
 def test_slicing_round_trips_along_every_axis(axis):
-    from pipeline.data.slicing import from_slices, to_slices
+    from pipeline.data.cache.slicing import from_slices, to_slices
 
     volume = np.random.default_rng(1).random((4, 5, 6, 2))
     slices = to_slices(volume, axis)
@@ -88,7 +88,7 @@ def test_slicing_round_trips_along_every_axis(axis):
 
 
 def test_auto_slice_axis_is_the_coarsest_median_spacing():
-    from pipeline.data.slicing import resolve_slice_axis
+    from pipeline.data.cache.slicing import resolve_slice_axis
 
     assert resolve_slice_axis("auto", [(0.7, 0.7, 3.0), (0.8, 0.8, 2.5)]) == 2
     assert resolve_slice_axis("auto", [(4.0, 1.0, 1.0)]) == 0

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from pipeline.data.datamodule import SegmentationDataModule
-from pipeline.data.dicom import read_dicom_series
-from pipeline.data.io import write_nifti_like
-from pipeline.data.layouts import describe
-from pipeline.data.synthetic_volumes import CLASS_NAMES, generate_volumes
+from pipeline.data.reading.dicom import read_dicom_series
+from pipeline.data.reading.formats import write_nifti_like
+from pipeline.data.reading.layouts import describe
+from pipeline.data.synthesis.phantoms_3d import CLASS_NAMES, generate_volumes
 from pipeline.errors import DataError
 from tests.helpers.dicom import axial_series
 

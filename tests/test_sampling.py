@@ -1,10 +1,10 @@
 import numpy as np
 import pytest
 
-from pipeline.data.dataset import CaseArrays, SliceDataset
+from pipeline.data.augment.transforms2d import Augmentation, build_eval_transform, build_train_transform
+from pipeline.data.loading.datasets import CaseArrays, SliceDataset
+from pipeline.data.loading.sampling import EvalBatches, ForegroundSampler
 from pipeline.data.normalization import Normalization, fit_intensity
-from pipeline.data.sampling import EvalBatches, ForegroundSampler
-from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
 
 
 def test_sampling_forces_the_foreground_fraction_deterministically():

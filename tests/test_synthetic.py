@@ -3,7 +3,7 @@ import json
 import numpy as np
 from scipy import ndimage
 
-from pipeline.data.synthetic import CLASS_NAMES, generate_dataset, phantom
+from pipeline.data.synthesis.phantoms_2d import CLASS_NAMES, generate_dataset, phantom
 
 
 def test_phantom_is_deterministic_for_a_seed():

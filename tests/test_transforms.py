@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.data.transforms import Augmentation, build_train_transform
+from pipeline.data.augment.transforms2d import Augmentation, build_train_transform
 
 ONLY_LOWRES = dict(
     flip_p=0.0, affine_p=0.0, elastic_p=0.0, brightness_contrast_p=0.0, gamma_p=0.0, noise_p=0.0, lowres_p=1.0

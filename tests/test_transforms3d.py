@@ -6,10 +6,15 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from pipeline.data.grid3d import elastic_displacement, nearest_gather, resize_linear, sample_linear
+from pipeline.data.augment.transforms2d import Augmentation
+from pipeline.data.augment.transforms3d import PatchAugmenter3D, class_locations
+from pipeline.data.augment.voxel_grid import (
+    elastic_displacement,
+    nearest_gather,
+    resize_linear,
+    sample_linear,
+)
 from pipeline.data.normalization import IntensityStats, Normalization, fit_intensity, standardize, to_unit
-from pipeline.data.transforms import Augmentation
-from pipeline.data.transforms3d import PatchAugmenter3D, class_locations
 
 # to_unit and standardize are the identity for an image already in [0, 1]
 UNIT = IntensityStats(*(np.array([v], float) for v in (0.0, 1.0, 0.0, 1.0)))

@@ -14,8 +14,8 @@ import torch
 from scipy import ndimage
 
 from pipeline.cli import main
-from pipeline.data.io import read_nifti
-from pipeline.data.slicing import to_slices
+from pipeline.data.cache.slicing import to_slices
+from pipeline.data.reading.formats import read_nifti
 from tests.conftest import run_path, volume_fit_args
 from tests.helpers.validation import scored_cases
 

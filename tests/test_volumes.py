@@ -7,10 +7,10 @@ import pytest
 import torch
 
 from pipeline.cli import main
+from pipeline.data.augment.transforms2d import Augmentation
+from pipeline.data.cache.slicing import to_slices
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.normalization import Normalization, fit_intensity
-from pipeline.data.slicing import to_slices
-from pipeline.data.transforms import Augmentation
 from tests.conftest import fit_args, run_path
 
 SHAPE = (6, 8, 5)  # stored voxels; distinct sides, so a wrong axis shows in the sample shape

@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 
 from pipeline.cli.plan import add_plan_arguments
-from pipeline.data.layouts import LAYOUTS
+from pipeline.data.reading.layouts import LAYOUTS
 from pipeline.parallel import usable_cores
 
 VOLUMES_OUTPUT = "data/synthetic_volumes"
@@ -45,7 +45,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def synth_images(opts: argparse.Namespace) -> None:
-    from pipeline.data.synthetic import generate_dataset
+    from pipeline.data.synthesis.phantoms_2d import generate_dataset
 
     count = opts.num_images or 240
     out = generate_dataset(opts.output or "data/synthetic", count, opts.size, opts.seed)
@@ -53,7 +53,7 @@ def synth_images(opts: argparse.Namespace) -> None:
 
 
 def synth_volumes(opts: argparse.Namespace) -> None:
-    from pipeline.data.synthetic_volumes import generate_volumes
+    from pipeline.data.synthesis.phantoms_3d import generate_volumes
 
     cases = opts.num_images or 6
     out = generate_volumes(
@@ -63,7 +63,7 @@ def synth_volumes(opts: argparse.Namespace) -> None:
 
 
 def check(opts: argparse.Namespace) -> None:
-    from pipeline.data.check import check_dataset
+    from pipeline.data.reading.check import check_dataset
 
     report = check_dataset(opts.root, opts.layout, workers=opts.workers, progress=sys.stderr.isatty())
     for problem in report.problems:

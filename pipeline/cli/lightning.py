@@ -28,10 +28,10 @@ from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from pipeline.cli.plan import plan_config
-from pipeline.cli.progress import ThrottledProgressBar
+from pipeline.cli.progress_bar import ThrottledProgressBar
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import net_knobs, net_spec, remember_spec
-from pipeline.monitors.progress import TrainingCurves
+from pipeline.monitors.curves import TrainingCurves
 from pipeline.run.directory import RunConfig, check_fresh_fit
 from pipeline.run.loggers import build_loggers, finish_wandb, read_wandb_id
 from pipeline.run.naming import RunIdentity, knob_tags, run_identity, variant_name

@@ -4,7 +4,7 @@
     medseg plan ROOT --device gpu --memory-gb 40          # what a large GPU would train with
 
 The plan comes from the training cases of the split that ``medseg fit`` makes with the same
-settings (seeded fractions, folds or a split file): ``pipeline.data.plan`` lists its rules.
+settings (seeded fractions, folds or a split file): ``pipeline.data.planning.rules`` lists its rules.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from collections.abc import Sequence
 
 from jsonargparse import Namespace
 
-from pipeline.data.layouts import LAYOUTS
-from pipeline.data.slicing import AXIS_NAMES
+from pipeline.data.cache.slicing import AXIS_NAMES
+from pipeline.data.reading.layouts import LAYOUTS
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,7 @@ def add_plan_arguments(parser: argparse.ArgumentParser) -> None:
 def planned_datamodule(opts: argparse.Namespace) -> object:
     """The data module ``medseg fit`` would build with these options, its plan resolved."""
     from pipeline.data.datamodule import SegmentationDataModule
-    from pipeline.data.plan import PlanSettings
+    from pipeline.data.planning.rules import PlanSettings
 
     axis = opts.slice_axis if opts.slice_axis == "auto" else int(opts.slice_axis)
     dm = SegmentationDataModule(
@@ -138,7 +138,7 @@ def plan_config(config: Namespace) -> None:
     batch, and a medseg network's strides and kernel sizes) are filled into ``config``, so the run's
     ``config.yaml`` records the values it used. 2D image data is left as it is."""
     from pipeline.data.datamodule import SegmentationDataModule
-    from pipeline.data.plan import DEFAULT_FEATURES
+    from pipeline.data.planning.rules import DEFAULT_FEATURES
     from pipeline.models import Network
 
     net = config.model.net

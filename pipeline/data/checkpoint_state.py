@@ -3,7 +3,7 @@ where a resumed fit's training order continues."""
 
 from __future__ import annotations
 
-from pipeline.data.order import resume_position
+from pipeline.data.loading.order import resume_position
 from pipeline.data.preprocessing import DEFAULT_SLICE_AXIS, Preprocessing
 
 

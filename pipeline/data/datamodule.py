@@ -1,9 +1,9 @@
 """SegmentationDataModule: discover cases, split by case, plan volumes, build the loaders.
 
 2D images are read into memory and train as they are. Volumes follow nnU-Net's path: the training
-cases' fingerprint gives a plan (``pipeline.data.plan``: target spacing, slice axis, patch, batch;
+cases' fingerprint gives a plan (``pipeline.data.planning.rules``: target spacing, slice axis, patch, batch;
 explicit settings win), the cases are resampled once into the memory-mapped cache
-(``pipeline.data.cache``), a 2D network trains on slices and a 3D network on patches of it, and
+(``pipeline.data.cache.facts``), a 2D network trains on slices and a 3D network on patches of it, and
 validation scores each case in 3D on its own grid (``CaseDataset``).
 """
 
@@ -17,20 +17,20 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
-from pipeline.data import cache
+from pipeline.data.augment.transforms2d import Augmentation, build_eval_transform, build_train_transform
+from pipeline.data.augment.transforms3d import PatchAugmenter3D
+from pipeline.data.cache import facts as cache
 from pipeline.data.checkpoint_state import DataCheckpointState
-from pipeline.data.dataset import CaseArrays, CaseDataset, SliceDataset, require_one_size
-from pipeline.data.layouts import Case, describe, resolve_class_names
-from pipeline.data.loaders import auto_workers, epoch_draws, evaluation_loader, training_loader
+from pipeline.data.loading.datasets import CaseArrays, CaseDataset, SliceDataset, require_one_size
+from pipeline.data.loading.loaders import auto_workers, epoch_draws, evaluation_loader, training_loader
+from pipeline.data.loading.order import global_seed
+from pipeline.data.loading.patches import PatchDataset
+from pipeline.data.loading.sources import case_source
+from pipeline.data.loading.split import SPLITS, make_split, read_split, require_test_split
 from pipeline.data.normalization import Normalization
-from pipeline.data.order import global_seed
-from pipeline.data.patches import PatchDataset
-from pipeline.data.plan import DEFAULT_FEATURES, Plan, PlanSettings
-from pipeline.data.planning import plan_volumes, training_normalization
-from pipeline.data.sources import case_source
-from pipeline.data.split import SPLITS, make_split, read_split, require_test_split
-from pipeline.data.transforms import Augmentation, build_eval_transform, build_train_transform
-from pipeline.data.transforms3d import PatchAugmenter3D
+from pipeline.data.planning.planner import plan_volumes, training_normalization
+from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan, PlanSettings
+from pipeline.data.reading.layouts import Case, describe, resolve_class_names
 from pipeline.errors import DataError
 from pipeline.parallel import usable_cores
 
@@ -43,7 +43,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
 
     Args:
         root: data folder (see ``data/README.md`` for the layouts).
-        layout: ``auto`` or a layout name from ``pipeline.data.layouts`` (folders, dicom, msd, nnunet).
+        layout: ``auto`` or a layout name from ``pipeline.data.reading.layouts`` (folders, dicom, msd, nnunet).
         class_names: class names, background first; default from ``dataset.json``/``classes.json``.
         label_map: optional ``{stored value: class index}`` applied to masks on load.
         val_fraction: fraction of cases for validation (when not using folds or a split file).
@@ -67,7 +67,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         slice_axis: volumes: the axis (0, 1, 2 of the RAS+ array: sagittal, coronal, axial) slices
             and patches are cut along; ``auto``: planned (the coarsest target spacing).
         target_spacing: volumes: the spacing (mm, along X, Y, Z of the RAS+ array) they are
-            resampled to; None: planned (the training cases' median, see ``pipeline.data.plan``).
+            resampled to; None: planned (the training cases' median, see ``pipeline.data.planning.rules``).
         spatial_dims: 2 (slices) or 3 (patches); set from the network by ``medseg``.
         plan: the budgets the plan sizes patches and batches for.
         iterations_per_epoch: steps an epoch; None: 250 (volumes, nnU-Net's), one pass (2D images).
@@ -201,7 +201,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         return self._channel_norms
 
     def resolve_plan(self, features: Sequence[int] = DEFAULT_FEATURES) -> Plan | None:
-        """Plan volumes from the training cases (``plan_cases``; ``pipeline.data.planning``) and fill
+        """Plan volumes from the training cases (``plan_cases``; ``pipeline.data.planning.planner``) and fill
         every setting left unset: target spacing, slice axis, patch, batch. None for 2D images.
 
         Args:
@@ -268,7 +268,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
 
     def _loader(self, name: str) -> DataLoader:
         """Training: ``batch_size`` items a step, drawn by a ``ForegroundSampler``; evaluation: whole
-        cases (volumes) or whole 2D images in batches of one size (``pipeline.data.loaders``)."""
+        cases (volumes) or whole 2D images in batches of one size (``pipeline.data.loading.loaders``)."""
         dataset = self.datasets[name]
         workers = self.num_workers
         if workers is None:

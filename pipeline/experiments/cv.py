@@ -34,10 +34,10 @@ from pathlib import Path
 
 from pipeline.cli.identity import FitSettings, fit_settings
 from pipeline.cli.lightning import run_lightning
-from pipeline.data.layouts import Case, describe
+from pipeline.data.loading.split import make_split
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.split import make_split
-from pipeline.data.volumes import is_volume_case
+from pipeline.data.reading.layouts import Case, describe
+from pipeline.data.reading.volumes import is_volume_case
 from pipeline.errors import DataError
 from pipeline.experiments.ablation import run_all
 from pipeline.experiments.cv_report import mean_sd_text, write_report

@@ -22,10 +22,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.data.dataset import apply_label_map
-from pipeline.data.io import read_mask_2d
-from pipeline.data.layouts import Case
-from pipeline.data.volumes import is_volume_case, read_mask
+from pipeline.data.loading.datasets import apply_label_map
+from pipeline.data.reading.formats import read_mask_2d
+from pipeline.data.reading.layouts import Case
+from pipeline.data.reading.volumes import is_volume_case, read_mask
 from pipeline.errors import DataError
 from pipeline.inference.postprocess import keep_largest_component
 from pipeline.metrics import SegmentationMetrics, confusion_per_image, scores_from_confusion

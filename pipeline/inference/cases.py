@@ -26,14 +26,14 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.dataset import CaseArrays, load_case_2d, standardized_volume
-from pipeline.data.io import case_stem, is_image_2d, is_nifti
-from pipeline.data.layouts import CHANNEL_FILE, Case
+from pipeline.data.cache.resample import resample_image
+from pipeline.data.cache.slicing import in_slice_order, to_slices
+from pipeline.data.loading.datasets import CaseArrays, load_case_2d, standardized_volume
 from pipeline.data.normalization import case_stats
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.resample import resample_image
-from pipeline.data.slicing import in_slice_order, to_slices
-from pipeline.data.volumes import load_volume_case
+from pipeline.data.reading.formats import case_stem, is_image_2d, is_nifti
+from pipeline.data.reading.layouts import CHANNEL_FILE, Case
+from pipeline.data.reading.volumes import load_volume_case
 from pipeline.errors import DataError
 
 UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
@@ -170,7 +170,7 @@ def spacing_warning(name: str, spacing: Sequence[float], prep: Preprocessing) ->
 
 
 def load_case(case: InputCase, prep: Preprocessing) -> dict:
-    """Read and preprocess one case, as validation does (``pipeline.data.cache``): a volume is cut
+    """Read and preprocess one case, as validation does (``pipeline.data.cache.facts``): a volume is cut
     along the slice axis and resampled to the training spacing.
 
     Returns:

@@ -16,8 +16,8 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
+from pipeline.data.cache.resample import labels_from_probabilities
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.resample import labels_from_probabilities
 from pipeline.errors import CheckpointError, DataError
 from pipeline.files import read_json
 from pipeline.training.checkpoint import load_model

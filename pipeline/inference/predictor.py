@@ -8,7 +8,7 @@ from collections.abc import Callable
 import pytorch_lightning as pl
 import torch
 
-from pipeline.data.resample import resample_probabilities
+from pipeline.data.cache.resample import resample_probabilities
 from pipeline.inference.cases import describe
 from pipeline.inference.ensemble import Ensemble
 from pipeline.training.module import SegmentationModule

@@ -31,7 +31,7 @@ from pipeline.errors import DataError
 from pipeline.inference.cases import InferenceDataset, InputCase, find_inputs, first_item
 from pipeline.inference.ensemble import load_models, read_model_dir
 from pipeline.inference.predictor import CasePredictor
-from pipeline.inference.progress import SliceProgress
+from pipeline.inference.slice_progress import SliceProgress
 from pipeline.inference.writer import CaseWriter, OutputLayout
 from pipeline.training.precision import default_precision
 

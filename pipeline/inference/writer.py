@@ -20,9 +20,9 @@ import numpy as np
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import BasePredictionWriter
 
-from pipeline.data.io import from_ras, write_nifti_like, write_png
+from pipeline.data.cache.slicing import from_slices
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.slicing import from_slices
+from pipeline.data.reading.formats import from_ras, write_nifti_like, write_png
 from pipeline.errors import DataError
 from pipeline.files import atomic_write
 from pipeline.inference.cases import InputCase, describe

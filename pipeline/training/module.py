@@ -17,7 +17,7 @@ from monai.losses import DiceCELoss
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
-from pipeline.data.resample import labels_from_probabilities
+from pipeline.data.cache.resample import labels_from_probabilities
 from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
 from pipeline.models import net_spec
 from pipeline.training.layout import channels_last_format, match_state_layout

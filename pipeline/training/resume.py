@@ -4,7 +4,7 @@ Lightning restores weights, optimiser, scheduler and loop counters from ``--ckpt
 global random number generators (dropout draws from them), and on SIGTERM it only stops. With these
 two callbacks (``medseg fit`` adds both) a run killed at any point and resumed with
 ``--ckpt_path last`` continues exactly as the uninterrupted run from that checkpoint on;
-``pipeline.data.order`` does the same for the data order and augmentation.
+``pipeline.data.loading.order`` does the same for the data order and augmentation.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from pytorch_lightning.callbacks import ModelCheckpoint
 from pytorch_lightning.utilities import rank_zero_info
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from pipeline.data.order import global_seed
+from pipeline.data.loading.order import global_seed
 from pipeline.training.checks import StepChecks
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from scipy import ndimage
 
-from pipeline.data.io import write_png
+from pipeline.data.reading.formats import write_png
 
 CLASS_NAMES = ["background", "organ", "lesion", "vessel"]
 SUPERSAMPLE = 4  # vessels are drawn on a 4x finer grid, then area-averaged (partial volume)

@@ -35,8 +35,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-from pipeline.data.fingerprint import Fingerprint
-from pipeline.data.resample import ANISOTROPY
+from pipeline.data.cache.resample import ANISOTROPY
+from pipeline.data.planning.fingerprint import Fingerprint
 
 ACTIVATION_TENSORS = 14  # float32 maps kept per level width and voxel for backward (enc + dec)
 FIVE_PERCENT = 0.05

@@ -1,9 +1,9 @@
 """3D training patches of cached volumes, for 3D networks (``PatchAugmenter3D`` does the work).
 
-One dataset item is one case; the training sampler (``pipeline.data.sampling.ForegroundSampler``)
+One dataset item is one case; the training sampler (``pipeline.data.loading.sampling.ForegroundSampler``)
 draws cases, and for a third of its draws (nnU-Net's share) a foreground class first, then a case
 that shows it: the patch is then placed on a voxel of that class, drawn from the case's cached
-class voxels (``pipeline.data.grids.class_voxels``), so small structures are seen as often as
+class voxels (``pipeline.data.cache.grids.class_voxels``), so small structures are seen as often as
 large ones, as in 2D.
 """
 
@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.dataset import CaseArrays
-from pipeline.data.grids import locations_by_class
-from pipeline.data.transforms3d import PatchAugmenter3D
+from pipeline.data.augment.transforms3d import PatchAugmenter3D
+from pipeline.data.cache.grids import locations_by_class
+from pipeline.data.loading.datasets import CaseArrays
 
 
 class PatchDataset(Dataset):

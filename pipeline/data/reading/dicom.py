@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pipeline.data.io import Volume, to_ras
+from pipeline.data.reading.formats import Volume, to_ras
 from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -38,7 +38,7 @@ class Augmentation:
         elastic_3d_p: probability of the elastic deformation of a 3D patch (``elastic_p`` is the 2D
             one), with ``elastic_alpha`` and ``elastic_sigma`` in voxels. Off by default, as in
             nnU-Net's 3D training: the same settings move voxels less in 3D (displacement std 1 px
-            in 2D, 0.28 voxel in 3D at the values above; ``pipeline.data.grid3d.elastic_displacement``),
+            in 2D, 0.28 voxel in 3D at the values above; ``pipeline.data.augment.voxel_grid.elastic_displacement``),
             and it costs about as much as the rest of the patch's augmentation.
         lowres_p, lowres_range: simulated low resolution (nnU-Net's values, in 2D and 3D): the
             image is resampled linearly to a factor drawn from ``lowres_range`` (in (0, 1]) of its
@@ -49,7 +49,7 @@ class Augmentation:
             scaling and elastic displacement act in-plane only, never across thick slices.
 
     One class configures both paths (``data.augmentation``). In 3D
-    (``pipeline.data.transforms3d``) flips apply to each of the three axes, ``affine_p``,
+    (``pipeline.data.augment.transforms3d``) flips apply to each of the three axes, ``affine_p``,
     ``rotate_limit`` (about every axis) and ``scale_range`` to the patch, and the intensity
     settings as in 2D.
     """

@@ -16,10 +16,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.io import read_image_2d, read_mask_2d
-from pipeline.data.layouts import Case
+from pipeline.data.cache.slicing import in_slice_order
 from pipeline.data.normalization import IntensityStats, Normalization, fit_intensity, standardize, to_unit
-from pipeline.data.slicing import in_slice_order
+from pipeline.data.reading.formats import read_image_2d, read_mask_2d
+from pipeline.data.reading.layouts import Case
 from pipeline.errors import DataError
 
 
@@ -181,8 +181,8 @@ class SliceDataset(Dataset):
         slices: optional list of (case index, slice index) pairs; default every slice.
         foreground_transform: used instead of ``transform`` for the items a sampler asks for as
             ``(index, label)`` with a label > 0: drawn to show that class
-            (``pipeline.data.sampling``), so it is called with ``crop_class=label`` and crops its
-            patch around the class (``pipeline.data.transforms.ClassBalancedCrop``).
+            (``pipeline.data.loading.sampling``), so it is called with ``crop_class=label`` and crops its
+            patch around the class (``pipeline.data.augment.transforms2d.ClassBalancedCrop``).
     """
 
     def __init__(

@@ -4,7 +4,7 @@ Per target spacing and slice axis (``grid_key``), ``<cache>/grids/<key>/`` holds
 ``<case>.image.npy`` (S, H, W, C) float32 intensities, ``<case>.mask.npy`` (S, H, W) uint8 class
 indices and ``<case>.where.npy`` (N, 4) int32 rows (class, s, h, w): up to 10,000 voxels of each
 foreground class, for foreground patches; and a manifest with each case's intensity moments and
-the slices that show each class (``pipeline.data.cache`` describes the facts pass before it).
+the slices that show each class (``pipeline.data.cache.facts`` describes the facts pass before it).
 """
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.cache import (
+from pipeline.data.augment.transforms3d import class_locations
+from pipeline.data.cache.facts import (
     CACHE_VERSION,
     MANIFEST,
     SAMPLE,
@@ -27,13 +28,12 @@ from pipeline.data.cache import (
     save_array,
     signature,
 )
-from pipeline.data.dataset import CaseArrays, OriginalGrid, slices_per_class
-from pipeline.data.layouts import Case
+from pipeline.data.cache.resample import resample_image, resample_labels
+from pipeline.data.cache.slicing import in_slice_order, to_slices
+from pipeline.data.loading.datasets import CaseArrays, OriginalGrid, slices_per_class
 from pipeline.data.normalization import Normalization, case_stats, intensity_moments
-from pipeline.data.resample import resample_image, resample_labels
-from pipeline.data.slicing import in_slice_order, to_slices
-from pipeline.data.transforms3d import class_locations
-from pipeline.data.volumes import load_volume_case
+from pipeline.data.reading.layouts import Case
+from pipeline.data.reading.volumes import load_volume_case
 from pipeline.files import read_json, write_json
 from pipeline.parallel import map_with_progress
 

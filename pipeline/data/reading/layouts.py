@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.io import case_stem, is_image_2d, is_nifti
+from pipeline.data.reading.formats import case_stem, is_image_2d, is_nifti
 from pipeline.errors import DataError
 
 LAYOUTS = ("auto", "folders", "dicom", "msd", "nnunet")

@@ -1,8 +1,8 @@
 """3D training patches: seeded crop + augmentation of memory-mapped volumes, on the loader's CPU workers.
 
-``PatchAugmenter3D`` turns a cached case (``pipeline.data.cache``: raw (S, H, W, C) intensities
+``PatchAugmenter3D`` turns a cached case (``pipeline.data.cache.facts``: raw (S, H, W, C) intensities
 and an (S, H, W) mask, memory-mapped) into one standardised (C, D, H, W) patch and its mask, as
-``SliceDataset`` does for 2D with albumentations (``pipeline.data.transforms``); the settings
+``SliceDataset`` does for 2D with albumentations (``pipeline.data.augment.transforms2d``); the settings
 are the same ``Augmentation`` (``data.augmentation``). It reads only the box of the volume that
 the augmented patch needs (for a patch rotated about every axis, the rotated patch's bounding
 box), never the whole case, maps it to unit range (``to_unit``) and resamples it once: rotation,
@@ -14,7 +14,7 @@ case's lower bound, like the clipped voxels) and the mask background. Without a 
 transform the patch is a plain crop. Intensity transforms then run in unit range, as in 2D.
 
 Randomness comes from one ``numpy.random.Generator``, reset by ``set_random_seed`` before each
-sample (``pipeline.data.order.SeededSamples``), so a patch depends only on its sample seed.
+sample (``pipeline.data.loading.order.SeededSamples``), so a patch depends only on its sample seed.
 
 The design contract names MONAI for 3D augmentation; its transforms take the whole array as a
 tensor and draw from their own ``RandomState``, where this reads a box of the memory map and
@@ -27,7 +27,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from pipeline.data.grid3d import (
+from pipeline.data.augment.transforms2d import Augmentation
+from pipeline.data.augment.voxel_grid import (
     elastic_displacement,
     nearest_gather,
     resize_linear,
@@ -35,7 +36,6 @@ from pipeline.data.grid3d import (
     sample_linear,
 )
 from pipeline.data.normalization import IntensityStats, standardize, to_unit
-from pipeline.data.transforms import Augmentation
 
 Shape3 = tuple[int, int, int]
 

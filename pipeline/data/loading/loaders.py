@@ -2,7 +2,7 @@
 
 Training draws ``draws`` items an epoch through a ``ForegroundSampler`` (a third forced to show a
 foreground class, nnU-Net's share) in a seeded order that DDP ranks split and a resumed run
-continues mid-epoch (``pipeline.data.order``). Evaluation reads whole volumes one case a batch, or
+continues mid-epoch (``pipeline.data.loading.order``). Evaluation reads whole volumes one case a batch, or
 whole 2D images in batches of one size (``EvalBatches``).
 """
 
@@ -13,8 +13,8 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data.order import resumable_loader
-from pipeline.data.sampling import EvalBatches, ForegroundSampler
+from pipeline.data.loading.order import resumable_loader
+from pipeline.data.loading.sampling import EvalBatches, ForegroundSampler
 from pipeline.parallel import usable_cores
 
 MAX_AUTO_WORKERS = 16

@@ -16,7 +16,7 @@ per-class one for labels):
   class by class so that only two arrays of the output size are held: nearest neighbour would
   shift thin structures by up to half a voxel; per-class linear keeps their centre.
 
-Arrays are in slice order, (S, H, W[, C]): the slice axis first (``pipeline.data.slicing``).
+Arrays are in slice order, (S, H, W[, C]): the slice axis first (``pipeline.data.cache.slicing``).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """Reading and writing images and masks; every failure is a ``DataError`` naming the file.
 
 2D images (PNG, TIFF, JPEG, BMP, GIF) are read with Pillow as (H, W) or (H, W, C) arrays.
-Volumes (NIfTI; DICOM series in ``pipeline.data.dicom``) are read as a ``Volume``: the array in
+Volumes (NIfTI; DICOM series in ``pipeline.data.reading.dicom``) are read as a ``Volume``: the array in
 canonical RAS+ voxel order plus the stored geometry, so results are written back exactly like
 the input (``write_nifti_like``).
 """

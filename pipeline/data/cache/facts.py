@@ -8,8 +8,8 @@ foreground intensities (the fingerprint the plan is made from), and its labels o
     <cache>/cases/<case>.label.npy     (X, Y, Z) uint8 labels, RAS+ order, the case's own grid
     <cache>/cases/<case>.fg.npy        (N, C) float32: up to 10,000 foreground intensities
 
-Grids (per target spacing and slice axis, ``pipeline.data.grids``): the case resampled to the
-plan's spacing (``pipeline.data.resample``) and cut along the slice axis, so a slice, or a 3D
+Grids (per target spacing and slice axis, ``pipeline.data.cache.grids``): the case resampled to the
+plan's spacing (``pipeline.data.cache.resample``) and cut along the slice axis, so a slice, or a 3D
 patch, is a small contiguous read::
 
     <cache>/grids/<key>/manifest.json
@@ -32,9 +32,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.fingerprint import CaseFacts
-from pipeline.data.layouts import Case
-from pipeline.data.volumes import load_volume_case
+from pipeline.data.planning.fingerprint import CaseFacts
+from pipeline.data.reading.layouts import Case
+from pipeline.data.reading.volumes import load_volume_case
 from pipeline.errors import DataError
 from pipeline.files import atomic_write, read_json, write_json
 from pipeline.parallel import map_with_progress

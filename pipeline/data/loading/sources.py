@@ -3,7 +3,7 @@
 Both give the data module the input channel count, foreground intensities of the cases it names
 (the training cases: for data-set normalisation statistics), and ``CaseArrays`` with (S, H, W, C)
 images. 2D images are small and are simply read; volumes are decoded once into the
-memory-mapped cache (``pipeline.data.cache``): their facts (the plan's fingerprint) first, then
+memory-mapped cache (``pipeline.data.cache.facts``): their facts (the plan's fingerprint) first, then
 their arrays resampled to the plan's grid.
 """
 
@@ -15,13 +15,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data import cache, grids
-from pipeline.data.dataset import CaseArrays, apply_label_map, load_case_2d
-from pipeline.data.fingerprint import CaseFacts
-from pipeline.data.io import read_image_2d, read_mask_2d
-from pipeline.data.layouts import Case
+from pipeline.data.cache import facts as cache
+from pipeline.data.cache import grids
+from pipeline.data.loading.datasets import CaseArrays, apply_label_map, load_case_2d
 from pipeline.data.normalization import Normalization
-from pipeline.data.volumes import is_volume_case, probe
+from pipeline.data.planning.fingerprint import CaseFacts
+from pipeline.data.reading.formats import read_image_2d, read_mask_2d
+from pipeline.data.reading.layouts import Case
+from pipeline.data.reading.volumes import is_volume_case, probe
 from pipeline.errors import DataError
 
 

@@ -15,10 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.data.dataset import apply_label_map, check_labels, pair_problems
-from pipeline.data.io import read_image_2d, read_mask_2d
-from pipeline.data.layouts import Case, describe, resolve_class_names
-from pipeline.data.volumes import case_problems, is_volume_case, read_image, read_mask
+from pipeline.data.loading.datasets import apply_label_map, check_labels, pair_problems
+from pipeline.data.reading.formats import read_image_2d, read_mask_2d
+from pipeline.data.reading.layouts import Case, describe, resolve_class_names
+from pipeline.data.reading.volumes import case_problems, is_volume_case, read_image, read_mask
 from pipeline.errors import DataError
 from pipeline.parallel import map_with_progress
 

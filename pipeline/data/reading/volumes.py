@@ -1,8 +1,8 @@
 """Volume cases (NIfTI files, nnU-Net channel files, DICOM series) read as canonical RAS+ arrays.
 
-Image and mask are both reoriented to RAS+ on load (``pipeline.data.io``), so a mask stored in
+Image and mask are both reoriented to RAS+ on load (``pipeline.data.reading.formats``), so a mask stored in
 another voxel order than its image still lines up; what must agree is the world geometry, which
-is checked (``pipeline.data.dataset.pair_problems``).
+is checked (``pipeline.data.loading.datasets.pair_problems``).
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ import nibabel as nib
 import numpy as np
 from nibabel.orientations import io_orientation
 
-from pipeline.data.dataset import apply_label_map, pair_problems
-from pipeline.data.dicom import read_dicom_series
-from pipeline.data.io import Volume, is_nifti, read_nifti
-from pipeline.data.layouts import Case
+from pipeline.data.loading.datasets import apply_label_map, pair_problems
+from pipeline.data.reading.dicom import read_dicom_series
+from pipeline.data.reading.formats import Volume, is_nifti, read_nifti
+from pipeline.data.reading.layouts import Case
 from pipeline.errors import DataError
 
 

@@ -11,7 +11,7 @@ often as an organ in 40). Forced draws are yielded as ``(index, label)``, the ot
 (``SliceDataset.foreground_transform``).
 
 It is deterministic for a seed and an epoch, so every DDP rank builds the same list and can take
-its own shard of it: the data module hands it to ``pipeline.data.order.ResumableSampler``, which
+its own shard of it: the data module hands it to ``pipeline.data.loading.order.ResumableSampler``, which
 does that (and resumes mid-epoch); used on its own in a ``DataLoader``, Lightning's
 ``DistributedSamplerWrapper`` shards it the same way and forwards ``set_epoch`` to it.
 
@@ -27,7 +27,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import numpy as np
 from torch.utils.data import Dataset, Sampler, default_collate
 
-from pipeline.data.dataset import SliceDataset
+from pipeline.data.loading.datasets import SliceDataset
 
 
 class ForegroundSampler(Sampler):

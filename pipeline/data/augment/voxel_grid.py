@@ -1,4 +1,4 @@
-"""Voxel-grid primitives of 3D augmentation (``pipeline.data.transforms3d``).
+"""Voxel-grid primitives of 3D augmentation (``pipeline.data.augment.transforms3d``).
 
 Trilinear sampling at arbitrary coordinates, a nearest-voxel gather, separable linear resizing,
 smooth random displacement fields and rotation matrices, each chosen for speed on one CPU core

@@ -2,7 +2,7 @@
 
 Only the training split is read (never a test case, and a validation case only under ``medseg
 cv``'s ``data.plan_cases: train_val``): the fingerprint that the plan is made from
-(``pipeline.data.plan``) and the CT normalisation statistics alike. The plan is
+(``pipeline.data.planning.rules``) and the CT normalisation statistics alike. The plan is
 written to ``<cache>/plan.json`` (and, by ``RunSummary``, to the run directory).
 """
 
@@ -10,9 +10,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.data.fingerprint import Fingerprint
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
-from pipeline.data.plan import Plan, make_plan
+from pipeline.data.planning.fingerprint import Fingerprint
+from pipeline.data.planning.rules import Plan, make_plan
 from pipeline.files import write_json
 
 

@@ -1,0 +1,1 @@
+"""The memory-mapped volume cache: per-case facts, cases resampled onto a plan's grid, resampling and slicing."""

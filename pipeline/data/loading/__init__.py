@@ -1,0 +1,1 @@
+"""Datasets, sampling, training order, loaders and the case split."""

@@ -1,0 +1,1 @@
+"""Generated data sets: 2D phantoms and CT/MR-like phantom volumes."""
