@@ -1,9 +1,11 @@
 """Inputs of ``medseg infer``: find the cases, name them safely, load and preprocess each one.
 
-An input is a NIfTI volume (``.nii``, ``.nii.gz``), a DICOM series (a folder holding DICOM files:
-one folder, one series), or a 2D image (PNG/TIFF/JPEG/...). A folder that is not a DICOM series
-holds many inputs (its sub-folders are searched the same way). With a multi-channel model,
-nnU-Net-style channel files ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... form one case.
+An input is a volume file (NIfTI ``.nii``/``.nii.gz``, ``.mha``/``.mhd``, ``.nrrd``/``.nhdr``), a DICOM
+series (a folder holding DICOM files: one folder, one series), or a 2D image (PNG/TIFF/JPEG/...):
+the reader registry (``pipeline.data.reading.registry``) decides by file ending. A folder that is
+not a DICOM series holds many inputs (its sub-folders are searched the same way). With a
+multi-channel model, nnU-Net-style channel files ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``,
+... (any volume ending) form one case.
 
 Preprocessing is the validation path of training: the same readers, the same slicing of the
 canonical RAS+ volume, the same resampling to the training spacing, and ``standardize(to_unit(x))``
@@ -31,8 +33,8 @@ from pipeline.data.cache.slicing import in_slice_order, to_slices
 from pipeline.data.loading.datasets import CaseArrays, load_case_2d, standardized_volume
 from pipeline.data.normalization import case_stats
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.reading.formats import case_stem, is_image_2d, is_nifti
 from pipeline.data.reading.layouts import CHANNEL_FILE, Case
+from pipeline.data.reading.registry import FORMATS, case_stem, format_of, is_supported, supported_endings
 from pipeline.data.reading.volumes import load_volume_case
 from pipeline.errors import DataError
 
@@ -46,7 +48,8 @@ class InputCase:
     Attributes:
         name: output name (safe as a file name: no separators, no leading dot, never ``..``).
         paths: the image file, its channel files in channel order, or the DICOM folder.
-        kind: ``nifti``, ``dicom``, ``image`` or ``unsupported`` (fails on load, saying why).
+        kind: the registry's format name (``nifti``, ``itk``, ``dicom``, ``image``) or
+            ``unsupported`` (fails on load, saying why).
     """
 
     name: str
@@ -59,7 +62,7 @@ class InputCase:
 
     @property
     def is_volume(self) -> bool:
-        return self.kind in ("nifti", "dicom")
+        return any(f.volume for f in FORMATS if f.name == self.kind)
 
 
 def safe_name(raw: str) -> str:
@@ -84,9 +87,8 @@ def _visible(folder: Path) -> list[Path]:
 
 
 def _kind(path: Path) -> str:
-    if is_nifti(path):
-        return "nifti"
-    return "image" if is_image_2d(path) else "unsupported"
+    """The registry's format name of a file, or ``unsupported``."""
+    return format_of(path).name if is_supported(path) else "unsupported"
 
 
 def _walk(path: Path) -> list[InputCase]:
@@ -99,18 +101,18 @@ def _walk(path: Path) -> list[InputCase]:
 
 
 def _group_channels(cases: list[InputCase]) -> list[InputCase]:
-    """Merge ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... of one folder into one case."""
+    """Merge volume files ``<case>_0000.nii.gz``, ``<case>_0001.nii.gz``, ... of one folder into one case."""
     groups: dict[tuple[Path, str], list[InputCase]] = defaultdict(list)
     out = []
     for case in cases:
-        match = CHANNEL_FILE.match(case_stem(case.path)) if case.kind == "nifti" else None
+        match = CHANNEL_FILE.match(case_stem(case.path)) if case.is_volume and case.kind != "dicom" else None
         if match:
             groups[(case.path.parent, match["case"])].append(case)
         else:
             out.append(case)
     for (_, stem), members in groups.items():
         paths = tuple(sorted((m.path for m in members), key=lambda p: p.name))
-        out.append(InputCase(safe_name(stem), paths, "nifti"))
+        out.append(InputCase(safe_name(stem), paths, members[0].kind))
     return out
 
 
@@ -184,7 +186,8 @@ def load_case(case: InputCase, prep: Preprocessing) -> dict:
     """
     if case.kind == "unsupported":
         raise DataError(
-            case.path, "not a supported input (NIfTI .nii/.nii.gz, a DICOM series folder, PNG/TIFF/JPEG)"
+            case.path,
+            f"not a supported input (files ending {', '.join(supported_endings())}, or a DICOM series folder)",
         )
     geometry, spacing, warning = None, None, None
     if case.is_volume:

@@ -1,7 +1,8 @@
 """``medseg infer``'s progress: slices segmented out of all the input slices, and cases done.
 
-A case's slice count is read from its header before any case is loaded (NIfTI header, the DICOM
-folder's file count, 1 for a 2D image), so the bar's total is known at the start; the predictor
+A case's slice count is read from its header before any case is loaded (the reader registry's
+header probe, as ``pipeline.data.reading.volumes.probe`` reads it: a volume file's header, a DICOM
+series' file headers; 1 for a 2D image), so the bar's total is known at the start; the predictor
 reports the fraction of each case it has finished after every forward pass (a batch of slices,
 or of 3D sliding windows).
 """
@@ -10,27 +11,23 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import nibabel as nib
 import pytorch_lightning as pl
-from nibabel.orientations import io_orientation
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
+from pipeline.data.reading.registry import read_header
+from pipeline.errors import DataError
 from pipeline.inference.cases import InputCase
 
 
 def input_slices(case: InputCase, slice_axis: int) -> int:
     """Slices of ``case`` along ``slice_axis`` (of the RAS+ volume), from its header; 1 for an image
     and for an input that cannot be read (it fails on load and is reported then)."""
+    if not case.is_volume:
+        return 1
     try:
-        if case.kind == "dicom":
-            return sum(1 for p in case.path.iterdir() if p.is_file() and not p.name.startswith("."))
-        if case.kind == "nifti":
-            image = nib.load(str(case.path))
-            stored = [int(ras) for ras, _ in io_orientation(image.affine)].index(slice_axis)
-            return int(image.shape[stored])
-    except (OSError, ValueError, nib.filebasedimages.ImageFileError):
-        pass
-    return 1
+        return read_header(case.paths).slices(slice_axis)
+    except DataError:
+        return 1
 
 
 class SliceProgress(pl.Callback):

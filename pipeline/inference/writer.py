@@ -1,7 +1,8 @@
 """Writes each case's outputs as soon as it is predicted, and ``predictions.csv`` at the end.
 
-Per case: the mask (NIfTI with the input's geometry for volumes and DICOM series, PNG of class
-indices for 2D images), optionally ``probabilities/<case>.npz`` and ``overlays/<case>.png``, all
+Per case: the mask (for volumes in the input's format and geometry: ``.nrrd`` for ``.nrrd``,
+``.mha`` for ``.mha``/``.mhd``, NIfTI for NIfTI and DICOM series, as the reader registry's
+``mask_ending`` says; PNG of class indices for 2D images), optionally ``probabilities/<case>.npz`` and ``overlays/<case>.png``, all
 written atomically. Each process keeps its own table rows; at the end (``write_table``) every
 rank writes them to ``.predictions.rank<r>.csv`` and rank 0 merges those into ``predictions.csv``.
 """
@@ -22,7 +23,8 @@ from pytorch_lightning.callbacks import BasePredictionWriter
 
 from pipeline.data.cache.slicing import from_slices
 from pipeline.data.preprocessing import Preprocessing
-from pipeline.data.reading.formats import from_ras, write_nifti_like, write_png
+from pipeline.data.reading.formats import from_ras, write_png
+from pipeline.data.reading.registry import mask_ending, write_mask
 from pipeline.errors import DataError
 from pipeline.files import atomic_write
 from pipeline.inference.cases import InputCase, describe
@@ -51,7 +53,7 @@ class OutputLayout:
         return self.folder / TABLE
 
     def mask(self, case: InputCase) -> Path:
-        return self._inside(self.folder / f"{case.name}{'.nii.gz' if case.is_volume else '.png'}")
+        return self._inside(self.folder / f"{case.name}{mask_ending(case.path)}")
 
     def probability_map(self, case: InputCase) -> Path:
         return self._inside(self.folder / "probabilities" / f"{case.name}.npz")
@@ -145,7 +147,7 @@ class CaseWriter(BasePredictionWriter):
         geometry = batch["geometry"]
         if case.is_volume:
             axis = self.prep.slice_axis
-            write_nifti_like(from_slices(labels, axis), geometry, self.layout.mask(case))
+            write_mask(from_slices(labels, axis), geometry, self.layout.mask(case))
             if probs is not None:  # stored voxel order (x, y, z, K), like the mask
                 probs = from_ras(from_slices(probs, axis), geometry)
             voxel_ml = abs(float(np.linalg.det(geometry.source_affine[:3, :3]))) / 1000.0

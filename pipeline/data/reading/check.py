@@ -78,9 +78,20 @@ def _check_2d(case: Case, class_names: list[str], label_map) -> tuple[int | None
     return (None if image is None else 1 if image.ndim == 2 else image.shape[-1]), problems
 
 
+def _is_volume(case: Case) -> bool | None:
+    """Whether the case is a volume; None for an ending no reader knows (reported by ``check_case``)."""
+    try:
+        return is_volume_case(case)
+    except DataError:
+        return None
+
+
 def check_case(case: Case, class_names: list[str], label_map) -> tuple[int | None, list[DataError]]:
     """One case's channel count (None if unreadable) and every problem of it."""
-    check = _check_volume if is_volume_case(case) else _check_2d
+    kind, problems = _read(is_volume_case, case)
+    if kind is None:
+        return None, problems
+    check = _check_volume if kind else _check_2d
     return check(case, class_names, label_map)
 
 
@@ -132,6 +143,7 @@ def check_dataset(
                     f"has {channels} channel(s); the data set has {report.channels} ({first.case_id})",
                 )
             )
-        if is_volume_case(case) != is_volume_case(info.cases[0]):
+        kinds = (_is_volume(case), _is_volume(info.cases[0]))
+        if None not in kinds and kinds[0] != kinds[1]:
             report.problems.append(DataError(case.images[0], "mixes 2D images and volumes in one data set"))
     return report

@@ -19,7 +19,7 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from pipeline.data.reading.formats import Volume, to_ras
+from pipeline.data.reading.formats import Header, Volume, to_ras
 from pipeline.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -39,14 +39,16 @@ UNEVEN_MM = 0.01
 TILT_DEGREES = 0.1
 
 
-def _read_headers(folder: Path) -> list[tuple[Path, pydicom.Dataset]]:
+def _read_headers(folder: Path, pixels: bool) -> list[tuple[Path, pydicom.Dataset]]:
+    if not folder.is_dir():
+        raise DataError(folder, "DICOM folder not found")
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise DataError(folder, "DICOM folder is empty")
     slices = []
     for path in files:
         try:
-            ds = pydicom.dcmread(path)
+            ds = pydicom.dcmread(path, stop_before_pixels=not pixels)
         except InvalidDicomError:
             raise DataError(path, "not a DICOM file (one folder must hold one series only)") from None
         except (OSError, EOFError, ValueError) as err:
@@ -129,24 +131,59 @@ def _tilt_degrees(step: np.ndarray, normal: np.ndarray) -> float:
     return float(np.degrees(np.arccos(min(cosine, 1.0))))
 
 
-def read_dicom_series(folder: str | os.PathLike) -> Volume:
-    """Read the DICOM series in ``folder`` as a volume with its patient geometry.
+def _geometry(
+    folder: Path, slices: list[tuple[Path, pydicom.Dataset]]
+) -> tuple[list[tuple[Path, pydicom.Dataset]], np.ndarray, float]:
+    """The slices sorted along their normal, the (4, 4) voxel -> RAS affine of the series and its
+    gantry tilt (degrees).
 
     The affine's third column is the true slice step, so a tilted series gets a sheared affine
     and every voxel centre lies where the DICOM headers put it (nothing is resampled).
-
-    Raises:
-        DataError: unreadable files, or a slice geometry that cannot be trusted (see ``_slice_step``).
     """
-    folder = Path(folder)
-    slices = _read_headers(folder)
     first = slices[0][1]
     orientation = np.array(first.ImageOrientationPatient, dtype=float)
     row_dir, col_dir = orientation[:3], orientation[3:]  # along a row (columns increase), along a column
     normal = np.cross(row_dir, col_dir)
     normal /= np.linalg.norm(normal)
-    slices.sort(key=lambda item: float(np.dot(normal, np.array(item[1].ImagePositionPatient, dtype=float))))
+    slices = sorted(
+        slices, key=lambda item: float(np.dot(normal, np.array(item[1].ImagePositionPatient, dtype=float)))
+    )
     positions = np.array([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])
+    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
+    if len(slices) > 1:
+        step = _slice_step(folder, [path.name for path, _ in slices], positions, normal)
+    else:
+        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
+    affine_lps = np.eye(4)
+    affine_lps[:3, 0] = row_dir * col_spacing
+    affine_lps[:3, 1] = col_dir * row_spacing
+    affine_lps[:3, 2] = step
+    affine_lps[:3, 3] = positions[0]
+    return slices, LPS_TO_RAS @ affine_lps, _tilt_degrees(step, normal)
+
+
+def read_dicom_header(folder: str | os.PathLike) -> Header:
+    """The geometry of the series in ``folder`` from its headers (pixel data is not read): the same
+    checks as ``read_dicom_series``, which may still fail on pixel data that cannot be decoded."""
+    folder = Path(folder)
+    slices, affine, _ = _geometry(folder, _read_headers(folder, pixels=False))
+    first = slices[0][1]
+    return Header(affine, (int(first.Columns), int(first.Rows), len(slices)), 1)
+
+
+def read_dicom_series(folder: str | os.PathLike) -> Volume:
+    """Read the DICOM series in ``folder`` as a volume with its patient geometry (``_geometry``).
+
+    Raises:
+        DataError: unreadable files, or a slice geometry that cannot be trusted (see ``_slice_step``).
+    """
+    folder = Path(folder)
+    slices, affine, tilt = _geometry(folder, _read_headers(folder, pixels=True))
+    if tilt > TILT_DEGREES:  # warned on reading only: header probes of the same series stay quiet
+        logger.warning(
+            "%s: gantry tilt of %.2f degrees; kept as a sheared affine (voxels not resampled)", folder, tilt
+        )
+    first = slices[0][1]
     planes = []
     for path, ds in slices:
         try:
@@ -157,24 +194,6 @@ def read_dicom_series(folder: str | os.PathLike) -> Volume:
             raise DataError(path, f"slice size {pixels.shape} differs from {(first.Rows, first.Columns)}")
         slope, intercept = float(ds.get("RescaleSlope", 1) or 1), float(ds.get("RescaleIntercept", 0) or 0)
         planes.append(pixels.T * slope + intercept)  # (rows, cols) -> (X = column index, Y = row index)
-    row_spacing, col_spacing = (float(v) for v in first.PixelSpacing)
-    if len(slices) > 1:
-        step = _slice_step(folder, [path.name for path, _ in slices], positions, normal)
-        tilt = _tilt_degrees(step, normal)
-        if tilt > TILT_DEGREES:
-            logger.warning(
-                "%s: gantry tilt of %.2f degrees; kept as a sheared affine (voxels not resampled)",
-                folder,
-                tilt,
-            )
-    else:
-        step = normal * float(first.get("SliceThickness", 1.0) or 1.0)
-    affine_lps = np.eye(4)
-    affine_lps[:3, 0] = row_dir * col_spacing
-    affine_lps[:3, 1] = col_dir * row_spacing
-    affine_lps[:3, 2] = step
-    affine_lps[:3, 3] = positions[0]
-    affine = LPS_TO_RAS @ affine_lps
     array = np.stack(planes, axis=-1)[..., None]
     ras, ras_affine = to_ras(array, affine)
-    return Volume(ras, ras_affine, affine, array.shape[:3], None, folder)
+    return Volume(ras, ras_affine, affine, array.shape[:3], "dicom", None, folder)

@@ -1,16 +1,17 @@
-"""Reading and writing images and masks; every failure is a ``DataError`` naming the file.
+"""The volume types every reader returns, 2D images and NIfTI; every failure a ``DataError`` naming the file.
 
 2D images (PNG, TIFF, JPEG, BMP, GIF) are read with Pillow as (H, W) or (H, W, C) arrays.
-Volumes (NIfTI; DICOM series in ``pipeline.data.reading.dicom``) are read as a ``Volume``: the array in
-canonical RAS+ voxel order plus the stored geometry, so results are written back exactly like
-the input (``write_nifti_like``).
+Volumes are read as a ``Volume``: the array in canonical RAS+ voxel order plus the stored
+geometry, so results are written back exactly like the input; their headers alone as a
+``Header``. NIfTI is read here; DICOM series in ``pipeline.data.reading.dicom``, ``.mha``/``.nrrd``
+in ``pipeline.data.reading.itk``; ``pipeline.data.reading.registry`` picks the reader by file ending.
 """
 
 from __future__ import annotations
 
 import os
 import zlib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +38,13 @@ def read_image_2d(path: str | os.PathLike) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as im:
+            pages = getattr(im, "n_frames", 1)
+            if pages > 1:  # Pillow would silently give the first page only
+                raise DataError(
+                    path,
+                    f"multi-page {im.format} ({pages} pages): medseg reads one 2D image per file; "
+                    "store a volume as NIfTI, .mha or .nrrd, or one page per file",
+                )
             im.load()
             if im.mode == "P":
                 im = im.convert("RGB")
@@ -73,17 +81,7 @@ def write_png(path: str | os.PathLike, array: np.ndarray) -> None:
     atomic_write(path, lambda tmp: Image.fromarray(array).save(tmp, format="PNG"))
 
 
-VOLUME_SUFFIXES = (".nii", ".nii.gz")
-
-
-def is_nifti(path: Path) -> bool:
-    return path.name.lower().endswith(VOLUME_SUFFIXES)
-
-
-def case_stem(path: Path) -> str:
-    """File name without its image suffix (``.nii.gz`` counts as one suffix)."""
-    name = path.name
-    return name[: -len(".nii.gz")] if name.lower().endswith(".nii.gz") else path.stem
+NIFTI_ENDINGS = (".nii.gz", ".nii")
 
 
 @dataclass
@@ -96,7 +94,9 @@ class Volume:
         affine: (4, 4) voxel -> world (RAS, mm) of ``array``.
         source_affine: (4, 4) affine of the data as stored (the input file's geometry).
         source_shape: spatial shape as stored.
-        header: the NIfTI header to reuse when writing (None for DICOM input).
+        format: the registry's name of the reader that made it (``nifti``, ``itk``, ``dicom``).
+        meta: that format's own header, reused when writing in the same format (the NIfTI header;
+            None for the others, whose writers need the geometry only).
         path: where it came from (first file, or the DICOM folder).
     """
 
@@ -104,13 +104,44 @@ class Volume:
     affine: np.ndarray
     source_affine: np.ndarray
     source_shape: tuple[int, int, int]
-    header: object | None
+    format: str
+    meta: object | None
     path: Path
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size of ``array`` along X, Y, Z in mm."""
         return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+
+
+@dataclass(frozen=True)
+class Header:
+    """What a volume's header says, without reading its voxels.
+
+    Attributes:
+        affine: (4, 4) stored voxel -> world (RAS, mm).
+        shape: stored spatial shape.
+        channels: channels over all of the case's files.
+    """
+
+    affine: np.ndarray
+    shape: tuple[int, int, int]
+    channels: int
+
+    @property
+    def ras_axes(self) -> tuple[int, int, int]:
+        """The RAS+ axis (0 X, 1 Y, 2 Z) each stored axis becomes in the canonical array."""
+        return tuple(int(ras) for ras, _ in io_orientation(self.affine))
+
+    @property
+    def spacing(self) -> tuple[float, float, float]:
+        """Voxel size (mm) along X, Y, Z of the canonical RAS+ array."""
+        zooms = np.linalg.norm(self.affine[:3, :3], axis=0)
+        return tuple(float(zooms[self.ras_axes.index(axis)]) for axis in range(3))
+
+    def slices(self, axis: int) -> int:
+        """Voxels along ``axis`` (of the canonical RAS+ array)."""
+        return self.shape[self.ras_axes.index(axis)]
 
 
 def to_ras(array: np.ndarray, affine: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -139,29 +170,59 @@ def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     return image, data
 
 
-def read_nifti(paths: Sequence[str | os.PathLike]) -> Volume:
-    """Read one NIfTI file, or one file per channel (nnU-Net's ``case_0000.nii.gz``, ...).
+def stack_channels(
+    paths: Sequence[Path], load: Callable[[Path], tuple[np.ndarray, np.ndarray, object]], name: str
+) -> Volume:
+    """One volume from one file, or one file per channel (nnU-Net's ``case_0000.nii.gz``, ...).
 
-    A 4D file is read as channels along its last axis. Channel files must share shape and affine.
+    Args:
+        paths: the files, in channel order.
+        load: a file -> (X, Y, Z, C) array in stored order, its (4, 4) RAS affine, format header.
+        name: the registry's name for ``load``'s format.
+
+    Raises:
+        DataError: a channel file differs in shape or affine from the first.
     """
-    paths = [Path(p) for p in paths]
     channels, reference = [], None
     for path in paths:
-        image, data = _load_nifti(path)
-        if data.ndim == 2:
-            data = data[..., None]
-        if data.ndim not in (3, 4):
-            raise DataError(path, f"expected a 3D volume (or 4D with channels last), got shape {data.shape}")
-        data = data if data.ndim == 4 else data[..., None]
+        data, affine, meta = load(path)
         if reference is None:
-            reference = (image, data.shape[:3])
-        elif data.shape[:3] != reference[1] or not np.allclose(image.affine, reference[0].affine, atol=1e-4):
+            reference = (affine, data.shape[:3], meta)
+        elif data.shape[:3] != reference[1] or not np.allclose(affine, reference[0], atol=1e-4):
             raise DataError(path, f"channel file differs in shape or affine from {paths[0]}")
         channels.append(data)
-    image = reference[0]
+    affine, shape, meta = reference
     array = np.concatenate(channels, axis=-1)
-    ras, affine = to_ras(array, image.affine)
-    return Volume(ras, affine, image.affine.copy(), array.shape[:3], image.header.copy(), paths[0])
+    ras, ras_affine = to_ras(array, affine)
+    return Volume(ras, ras_affine, affine.copy(), shape, name, meta, paths[0])
+
+
+def _load_nifti_channels(path: Path) -> tuple[np.ndarray, np.ndarray, nib.Nifti1Header]:
+    image, data = _load_nifti(path)
+    if data.ndim == 2:
+        data = data[..., None]
+    if data.ndim not in (3, 4):
+        raise DataError(path, f"expected a 3D volume (or 4D with channels last), got shape {data.shape}")
+    return (data if data.ndim == 4 else data[..., None]), image.affine, image.header.copy()
+
+
+def read_nifti(paths: Sequence[str | os.PathLike]) -> Volume:
+    """Read one NIfTI file, or one file per channel; a 4D file is read as channels along its last
+    axis. Channel files must share shape and affine."""
+    return stack_channels([Path(p) for p in paths], _load_nifti_channels, "nifti")
+
+
+def read_nifti_header(path: Path) -> Header:
+    """The geometry and channel count of one NIfTI file, from its header."""
+    try:
+        image = nib.load(str(path))
+    except FileNotFoundError:
+        raise DataError(path, "file not found") from None
+    except Exception as err:  # nibabel raises many types for broken headers
+        raise DataError(path, f"cannot read as NIfTI ({err})") from None
+    shape = tuple(int(n) for n in image.shape)
+    spatial = (*shape[:3], *(1,) * (3 - len(shape[:3])))
+    return Header(image.affine, spatial, shape[3] if len(shape) == 4 else 1)
 
 
 def is_sheared(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
@@ -177,7 +238,7 @@ def write_nifti_like(labels: np.ndarray, reference: Volume, path: str | os.PathL
     it overlays the input scan exactly in any viewer.
     """
     stored = from_ras(labels, reference)
-    header = reference.header.copy() if reference.header is not None else None
+    header = reference.meta.copy() if reference.format == "nifti" else None
     image = nib.Nifti1Image(np.ascontiguousarray(stored.astype(np.uint8)), reference.source_affine, header)
     image.set_data_dtype(np.uint8)
     image.header.set_xyzt_units("mm")

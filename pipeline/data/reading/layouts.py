@@ -1,13 +1,15 @@
 """Discover cases on disk, in the layouts the field uses.
 
-- ``folders``: ``images/`` + ``masks/`` with matching names; 2D images (PNG/TIFF/...) or NIfTI volumes.
-- ``dicom``: ``images/<case>/`` DICOM series folders + ``masks/<case>.nii.gz`` (NIfTI masks).
+- ``folders``: ``images/`` + ``masks/`` with matching names; 2D images (PNG/TIFF/...) or volumes
+  (NIfTI, ``.mha``, ``.nrrd``, ...: any ending of ``pipeline.data.reading.registry``).
+- ``dicom``: ``images/<case>/`` DICOM series folders + ``masks/<case>.nii.gz`` (or another volume ending).
 - ``msd``: Medical Segmentation Decathlon, ``dataset.json`` (``labels``, ``modality``,
-  ``training``: [{"image", "label"}]) + ``imagesTr/``, ``labelsTr/``; multi-modal images are 4D.
-  nnU-Net v1 raw folders (the same ``dataset.json``, one ``<case>_0000.nii.gz`` file per
-  channel) are read here too.
+  ``training``: [{"image", "label"}]) + ``imagesTr/``, ``labelsTr/``; multi-modal images are 4D
+  (or vector pixels). nnU-Net v1 raw folders (the same ``dataset.json``, one ``<case>_0000.nii.gz``
+  file per channel) are read here too.
 - ``nnunet``: nnU-Net v2 raw, ``dataset.json`` (``channel_names``, ``labels`` as name -> index,
-  ``file_ending``) + ``imagesTr/<case>_0000.nii.gz`` (one file per channel), ``labelsTr/<case>.nii.gz``.
+  ``file_ending``, e.g. ``.nii.gz``, ``.mha``, ``.nrrd``) + ``imagesTr/<case>_0000<file_ending>``
+  (one file per channel), ``labelsTr/<case><file_ending>``.
 
 A ``Case`` is one patient or one 2D image: its image file(s) (one per channel where the layout
 stores channels as files, or a DICOM folder) and its mask. Class names come from ``dataset.json``,
@@ -22,7 +24,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.data.reading.formats import case_stem, is_image_2d, is_nifti
+from pipeline.data.reading.registry import case_stem, ending, is_supported, supported_endings, volume_endings
 from pipeline.errors import DataError
 
 LAYOUTS = ("auto", "folders", "dicom", "msd", "nnunet")
@@ -106,7 +108,7 @@ def resolve_class_names(root: str | Path, info: DataSetInfo, given: list[str] | 
 
 
 def _entries(folder: Path) -> dict[str, Path]:
-    """Case id -> image file (2D or NIfTI) or sub-folder (DICOM series) in ``folder``.
+    """Case id -> image file (any registered ending) or sub-folder (DICOM series) in ``folder``.
 
     A dangling or looping symbolic link with an image name is kept, so reading it reports the link
     itself instead of its pair as unmatched.
@@ -117,7 +119,7 @@ def _entries(folder: Path) -> dict[str, Path]:
         case_stem(p): p
         for p in sorted(folder.iterdir())
         if not p.name.startswith(".")
-        and (p.is_dir() or ((p.is_file() or p.is_symlink()) and (is_image_2d(p) or is_nifti(p))))
+        and (p.is_dir() or ((p.is_file() or p.is_symlink()) and is_supported(p)))
     }
 
 
@@ -135,11 +137,12 @@ def _pair(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, probl
 def discover_folders(
     root: Path, require_masks: bool = True, problems: list[DataError] | None = None
 ) -> list[Case]:
-    """Pairs ``root/images/<id>`` (a 2D image, a NIfTI volume or a DICOM folder) with ``root/masks/<id>.*``."""
+    """Pairs ``root/images/<id>`` (a 2D image, a volume or a DICOM folder) with ``root/masks/<id>.*``."""
     images = _entries(root / "images")
     if not images:
         raise DataError(
-            root / "images", "no images found (expected PNG/TIFF/JPEG/NIfTI files or DICOM folders)"
+            root / "images",
+            f"no images found (expected {', '.join(supported_endings())} files or DICOM folders)",
         )
     if not require_masks:
         masks = _entries(root / "masks") if (root / "masks").is_dir() else {}
@@ -200,12 +203,10 @@ def discover_msd(root: Path, problems: list[DataError] | None = None) -> DataSet
     labels = {case_stem(Path(e["label"])): root / e["label"] for e in training if isinstance(e, dict)}
     if not training:
         images, labels = _entries(root / "imagesTr"), _entries(root / "labelsTr")
-    if (
-        images
-        and not any(p.exists() for p in images.values())
-        and _channel_files(root / "imagesTr", ".nii.gz")
-    ):
-        cases = _channel_cases(root, ".nii.gz", len(modalities or [0]), labels, problems)  # nnU-Net v1
+    # nnU-Net v1: the listed <case>.nii.gz is stored as <case>_0000.nii.gz, ... (one file a channel)
+    listed = ending(next(iter(images.values()))) if images else None
+    if listed and not any(p.exists() for p in images.values()) and _channel_files(root / "imagesTr", listed):
+        cases = _channel_cases(root, listed, len(modalities or [0]), labels, problems)
     else:
         for case_id, image in images.items():
             if not image.exists():
@@ -220,16 +221,18 @@ def discover_msd(root: Path, problems: list[DataError] | None = None) -> DataSet
 def discover_nnunet(root: Path, problems: list[DataError] | None = None) -> DataSetInfo:
     """nnU-Net v2 raw: channel files in ``imagesTr``, labels in ``labelsTr``, ``file_ending``."""
     meta, path = _read_dataset_json(root), root / "dataset.json"
-    ending = meta.get("file_ending", ".nii.gz")
-    if ending not in (".nii.gz", ".nii"):
+    file_ending = meta.get("file_ending", ".nii.gz")
+    volumes = volume_endings()
+    if not isinstance(file_ending, str) or file_ending.lower() not in volumes:
         raise DataError(
-            path, f'file_ending {ending!r} is not supported; medseg reads NIfTI (".nii.gz", ".nii")'
+            path,
+            f"file_ending {file_ending!r} is not supported; medseg reads volumes ending in {', '.join(volumes)}",
         )
     modalities = _modalities(meta, path)
     if not modalities:
         raise DataError(path, 'nnU-Net dataset.json needs "channel_names", e.g. {"0": "CT"}')
-    labels = {p.name[: -len(ending)]: p for p in sorted((root / "labelsTr").glob(f"*{ending}"))}
-    cases = _channel_cases(root, ending, len(modalities), labels, problems)
+    labels = {p.name[: -len(file_ending)]: p for p in sorted((root / "labelsTr").glob(f"*{file_ending}"))}
+    cases = _channel_cases(root, file_ending, len(modalities), labels, problems)
     return DataSetInfo("nnunet", cases, _class_list(meta["labels"], path), modalities)
 
 
