@@ -43,7 +43,7 @@ import torch  # noqa: E402
 from benchmarks.common import RESULTS, alternate, machine_info, median, ratio, write_json  # noqa: E402
 from pipeline.data.augment.transforms2d import Augmentation  # noqa: E402
 from pipeline.data.augment.transforms3d import PatchAugmenter3D, class_locations  # noqa: E402
-from pipeline.data.cache.facts import MappedArray  # noqa: E402
+from pipeline.data.cache.store import MappedArray  # noqa: E402
 from pipeline.data.normalization import IntensityStats  # noqa: E402
 
 ALL_ON = dict(

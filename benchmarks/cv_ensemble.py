@@ -30,6 +30,7 @@ sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 from benchmarks.common import RESULTS, load_average, machine_info, markdown_table, quiet, write_json  # noqa: E402
 from pipeline.cli import main as medseg  # noqa: E402
+from pipeline.cli.identity import fit_runner  # noqa: E402
 from pipeline.data.reading.layouts import discover  # noqa: E402
 from pipeline.experiments.cv import plan_cv  # noqa: E402
 from pipeline.experiments.cv_scores import case_labels, score_case  # noqa: E402
@@ -79,7 +80,7 @@ def run(opts: argparse.Namespace, work: Path) -> dict:
         ["data", "synth", "--volumes", "--num-images", str(opts.cases), "--output", str(data), "--seed", "0"]
     )
     args = cv_args(data, runs, opts)
-    cv = plan_cv(args)
+    cv = plan_cv(args, fit_runner())
     test = cv.splits[0]["test"]
     inputs = [str(data / "imagesTr" / f"{case_id}.nii.gz") for case_id in test]
     started = time.perf_counter()

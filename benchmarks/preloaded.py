@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.cli import lightning as cli
 from pipeline.data.datamodule import SegmentationDataModule
+from pipeline.data.planning.planner import NetworkRequest
 from pipeline.data.planning.rules import DEFAULT_FEATURES
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
@@ -44,14 +45,19 @@ def model_init_args(model: str = "model/unet") -> dict:
 
 
 def preload(
-    root: Path, batch_size: int | None, count: int, features: Sequence[int] = DEFAULT_FEATURES, **settings
+    root: Path,
+    batch_size: int | None,
+    count: int,
+    features: Sequence[int] = DEFAULT_FEATURES,
+    spatial_dims: int = 2,
+    **settings,
 ) -> tuple[list[dict], SegmentationDataModule]:
     """``count`` augmented training batches of the data set at ``root``, as the training loader
     makes them (cycling through its epochs as needed), and its data module: volumes are planned
-    first for a network of ``features`` widths (patch, batch and strides left unset in
-    ``settings``, ``SegmentationDataModule`` arguments, are filled in)."""
+    first for a ``spatial_dims`` network of ``features`` widths (patch, batch and strides left
+    unset in ``settings``, ``SegmentationDataModule`` arguments, are filled in)."""
     data = SegmentationDataModule(root=str(root), batch_size=batch_size, num_workers=0, **settings)
-    data.resolve_plan(features)  # nothing for 2D images
+    data.resolve_plan(NetworkRequest(spatial_dims, tuple(features)))  # nothing for 2D images
     data.setup("fit")
     batches: list[dict] = []
     while len(batches) < count:

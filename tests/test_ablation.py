@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.cli import main
+from pipeline.cli.identity import fit_settings
 from pipeline.errors import DataError
 from pipeline.experiments.ablation import run_all
 from pipeline.experiments.suite import Run, plan
@@ -19,7 +20,7 @@ from tests.helpers.ablation import RUNS, ablation_args
 
 def test_ablation_plan_names_each_network_of_the_suite_once(monkeypatch):
     monkeypatch.chdir(REPO)
-    experiment, runs = plan(profile="cpu")
+    experiment, runs = plan(profile="cpu", parse=fit_settings)
     names = [run.name for run in runs]
     # 5 models + 2 x 8 grid cells, of which unet and unet_noskip (relu, kaiming, batch) are two
     assert experiment == "ablation" and len(names) == len(set(names)) == 19
@@ -44,7 +45,7 @@ def test_ablation_plan_names_each_network_of_the_suite_once(monkeypatch):
     # in the folder of the suite's data set (configs/data/synthetic.yaml: data/synthetic), as fit names it
     assert runs[0].directory == Path("runs/ablation/synthetic") / names[0]
 
-    experiment, runs = plan(profile="gpu", only=["unet-relu-kaiming-s?"])
+    experiment, runs = plan(profile="gpu", only=["unet-relu-kaiming-s?"], parse=fit_settings)
     assert experiment == "ablation-gpu"
     assert [run.name for run in runs] == [f"unet-relu-kaiming-s{seed}" for seed in range(3)]
     assert "--model.net.init_args.features [32, 64, 128, 256, 512]" in " ".join(runs[0].args)
@@ -53,9 +54,9 @@ def test_ablation_plan_names_each_network_of_the_suite_once(monkeypatch):
 def test_ablation_refuses_extra_flags_that_would_rename_runs(monkeypatch):
     monkeypatch.chdir(REPO)
     with pytest.raises(ValueError, match="is set by the suite"):
-        plan(profile="cpu", extra=["--model.net.init_args.act", "tanh"])
+        plan(profile="cpu", extra=["--model.net.init_args.act", "tanh"], parse=fit_settings)
     with pytest.raises(ValueError, match="unknown profile 'tpu'; valid: auto, cpu, gpu"):
-        plan(profile="tpu")
+        plan(profile="tpu", parse=fit_settings)
 
 
 def _run_dir(path: Path, summary: dict | None, last: bool) -> Path:
@@ -138,7 +139,7 @@ VANISHING_3D, REFERENCE_3D = "unet3d-noskip-sigmoid-default-nonorm-s0", "unet3d-
 
 def test_ablation3d_suite_composes_msd_data_and_the_3d_models(monkeypatch):
     monkeypatch.chdir(REPO)
-    experiment, runs = plan(SUITE_3D, profile="cpu")
+    experiment, runs = plan(SUITE_3D, profile="cpu", parse=fit_settings)
     names = [run.name for run in runs]
     # 4 models (long x short skips) + 2 x 8 grid cells, of which unet3d and unet3d_noskip are two
     assert experiment == "ablation3d" and len(names) == len(set(names)) == 18
@@ -151,7 +152,7 @@ def test_ablation3d_suite_composes_msd_data_and_the_3d_models(monkeypatch):
         "-c configs/experiment/ablation3d_cpu.yaml --model.net.init_args.features [8, 16, 32, 64, 128]"
         in args
     )
-    experiment, runs = plan(SUITE_3D, profile="gpu", only=[REFERENCE_3D])
+    experiment, runs = plan(SUITE_3D, profile="gpu", only=[REFERENCE_3D], parse=fit_settings)
     assert experiment == "ablation3d-gpu" and "[32, 64, 128, 256, 320]" in " ".join(runs[0].args)
 
 

@@ -6,10 +6,11 @@ import nibabel as nib
 import numpy as np
 
 from pipeline.cli import main
-from pipeline.data.cache.facts import MappedArray, prepare_facts, read_manifest
+from pipeline.data.cache.facts import prepare_facts
 from pipeline.data.cache.grids import open_case, prepare_grid
 from pipeline.data.cache.resample import resample_image
 from pipeline.data.cache.slicing import in_slice_order, to_slices
+from pipeline.data.cache.store import MappedArray, read_manifest
 from pipeline.data.normalization import Normalization, fit_intensity
 from pipeline.data.reading.layouts import describe
 from pipeline.data.reading.volumes import load_volume_case
@@ -24,13 +25,13 @@ def _mtimes(folder):
 
 def test_cache_prepare_twice_is_a_no_op(volume_dir, tmp_path, capsys):
     cache = tmp_path / "cache"
-    main(["data", "prepare", str(volume_dir), "--cache", str(cache)])
+    main(["data", "prepare", str(volume_dir), "--data.cache_dir", str(cache)])
     out = capsys.readouterr().out
     assert "6 cases; resampled to" in out and "target spacing   0.9 x 0.9 x 3 mm" in out
     before = _mtimes(cache)
     # facts manifest, plan, label + foreground sample per case; a grid: manifest, image, mask, voxels per case
     assert len(before) == 2 + 6 * 2 + 1 + 6 * 3
-    main(["data", "prepare", str(volume_dir), "--cache", str(cache)])
+    main(["data", "prepare", str(volume_dir), "--data.cache_dir", str(cache)])
     assert _mtimes(cache) == before  # nothing rewritten: not a manifest, not the plan
 
 

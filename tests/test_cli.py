@@ -74,3 +74,20 @@ def test_cli_a_monai_network_from_the_config_trains_checkpoints_and_infers(phant
     )
     masks = sorted(Path(tmp_path / "out").glob("*.png"))
     assert len(masks) == len(list(images.iterdir()))
+
+
+def test_cli_default_config_names_every_always_on_callback(tmp_path):
+    # a reader of configs/default.yaml sees every callback a fit runs: the list in its comment is
+    # the one always_on_callbacks builds, in its order
+    import re
+
+    from pipeline.cli.lightning import always_on_callbacks
+    from pipeline.run.directory import RunConfig
+    from pipeline.run.naming import run_identity
+
+    identity = run_identity(RunConfig(root=str(tmp_path)), "unet", tmp_path, 0)
+    built = [type(c).__name__ for c in always_on_callbacks("fit", identity, RunConfig(), 0)]
+    text = (Path(__file__).parents[1] / "configs" / "default.yaml").read_text()
+    listed = re.search(r"always_on_callbacks\):\n\s*#\s*(.+)\n", text).group(1)
+    assert [name.strip() for name in listed.split(",")] == built
+    assert always_on_callbacks("test", identity, RunConfig(), 0) == []

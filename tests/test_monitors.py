@@ -180,7 +180,7 @@ def test_activation_monitor_measures_dead_relus_and_saturation_then_removes_its_
     trainer = stand_in_trainer(tmp_path)
     results = []
     for net in (relu_net.eval(), sigmoid_net.eval()):
-        module = SimpleNamespace(net=net, device=torch.device("cpu"))
+        module = SimpleNamespace(net=net, device=torch.device("cpu"), spatial_dims=2, patch_size=None)
         module.predict_logits = net
         monitor = ActivationMonitor(num_samples=2)
         monitor.on_validation_batch_end(trainer, module, None, batch, 0)
@@ -213,7 +213,9 @@ def test_activation_monitor_sees_a_compiled_network_like_an_eager_one(tmp_path):
             net.compile(backend="eager")  # Dynamo alone: its hook handling, without a minute of codegen
             with torch.no_grad():
                 net(batch["image"])  # the validation pass
-        module = SimpleNamespace(net=net, device=torch.device("cpu"), predict_logits=net)
+        module = SimpleNamespace(
+            net=net, device=torch.device("cpu"), predict_logits=net, spatial_dims=2, patch_size=None
+        )
         monitor = ActivationMonitor(num_samples=2)
         monitor.on_validation_batch_end(stand_in_trainer(tmp_path), module, None, batch, 0)
         monitor.on_validation_epoch_end(stand_in_trainer(tmp_path), module)

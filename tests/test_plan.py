@@ -6,6 +6,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from pipeline.cli import main
@@ -70,7 +71,7 @@ def test_plan_patches_fit_the_memory_and_cpu_budgets():
 
 
 def test_plan_fit_fills_unset_values_and_config_yaml_records_them(mixed_volume_dir, tmp_path, capsys):
-    main(["plan", str(mixed_volume_dir), "--cache", str(tmp_path / "cache")])
+    main(["plan", str(mixed_volume_dir), "--data.cache_dir", str(tmp_path / "cache")])
     table = capsys.readouterr().out
     assert "target spacing" in table and "2D network" in table and "3D network" in table
     planned = json.loads((tmp_path / "cache" / "plan.json").read_text())
@@ -87,3 +88,34 @@ def test_plan_fit_fills_unset_values_and_config_yaml_records_them(mixed_volume_d
     assert config["data"]["slice_axis"] == planned["slice_axis"] == 2
     assert config["model"]["net"]["init_args"]["strides"] == [list(s) for s in planned["net_2d"]["strides"]]
     assert json.loads((run / "plan.json").read_text())["target_spacing"] == planned["target_spacing"]
+
+
+def test_plan_json_records_the_network_that_trained(mixed_volume_dir, tmp_path, capsys):
+    # a 3D network with its own widths and strides and an explicit batch: the plan is made once, for
+    # it, and plan.json (cache and run) holds what trained, not a plan for the default 2D network
+    cache = tmp_path / "cache"
+    own = ["--model.net.init_args.features", "[4, 8, 16, 32]"]
+    own += ["--model.net.init_args.strides", "[[1, 2, 2], [2, 2, 2], [1, 2, 2]]"]
+    own += ["--data.batch_size", "3", "--data.cache_dir", str(cache)]
+    args = volume_fit_args(mixed_volume_dir, tmp_path / "runs", "unet3d", *own)
+    main(["plan", *args[1:]])  # medseg plan takes fit's arguments: the same configs, parsed the same way
+    table = capsys.readouterr().out
+    planned = json.loads((cache / "plan.json").read_text())
+    main([*args, "--trainer.max_epochs", "1", "--data.iterations_per_epoch", "1"])
+    (run,) = (tmp_path / "runs" / "default" / mixed_volume_dir.name).iterdir()
+    recorded = json.loads((run / "plan.json").read_text())
+    assert recorded == planned == json.loads((cache / "plan.json").read_text())
+    checkpoint = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    trained = checkpoint["medseg"]["net"]["init_args"]
+    assert recorded["spatial_dims"] == 3 and "3D network (trains)" in table
+    assert recorded["net_3d"]["strides"] == [[1, 2, 2], [2, 2, 2], [1, 2, 2]] == trained["strides"]
+    assert recorded["net_3d"]["patch"] == list(checkpoint["hyper_parameters"]["patch_size"])
+    assert (
+        recorded["net_3d"]["batch"]
+        == 3
+        == yaml.safe_load((run / "config.yaml").read_text())["data"]["batch_size"]
+    )
+    assert checkpoint["medseg"]["preprocessing"]["patch_size"] == recorded["net_3d"]["patch"]
+    assert "preprocessing" not in checkpoint["SegmentationDataModule"]  # stored once, by the module
+    patch = " x ".join(str(n) for n in recorded["net_3d"]["patch"])
+    assert f"patch                {recorded['net_2d']['patch'][0]}" in table and patch in table

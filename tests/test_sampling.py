@@ -105,10 +105,10 @@ def test_sampling_an_epoch_of_fixed_length_repeats_whole_permutations():
 
 def test_sampling_3d_patches_are_class_first_and_hold_the_drawn_class(mixed_volume_dir, tmp_path):
     from pipeline.data.datamodule import SegmentationDataModule
+    from pipeline.data.planning.planner import NetworkRequest
 
-    dm = SegmentationDataModule(
-        root=str(mixed_volume_dir), spatial_dims=3, cache_dir=str(tmp_path), num_workers=0
-    )
+    dm = SegmentationDataModule(root=str(mixed_volume_dir), cache_dir=str(tmp_path), num_workers=0)
+    dm.resolve_plan(NetworkRequest(spatial_dims=3))
     dm.setup("fit")
     train = dm.datasets["train"]
     assert len(dm.patch_size) == 3 and set(train.class_items()) == {1, 2}

@@ -25,7 +25,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "validate": ("pipeline.cli.lightning:validate_command", "score a checkpoint on the validation split"),
     "test": ("pipeline.cli.lightning:test_command", "score a checkpoint on the held-out test split"),
     "infer": (
-        "pipeline.inference.run:infer_command",
+        "pipeline.cli.infer:infer_command",
         "segment new scans with a checkpoint (batch inference)",
     ),
     "plan": (
@@ -37,16 +37,16 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "data sets: synth (generate), check (validate), prepare (cache)",
     ),
     "ablation": (
-        "pipeline.experiments.ablation:ablation_command",
+        "pipeline.cli.ablation:ablation_command",
         "train every variant of an ablation suite",
     ),
     "cv": (
-        "pipeline.experiments.cv:cv_command",
+        "pipeline.cli.cv:cv_command",
         "k-fold cross-validation: train every fold, out-of-fold scores, postprocessing",
     ),
-    "compare": ("pipeline.experiments.compare:compare_command", "compare run directories: report and plots"),
+    "compare": ("pipeline.cli.compare:compare_command", "compare run directories: report and plots"),
     "export": (
-        "pipeline.experiments.export:export_command",
+        "pipeline.cli.export:export_command",
         "export a network to ONNX or TorchScript with its preprocessing.json",
     ),
 }

@@ -4,7 +4,7 @@ medseg data synth [--output DIR] [--num-images N] [--size PX]      # the 2D phan
 medseg data synth --volumes [--layout msd|nnunet] [--output DIR]   # small synthetic NIfTI set
 medseg data synth --volumes --real-size [--slices MIN MAX]         # 512x512 CT, 80-300 slices
 medseg data check <root> [--layout ...]       # every problem, one line each; exit 1 if any
-medseg data prepare <root> [--cache DIR]      # plan, then resample every volume into the cache
+medseg data prepare [<root>] [medseg fit arguments]   # plan as fit would, then resample into the cache
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from pipeline.cli.plan import add_plan_arguments
 from pipeline.data.reading.layouts import LAYOUTS
 from pipeline.parallel import usable_cores
 
@@ -62,8 +61,12 @@ def parser() -> argparse.ArgumentParser:
     check.add_argument("root", help="data set folder")
     check.add_argument("--layout", choices=LAYOUTS, default="auto", help="layout (default: auto-detect)")
     check.add_argument("--workers", type=int, default=usable_cores(), help="processes (default: %(default)s)")
-    prepare = sub.add_parser("prepare", help="plan, then resample every volume into the cache once")
-    add_plan_arguments(prepare)
+    prepare = sub.add_parser(
+        "prepare",
+        help="plan as medseg fit would, then resample every volume into the cache once",
+        description="Takes medseg plan's arguments: [ROOT] and any medseg fit arguments (-c ..., --data.*).",
+    )
+    prepare.add_argument("fit_args", nargs=argparse.REMAINDER, help="[ROOT] and medseg fit arguments")
     return parser
 
 
@@ -114,12 +117,12 @@ def prepare(opts: argparse.Namespace) -> None:
     """Plan the data set and resample every case into the cache, as ``medseg fit`` would."""
     from pipeline.cli.plan import plan_table, planned_datamodule
 
-    dm = planned_datamodule(opts)
-    if dm.plan is None:
-        print(f"{opts.root}: 2D images are read into memory, nothing to prepare")
+    dm, plan = planned_datamodule(opts.fit_args)
+    if plan is None:
+        print(f"{dm.root}: 2D images are read into memory, nothing to prepare")
         return
     dm.setup("fit")
-    print(plan_table(dm))
+    print(plan_table(dm, plan))
     grid = dm.cache_dir / "grids" / dm.source.grid
     print(f"cache {dm.cache_dir}: {len(dm.cases)} cases; resampled to {grid}")
 

@@ -1,5 +1,5 @@
-"""What a ``medseg fit`` would be called and where it would write, read from its arguments
-without running it.
+"""What a ``medseg fit`` would be called, where it would write and its config, read from its
+arguments without running it.
 
 ``medseg ablation`` and ``medseg cv`` decide before each fit whether its run is done, to be
 resumed or new, so they need its directory first. It is parsed here by the parser ``medseg fit``
@@ -11,39 +11,16 @@ to read its knobs.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
+from jsonargparse import Namespace
 
-from pipeline.cli.lightning import MedsegCLI
+from pipeline.cli.lightning import MedsegCLI, run_lightning
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import build_net
 from pipeline.run.directory import RunConfig
-from pipeline.run.naming import RunIdentity, run_identity, variant_name
+from pipeline.run.naming import FitRunner, FitSettings, variant_name
 from pipeline.training.module import SegmentationModule
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    """The settings of a fit that name its run, plus its ``data:`` section as plain values.
-
-    Attributes:
-        run: the ``run:`` section.
-        variant: ``variant_name`` of the configured network.
-        seed: ``seed_everything``.
-        data: the ``data:`` section (``root``, ``num_folds``, ``fold``, ``seed``, ...).
-    """
-
-    run: RunConfig
-    variant: str
-    seed: int | None
-    data: dict
-
-    def identity(self, fold: int | None = None) -> RunIdentity:
-        """The run's identity, as ``fold`` of k-fold cross-validation or (None) as configured."""
-        if fold is None and self.data["num_folds"] > 1:
-            fold = self.data["fold"]
-        return run_identity(self.run, self.variant, self.data["root"], self.seed, fold)
 
 
 class _ParseOnly(MedsegCLI):
@@ -56,7 +33,7 @@ class _ParseOnly(MedsegCLI):
         pass  # planning reads the data; what it fills in (patch, spacing, strides) names no run
 
     def instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.parsed = self.config[self.subcommand]
         net = config.model.net.as_dict()
         init_args = dict(net.get("init_args") or {})
         if "encoder_weights" in init_args:
@@ -71,17 +48,35 @@ class _ParseOnly(MedsegCLI):
         pass
 
 
-def fit_settings(args: Sequence[str]) -> FitSettings:
-    """Parse ``medseg fit`` arguments (``["fit", "-c", ...]``) as ``medseg fit`` would.
-
-    Raises:
-        SystemExit: a bad flag or config (LightningCLI's own message, exit code 2).
-    """
-    cli = _ParseOnly(
+def _parse(args: Sequence[str]) -> _ParseOnly:
+    return _ParseOnly(
         SegmentationModule,
         SegmentationDataModule,
         seed_everything_default=0,
         args=list(args),
         auto_configure_optimizers=False,
     )
-    return cli.settings
+
+
+def fit_settings(args: Sequence[str]) -> FitSettings:
+    """Parse ``medseg fit`` arguments (``["fit", "-c", ...]``) as ``medseg fit`` would.
+
+    Raises:
+        SystemExit: a bad flag or config (LightningCLI's own message, exit code 2).
+    """
+    return _parse(args).settings
+
+
+def fit_config(args: Sequence[str]) -> Namespace:
+    """The config ``medseg fit`` would run with these arguments (``["fit", "-c", ...]``), parsed
+    the same way and not yet planned.
+
+    Raises:
+        SystemExit: a bad flag or config (LightningCLI's own message, exit code 2).
+    """
+    return _parse(args).parsed
+
+
+def fit_runner() -> FitRunner:
+    """``medseg fit`` for the experiments (ablation, cv): parsed by its own parser, run in-process."""
+    return FitRunner(fit_settings, run_lightning)

@@ -27,7 +27,7 @@ from pytorch_lightning.plugins import CheckpointIO
 from pytorch_lightning.utilities import rank_zero_only
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
-from pipeline.cli.plan import plan_config
+from pipeline.cli.config_plan import plan_config
 from pipeline.cli.progress_bar import ThrottledProgressBar
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.models import net_knobs, net_spec, remember_spec
@@ -110,11 +110,11 @@ class MedsegCLI(LightningCLI):
         parser.link_arguments("data.in_channels", "model.net.init_args.in_channels", apply_on="instantiate")
         parser.link_arguments("data.num_classes", "model.net.init_args.out_channels", apply_on="instantiate")
         parser.link_arguments("data.class_names", "model.class_names", apply_on="instantiate")
-        parser.link_arguments("data.patch_size", "model.patch_size")
+        parser.link_arguments("data.patch_size", "model.patch_size", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
         # volume data: the plan fills what the config leaves unset, so config.yaml records it
-        plan_config(self.config[self.subcommand])
+        _, self.plan = plan_config(self.config[self.subcommand])
 
     def instantiate_classes(self) -> None:
         from torch import nn
@@ -124,6 +124,10 @@ class MedsegCLI(LightningCLI):
         net_spec(self.model.net)  # a network that cannot be saved fails now, not at the first save
 
     def instantiate_trainer(self, **kwargs) -> object:
+        # LightningCLI builds the trainer inside instantiate_classes, right after the data module:
+        # the plan made above goes to it before the preflight's setup(), which then plans nothing
+        if self.plan is not None:
+            self.datamodule.adopt_plan(self.plan)
         config = self.config_init[self.subcommand]
         run: RunConfig = config["run"]
         identity = self._run_identity(config)

@@ -1,5 +1,6 @@
-"""The data module's part of a checkpoint: the preprocessing inference needs, the split, and
-where a resumed fit's training order continues."""
+"""The data module's part of a checkpoint: the preprocessing record that the module stores for
+inference (``checkpoint["medseg"]["preprocessing"]``, the one copy), and, as the data module's own
+state, the split and where a resumed fit's training order continues."""
 
 from __future__ import annotations
 
@@ -31,11 +32,7 @@ class DataCheckpointState:
     def state_dict(self) -> dict:
         # train_position: (epoch, batches trained in it), where a resumed fit's data order continues.
         position = resume_position(self.trainer)
-        return {
-            "preprocessing": self.preprocessing().to_checkpoint(),
-            "split": self.split,
-            "train_position": position,
-        }
+        return {"split": self.split, "train_position": position}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self._train_start = tuple(state_dict.get("train_position", (0, 0)))

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from pipeline.data.augment.transforms2d import Augmentation, build_eval_transform, build_train_transform
 from pipeline.data.augment.transforms3d import PatchAugmenter3D
-from pipeline.data.cache import facts as cache
+from pipeline.data.cache.store import default_cache_dir
 from pipeline.data.checkpoint_state import DataCheckpointState
 from pipeline.data.loading.datasets import CaseArrays, CaseDataset, SliceDataset, require_one_size
 from pipeline.data.loading.loaders import auto_workers, epoch_draws, evaluation_loader, training_loader
@@ -27,9 +27,9 @@ from pipeline.data.loading.order import global_seed
 from pipeline.data.loading.patches import PatchDataset
 from pipeline.data.loading.sources import case_source
 from pipeline.data.loading.split import SPLITS, make_split, read_split, require_test_split
-from pipeline.data.normalization import Normalization
-from pipeline.data.planning.planner import plan_volumes, training_normalization
-from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan, PlanSettings
+from pipeline.data.normalization import Normalization, from_plain
+from pipeline.data.planning.planner import NetworkRequest, plan_volumes, training_normalization
+from pipeline.data.planning.rules import Plan, PlanSettings
 from pipeline.data.reading.layouts import Case, describe, resolve_class_names
 from pipeline.errors import DataError
 from pipeline.parallel import usable_cores
@@ -68,7 +68,6 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             and patches are cut along; ``auto``: planned (the coarsest target spacing).
         target_spacing: volumes: the spacing (mm, along X, Y, Z of the RAS+ array) they are
             resampled to; None: planned (the training cases' median, see ``pipeline.data.planning.rules``).
-        spatial_dims: 2 (slices) or 3 (patches); set from the network by ``medseg``.
         plan: the budgets the plan sizes patches and batches for.
         iterations_per_epoch: steps an epoch; None: 250 (volumes, nnU-Net's), one pass (2D images).
         test_split: what ``medseg test`` scores: ``test`` (the held-out cases; refused when there
@@ -101,7 +100,6 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         modalities: list[str] | None = None,
         slice_axis: int | str = "auto",
         target_spacing: Sequence[float] | None = None,
-        spatial_dims: int = 2,
         plan: PlanSettings = PlanSettings(),
         iterations_per_epoch: int | None = None,
         test_split: str = "test",
@@ -112,8 +110,8 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         super().__init__()
         if not 0 < val_fraction < 1 or not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
             raise ValueError("val_fraction must be in (0, 1), test_fraction in [0, 1), and their sum below 1")
-        choices = {"slice_axis": (slice_axis, (0, 1, 2, "auto")), "spatial_dims": (spatial_dims, (2, 3))}
-        choices |= {
+        choices = {
+            "slice_axis": (slice_axis, (0, 1, 2, "auto")),
             "test_split": (test_split, ("test", "val")),
             "plan_cases": (plan_cases, ("train", "train_val")),
         }
@@ -138,10 +136,11 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         self.augmentation = augmentation
         self.slice_axis, self.foreground_fraction = slice_axis, foreground_fraction
         self.target_spacing = tuple(float(s) for s in target_spacing) if target_spacing else None
-        self.spatial_dims, self.plan_settings = spatial_dims, plan
+        self.plan_settings = plan
+        self.spatial_dims = 2  # the network's, from the plan made for it (2D images: slices)
         self.iterations_per_epoch, self.test_split = iterations_per_epoch, test_split
         self.plan_cases = plan_cases
-        self.cache_dir = Path(cache_dir) if cache_dir else cache.default_cache_dir(self.root)
+        self.cache_dir = Path(cache_dir) if cache_dir else default_cache_dir(self.root)
         self.info = describe(self.root, layout)
         self.cases: list[Case] = self.info.cases
         self.class_names = resolve_class_names(self.root, self.info, class_names)
@@ -155,8 +154,6 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             usable_cores(),
         )
         self.volumetric = self.source.volumetric
-        if spatial_dims == 3 and not self.volumetric:
-            raise DataError(self.root, "a 3D network needs volumes; this data set holds 2D images")
         self.modalities = list(modalities) if modalities else self.info.modalities
         self.in_channels = len(self.modalities) if self.modalities else self.source.channels()
         self.split: dict[str, list[str]] = {}
@@ -200,25 +197,32 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             )
         return self._channel_norms
 
-    def resolve_plan(self, features: Sequence[int] = DEFAULT_FEATURES) -> Plan | None:
-        """Plan volumes from the training cases (``plan_cases``; ``pipeline.data.planning.planner``) and fill
-        every setting left unset: target spacing, slice axis, patch, batch. None for 2D images.
+    def resolve_plan(self, network: NetworkRequest = NetworkRequest()) -> Plan | None:
+        """Plan volumes for ``network`` from the training cases (``plan_cases``;
+        ``pipeline.data.planning.planner``) and adopt the plan. None for 2D images.
 
-        Args:
-            features: the network's widths per level, for the memory estimate and the poolings.
+        Raises:
+            DataError: a 3D network for 2D images, or a patch that has not ``spatial_dims`` sides.
         """
         if not self.volumetric:
+            if network.spatial_dims == 3:
+                raise DataError(self.root, "a 3D network needs volumes; this data set holds 2D images")
             return None
-        self.plan = plan_volumes(self, features)
-        network = self.plan.network(self.spatial_dims)
-        self.target_spacing, self.slice_axis = self.plan.target_spacing, self.plan.slice_axis
-        self.patch_size = self.patch_size or network.patch
-        self.batch_size = self.batch_size or network.batch
-        if len(self.patch_size) != self.spatial_dims:
+        if self.patch_size is not None and len(self.patch_size) != network.spatial_dims:
             raise DataError(
-                self.root, f"patch_size {list(self.patch_size)} has not {self.spatial_dims} sides"
+                self.root, f"patch_size {list(self.patch_size)} has not {network.spatial_dims} sides"
             )
+        self.adopt_plan(plan_volumes(self, network))
         return self.plan
+
+    def adopt_plan(self, plan: Plan) -> None:
+        """Train as ``plan`` says: its network's dimensions, patch and batch, its target spacing,
+        slice axis and normalisation (made once, by ``resolve_plan`` here or in ``medseg``'s CLI)."""
+        self.plan, network = plan, plan.network()
+        self.spatial_dims = plan.spatial_dims
+        self.target_spacing, self.slice_axis = plan.target_spacing, plan.slice_axis
+        self.patch_size, self.batch_size = network.patch, network.batch
+        self._channel_norms = [from_plain(n) for n in plan.normalization]
 
     def _load(self, ids: list[str]) -> list[CaseArrays]:
         by_id = {case.case_id: case for case in self.cases}
@@ -241,8 +245,8 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             require_test_split(split, self.root)
         if self.datasets:
             return
-        if self.volumetric and (self.plan is None or self.patch_size is None or self.batch_size is None):
-            self.resolve_plan()
+        if self.volumetric and self.plan is None:
+            self.resolve_plan()  # a data module used without medseg's CLI: planned for a 2D network
         self.batch_size = self.batch_size or IMAGE_BATCH
         for name in SPLITS:
             if not split[name]:

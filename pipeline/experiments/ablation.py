@@ -16,20 +16,17 @@ experiment folder records the command, each run's outcome, seconds and the load 
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
-import shlex
 import statistics
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.cli.lightning import run_lightning
 from pipeline.errors import DataError
-from pipeline.experiments.suite import DEFAULT_SUITE, Run, plan
+from pipeline.experiments.suite import Run
 from pipeline.files import atomic_write, read_json
 from pipeline.run.directory import run_state
 
@@ -117,40 +114,3 @@ def run_all(
         f"diverged, {counts['failed']} failed in {_minutes(time.perf_counter() - start)}"
     )
     return counts
-
-
-def ablation_command(args: Sequence[str]) -> None:
-    """``medseg ablation [options] [-- LightningCLI flags]``."""
-    words = list(args)
-    extra = words[words.index("--") + 1 :] if "--" in words else []
-    words = words[: words.index("--")] if "--" in words else words
-    parser = argparse.ArgumentParser(
-        prog="medseg ablation",
-        description="Train every variant of an ablation suite; completed runs are skipped.",
-        epilog="Flags after -- go to every run's `medseg fit`, e.g. -- --trainer.max_epochs 2",
-    )
-    parser.add_argument("--suite", default=DEFAULT_SUITE, help="suite file (default: %(default)s)")
-    parser.add_argument("--profile", default="auto", help="a profile of the suite, or auto (default)")
-    parser.add_argument("--seeds", type=int, default=None, help="seeds 0..N-1 (default: the profile's)")
-    parser.add_argument("--root", default="runs", help="folder of experiment folders (default: %(default)s)")
-    parser.add_argument("--only", action="append", default=[], help="run-name pattern (fnmatch), repeatable")
-    parser.add_argument("--dry-run", action="store_true", help="list the runs and their state, train nothing")
-    opts = parser.parse_args(words)
-    try:
-        experiment, runs = plan(opts.suite, opts.profile, opts.seeds, opts.root, extra, opts.only)
-    except ValueError as err:
-        parser.error(str(err))
-    folder = Path(opts.root) / experiment
-    if opts.dry_run:
-        for run in runs:
-            print(f"{run_state(run.directory):>9}  {run.name}")
-        print(f"{len(runs)} runs in {folder}")
-        if runs:
-            print(f"the first: medseg {shlex.join(runs[0].args)}")
-        return
-    print(f"ablation: {len(runs)} runs in {folder} (W&B group {experiment!r})")
-    command = shlex.join(["medseg", "ablation", *args])
-    counts = run_all(runs, folder / "suite.json", command, run_lightning, print)
-    print(f"compare them: medseg compare {folder}")
-    if counts["failed"]:
-        raise SystemExit(1)

@@ -17,7 +17,6 @@ draw the mean over a variant's seeds and the range between their minimum and max
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import math
@@ -25,7 +24,7 @@ import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
-from pipeline.experiments.runs import SEED_SUFFIX, RunData, load_runs, suite_record
+from pipeline.experiments.runs import SEED_SUFFIX, RunData, suite_record
 from pipeline.files import atomic_write
 
 
@@ -192,16 +191,3 @@ def write_report(runs: Sequence[RunData], output: str | Path, source: str | Path
     report = output / "report.md"
     atomic_write(report, lambda tmp: Path(tmp).write_text("\n".join(lines)))
     return report
-
-
-def compare_command(args: Sequence[str]) -> None:
-    """``medseg compare RUNS_DIR [--output DIR]``."""
-    parser = argparse.ArgumentParser(
-        prog="medseg compare", description="Compare run directories: report.md, runs.csv and plots."
-    )
-    parser.add_argument("runs_dir", help="a folder of run directories, e.g. runs/ablation")
-    parser.add_argument("--output", default="report", help="output folder (default: %(default)s)")
-    opts = parser.parse_args(args)
-    runs = load_runs(opts.runs_dir)
-    report = write_report(runs, opts.output, opts.runs_dir)
-    print(f"compared {len(runs)} runs ({len({r.variant for r in runs})} variants): {report}")

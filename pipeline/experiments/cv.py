@@ -23,7 +23,6 @@ beside the fold runs holds ``splits.json``, ``folds.json`` (each fold's outcome 
 
 from __future__ import annotations
 
-import argparse
 import csv
 import logging
 import os
@@ -32,21 +31,20 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.cli.identity import FitSettings, fit_settings
-from pipeline.cli.lightning import run_lightning
 from pipeline.data.loading.split import make_split
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.reading.layouts import Case, describe
 from pipeline.data.reading.volumes import is_volume_case
 from pipeline.errors import DataError
 from pipeline.experiments.ablation import run_all
-from pipeline.experiments.cv_report import mean_sd_text, write_report
+from pipeline.experiments.cv_report import write_report
 from pipeline.experiments.cv_scores import CaseResult, evaluate_case, summarise
 from pipeline.experiments.suite import Run
 from pipeline.files import read_json, write_json
 from pipeline.inference.ensemble import CV_SUMMARY, POSTPROCESSING, check_shared
 from pipeline.inference.run import infer
 from pipeline.run.directory import run_state
+from pipeline.run.naming import FitRunner, FitSettings
 from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.module import CHECKPOINT_KEY
 
@@ -72,14 +70,15 @@ class CrossValidation:
     settings: FitSettings
 
 
-def plan_cv(fit_args: Sequence[str]) -> CrossValidation:
-    """The folds of the configuration that ``fit_args`` (``medseg fit`` flags) describe.
+def plan_cv(fit_args: Sequence[str], runner: FitRunner) -> CrossValidation:
+    """The folds of the configuration that ``fit_args`` (``medseg fit`` flags) describe, parsed by
+    ``runner.settings``.
 
     Raises:
         DataError: ``--run.name`` or ``--data.split_file`` given (the CV names and cuts its folds),
             too few cases, or a missing data folder.
     """
-    settings = fit_settings(["fit", *fit_args])
+    settings = runner.settings(["fit", *fit_args])
     data = settings.data
     if settings.run.name:
         problem = "medseg cv names its fold runs <variant>-f<fold>-s<seed>: drop it (--run.experiment keeps CVs apart)"
@@ -174,7 +173,7 @@ def out_of_fold(cv: CrossValidation, tta: bool = False) -> tuple[list[CaseResult
 
 def cross_validate(
     fit_args: Sequence[str],
-    fit: Callable[[Sequence[str]], None] = run_lightning,
+    runner: FitRunner,
     tta: bool = False,
     report: Callable[[str], None] = log.info,
 ) -> tuple[Path, dict]:
@@ -183,17 +182,18 @@ def cross_validate(
 
     Args:
         fit_args: ``medseg fit`` flags shared by the folds.
-        fit: runs one fold (``run_lightning``); ``SystemExit`` from it stops the CV.
+        runner: parses and runs ``medseg fit`` (``pipeline.cli.identity.fit_runner``); a
+            ``SystemExit`` from a fold stops the CV.
         tta: segment the validation cases with mirroring test-time augmentation.
         report: where the progress lines go.
 
     Raises:
         DataError: see ``plan_cv``; a fold that did not complete; folds that disagree on preprocessing.
     """
-    cv = plan_cv(fit_args)
+    cv = plan_cv(fit_args, runner)
     write_splits(cv)
     command = shlex.join(["medseg", "cv", *fit_args])
-    run_all(cv.runs, cv.folder / "folds.json", command, fit, report, label="cv", done=("completed",))
+    run_all(cv.runs, cv.folder / "folds.json", command, runner.fit, report, label="cv", done=("completed",))
     unfinished = [run.name for run in cv.runs if run_state(run.directory) != "completed"]
     if unfinished:
         problem = f"fold run(s) {', '.join(unfinished)} did not complete (see above); run medseg cv again: "
@@ -225,32 +225,3 @@ def cross_validate(
     write_report(cv.folder / "cv_report.md", summary)
     report(f"cv: {len(results)} out-of-fold cases scored")
     return cv.folder, summary
-
-
-def cv_command(args: Sequence[str]) -> None:
-    """``medseg cv [--dry-run] [--tta] <medseg fit flags>``."""
-    parser = argparse.ArgumentParser(
-        prog="medseg cv",
-        allow_abbrev=False,
-        description="k-fold cross-validation of one configuration: every fold (resumable), out-of-fold "
-        "scores, postprocessing chosen on them.",
-        epilog="Every other flag goes to each fold's medseg fit, e.g. -c configs/default.yaml "
-        "--data.num_folds 3 (k; default 5).",
-    )
-    parser.add_argument(
-        "--dry-run", action="store_true", help="list the folds and their state, train nothing"
-    )
-    parser.add_argument("--tta", action="store_true", help="segment the validation folds with mirroring TTA")
-    opts, fit_args = parser.parse_known_args(args)
-    if opts.dry_run:
-        cv = plan_cv(fit_args)
-        for run in cv.runs:
-            print(f"{run_state(run.directory):>9}  {run.name}")
-        print(
-            f"{len(cv.runs)} folds; results in {cv.folder}\nthe first: medseg {shlex.join(cv.runs[0].args)}"
-        )
-        return
-    folder, summary = cross_validate(fit_args, tta=opts.tta, report=print)
-    chosen = ", ".join(summary["postprocessing"]["largest_component"]) or "no class"
-    print(f"out-of-fold Dice, mean ± sd over folds: {mean_sd_text(summary['mean_sd']['dice'])}")
-    print(f"postprocessing: largest connected component kept for {chosen} -> {folder}")

@@ -16,7 +16,6 @@ PyTorch's (ONNX Runtime for ONNX when installed); the differences are stored in 
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 import warnings
@@ -203,18 +202,3 @@ def export(
     write_json(files[1], describe(prep, format, module, checks))
     log.info("exported %s -> %s", checkpoint, ", ".join(map(str, files)))
     return files
-
-
-def export_command(args: Sequence[str]) -> None:
-    """``medseg export --checkpoint best.ckpt --format onnx|torchscript --output DIR``."""
-    parser = argparse.ArgumentParser(
-        prog="medseg export",
-        description="Export a trained network (ONNX or TorchScript) with its preprocessing.json.",
-    )
-    parser.add_argument("--checkpoint", required=True, help="a medseg fit checkpoint (e.g. best.ckpt)")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="onnx", help="(default: %(default)s)")
-    parser.add_argument("--output", required=True, help="output folder")
-    parser.add_argument("--overwrite", action="store_true", help="replace an earlier export in the folder")
-    opts = parser.parse_args(args)
-    files = export(opts.checkpoint, opts.output, opts.format, opts.overwrite)
-    print("\n".join(f"wrote {path}" for path in files))

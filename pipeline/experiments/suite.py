@@ -11,17 +11,16 @@ from __future__ import annotations
 import fnmatch
 import itertools
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import yaml
 
-from pipeline.cli.identity import fit_settings
 from pipeline.errors import DataError
 from pipeline.models import build_net
-from pipeline.run.naming import variant_name
+from pipeline.run.naming import FitSettings, variant_name
 
 DEFAULT_SUITE = "configs/experiment/ablation.yaml"
 # Set by the suite for every run: given as extra flags they would break the runs' names.
@@ -99,6 +98,8 @@ def plan(
     root: str | Path = "runs",
     extra: Sequence[str] = (),
     only: Sequence[str] = (),
+    *,
+    parse: Callable[[Sequence[str]], FitSettings],
 ) -> tuple[str, list[Run]]:
     """The suite's runs for one profile: ``(experiment, runs)``, in suite order, seeds innermost.
 
@@ -113,6 +114,8 @@ def plan(
         root: the folder holding experiment folders.
         extra: LightningCLI flags added to every run (not the network or naming flags).
         only: fnmatch patterns on run names; empty keeps every run.
+        parse: parses fit arguments as ``medseg fit`` does (``FitRunner.settings``): the runs'
+            directories are where their fits will write.
     """
     bad = [arg for arg in extra if arg.startswith(RESERVED)]
     if bad:
@@ -158,5 +161,5 @@ def plan(
     if not runs:
         return experiment, []
     # Every run reads the same data: its folder (the data set's name) is parsed once, as `fit` would.
-    folder = fit_settings(runs[0][1]).identity().directory.parent
+    folder = parse(runs[0][1]).identity().directory.parent
     return experiment, [Run(name, folder / name, tuple(args)) for name, args in runs]

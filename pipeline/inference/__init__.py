@@ -1,12 +1,13 @@
-"""Batch inference on new scans (``medseg infer``): Trainer.predict plus a prediction writer.
+"""Batch inference on new scans (``medseg infer``, whose entry is ``pipeline.cli.infer``):
+Trainer.predict plus a prediction writer.
 
-``checkpoint`` loads a model and its preprocessing safely; ``cases`` finds, names and loads the
-inputs; ``predictor`` segments a case; ``postprocess`` and ``writer`` produce the outputs;
-``run`` ties them together and is the command.
+``cases`` finds, names and loads the inputs; ``ensemble`` loads one checkpoint or several;
+``predictor`` segments a case; ``postprocess`` and ``writer`` produce the outputs; ``run`` ties
+them together.
 """
 
 from __future__ import annotations
 
-from pipeline.inference.run import InferenceResult, infer, infer_command
+from pipeline.inference.run import InferenceResult, infer
 
-__all__ = ["InferenceResult", "infer", "infer_command"]
+__all__ = ["InferenceResult", "infer"]

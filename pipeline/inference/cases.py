@@ -28,8 +28,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from pipeline.data.cache.resample import resample_image
-from pipeline.data.cache.slicing import in_slice_order, to_slices
+from pipeline.data.cache.resample import onto_training_grid
+from pipeline.data.cache.slicing import in_slice_order
 from pipeline.data.loading.datasets import CaseArrays, load_case_2d, standardized_volume
 from pipeline.data.normalization import case_stats
 from pipeline.data.preprocessing import Preprocessing
@@ -194,12 +194,10 @@ def load_case(case: InputCase, prep: Preprocessing) -> dict:
         volume, _ = load_volume_case(Case(case.name, case.paths, None), prep.class_names)
         _check_channels(case, volume.array.shape[-1], prep)
         axis = prep.slice_axis
-        own = to_slices(volume.array, axis)
-        target = prep.target_spacing or volume.spacing
-        image = resample_image(own, in_slice_order(volume.spacing, axis), in_slice_order(target, axis))
+        image = onto_training_grid(volume.array, volume.spacing, prep.target_spacing or volume.spacing, axis)
         arrays = CaseArrays(case.name, image, None, case_stats(image, prep.normalization), True)
         geometry = dataclasses.replace(volume, array=np.empty(0, np.float32))  # no second copy over IPC
-        size, shape = own.shape[:3], volume.source_shape
+        size, shape = in_slice_order(volume.array.shape[:3], axis), volume.source_shape
         spacing = tuple(float(s) for s in np.linalg.norm(volume.source_affine[:3, :3], axis=0))
         warning = spacing_warning(case.name, volume.spacing, prep)
     else:

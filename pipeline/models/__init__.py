@@ -9,6 +9,8 @@ given in the config has them recorded by ``medseg``'s config parser (``remember_
 from __future__ import annotations
 
 import importlib
+import inspect
+from collections.abc import Mapping
 
 from torch import nn
 
@@ -16,7 +18,17 @@ from pipeline.models.base import Network
 from pipeline.models.resnet_unet import ResNetUNet
 from pipeline.models.unet import UNet
 
-__all__ = ["Network", "ResNetUNet", "UNet", "build_net", "net_knobs", "net_spec", "remember_spec"]
+__all__ = [
+    "Network",
+    "ResNetUNet",
+    "UNet",
+    "build_net",
+    "net_knobs",
+    "net_spec",
+    "network_dims",
+    "remember_spec",
+    "spatial_dims_of",
+]
 
 # Packages whose networks a checkpoint may name (building one imports and calls its class).
 TRUSTED = ("pipeline.models", "monai.networks.nets")
@@ -48,6 +60,23 @@ def net_spec(net: nn.Module) -> dict:
 def net_knobs(net: nn.Module) -> dict[str, object]:
     """The variant's knobs; a network without declared knobs is known by its class name."""
     return net.knobs if isinstance(net, Network) else {"arch": type(net).__name__.lower()}
+
+
+def spatial_dims_of(cls: type, init_args: Mapping[str, object]) -> int:
+    """The spatial dimensions (2 or 3) of the network ``cls(**init_args)`` would build: its
+    ``spatial_dims`` argument, given or defaulted (MONAI's networks default to 3); 2 without one."""
+    if init_args.get("spatial_dims") is not None:
+        return int(init_args["spatial_dims"])
+    parameter = inspect.signature(cls).parameters.get("spatial_dims")
+    has_default = parameter is not None and parameter.default is not inspect.Parameter.empty
+    return int(parameter.default) if has_default else 2
+
+
+def network_dims(net: nn.Module) -> int:
+    """The spatial dimensions of a built network (``spatial_dims_of`` its recorded init args): the
+    one source of a run's dimensionality."""
+    init_args = net.init_args if isinstance(net, Network) else getattr(net, SPEC, {}).get("init_args", {})
+    return spatial_dims_of(type(net), init_args)
 
 
 def build_net(spec: dict) -> nn.Module:

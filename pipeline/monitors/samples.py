@@ -111,8 +111,7 @@ class FixedSampleCallback(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.every_n_epochs and dataloader_idx == 0 and trainer.is_global_zero:
-            dims = getattr(pl_module, "spatial_dims", 2)
-            patch = getattr(pl_module, "patch_size", None)
+            dims, patch = pl_module.spatial_dims, pl_module.patch_size
             self.samples.capture(batch, dims, patch[0] if dims == 3 and patch else 1)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -77,3 +78,40 @@ def run_identity(
     dataset = run.dataset or dataset_name(data_root)
     directory = Path(run.root) / run.experiment / dataset / name
     return RunIdentity(run.experiment, dataset, name, directory, run.group or run.experiment)
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """The settings of a fit that name its run, plus its ``data:`` section as plain values.
+
+    Attributes:
+        run: the ``run:`` section.
+        variant: ``variant_name`` of the configured network.
+        seed: ``seed_everything``.
+        data: the ``data:`` section (``root``, ``num_folds``, ``fold``, ``seed``, ...).
+    """
+
+    run: RunConfig
+    variant: str
+    seed: int | None
+    data: dict
+
+    def identity(self, fold: int | None = None) -> RunIdentity:
+        """The run's identity, as ``fold`` of k-fold cross-validation or (None) as configured."""
+        if fold is None and self.data["num_folds"] > 1:
+            fold = self.data["fold"]
+        return run_identity(self.run, self.variant, self.data["root"], self.seed, fold)
+
+
+@dataclass(frozen=True)
+class FitRunner:
+    """How the experiments (ablation, cv) run ``medseg fit`` without importing the CLI, which
+    builds this and hands it over.
+
+    Attributes:
+        settings: parses ``medseg fit`` arguments (``["fit", ...]``) as ``medseg fit`` would.
+        fit: runs one ``medseg fit`` (arguments ``["fit", ...]``).
+    """
+
+    settings: Callable[[Sequence[str]], FitSettings]
+    fit: Callable[[Sequence[str]], None]

@@ -19,7 +19,7 @@ from torchmetrics import MaxMetric
 
 from pipeline.data.cache.resample import labels_from_probabilities
 from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
-from pipeline.models import net_spec
+from pipeline.models import net_spec, network_dims
 from pipeline.training.layout import channels_last_format, match_state_layout
 from pipeline.training.prediction import Progress, volume_logits, volume_probabilities, window_logits
 from pipeline.training.schedule import WarmupCosine, planned_steps
@@ -82,9 +82,7 @@ class SegmentationModule(pl.LightningModule):
         self.loss = loss or DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
         self.class_names = list(class_names)
         self.patch_size = tuple(patch_size) if patch_size else None
-        self.spatial_dims = (
-            len(self.patch_size) if self.patch_size else getattr(net, "init_args", {}).get("spatial_dims", 2)
-        )
+        self.spatial_dims = network_dims(net)
         self.metrics = nn.ModuleDict(
             {stage: SegmentationMetrics(self.class_names, hd95, surface_tolerance) for stage in STAGES}
         )

@@ -18,24 +18,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.data.augment.transforms3d import class_locations
-from pipeline.data.cache.facts import (
-    CACHE_VERSION,
-    MANIFEST,
-    SAMPLE,
-    MappedArray,
-    cache_folder,
-    fresh_entries,
-    save_array,
-    signature,
-)
-from pipeline.data.cache.resample import resample_image, resample_labels
-from pipeline.data.cache.slicing import in_slice_order, to_slices
+from pipeline.data.cache.facts import SAMPLE
+from pipeline.data.cache.resample import onto_training_grid, resample_labels
+from pipeline.data.cache.slicing import to_slices
+from pipeline.data.cache.store import CACHE_VERSION, MappedArray, cache_folder, refresh, save_array
 from pipeline.data.loading.datasets import CaseArrays, OriginalGrid, slices_per_class
 from pipeline.data.normalization import Normalization, case_stats, intensity_moments
 from pipeline.data.reading.layouts import Case
 from pipeline.data.reading.volumes import load_volume_case
-from pipeline.files import read_json, write_json
-from pipeline.parallel import map_with_progress
 
 log = logging.getLogger(__name__)
 GRID_FILES = ("image", "mask", "where")
@@ -60,14 +50,11 @@ def grid_key(target_spacing: Sequence[float], slice_axis: int) -> str:
     return f"axis{slice_axis}_" + "x".join(f"{s:.5g}" for s in target_spacing)
 
 
-def _grid_entry(item: tuple[Case, dict], folder: Path, target, axis, class_names, label_map) -> dict:
+def _grid_entry(case: Case, folder: Path, target, axis, class_names, label_map) -> dict:
     """Decode, resample and cut one case onto the grid; return its grid entry."""
-    case, inputs = item
     volume, mask = load_volume_case(case, class_names, label_map)
-    spacing = in_slice_order(volume.spacing, axis)
-    image = resample_image(to_slices(volume.array, axis), spacing, in_slice_order(target, axis))
+    image = onto_training_grid(volume.array, volume.spacing, target, axis)
     entry = {
-        "inputs": inputs,
         "image": f"{case.case_id}.image.npy",
         "mask": None,
         "where": None,
@@ -111,26 +98,14 @@ def prepare_grid(
         "label_map": {str(k): int(v) for k, v in (label_map or {}).items()},
         "class_names": list(class_names),
     }
-    old = read_json(folder / MANIFEST)
-    reusable = old.get("cases", {}) if old.get("settings") == settings else {}
-    inputs = {case.case_id: signature(case) for case in cases}
-    fresh = fresh_entries(reusable, folder, inputs, GRID_FILES)
-    stale = [case for case in cases if case.case_id not in fresh]
-    if stale:
-        log.info(
-            "cache %s: resampling %d of %d cases to %s mm", folder, len(stale), len(cases), target_spacing
-        )
     work = functools.partial(
         _grid_entry, folder=folder, target=tuple(target_spacing), axis=slice_axis,
         class_names=class_names, label_map=label_map,
     )  # fmt: skip
-    made = map_with_progress(work, [(c, inputs[c.case_id]) for c in stale], workers, "resampling", progress)
-    entries = {**{k: v for k, v in reusable.items() if k not in inputs}, **fresh}
-    entries.update({c.case_id: e for c, e in zip(stale, made, strict=True)})
-    manifest = {"settings": settings, "cases": entries}
-    if manifest != old:
-        write_json(folder / MANIFEST, manifest, indent=1)
-    return key, {case.case_id: entries[case.case_id] for case in cases}
+    entries = refresh(
+        folder, settings, cases, work, GRID_FILES, workers, "resampling", progress, keep_others=True
+    )
+    return key, entries
 
 
 def open_case(

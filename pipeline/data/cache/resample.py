@@ -17,6 +17,8 @@ per-class one for labels):
   shift thin structures by up to half a voxel; per-class linear keeps their centre.
 
 Arrays are in slice order, (S, H, W[, C]): the slice axis first (``pipeline.data.cache.slicing``).
+``onto_training_grid`` takes a canonical volume there (the cache and inference call it), and
+``labels_from_probabilities`` / ``resample_probabilities`` bring a prediction back.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 from torch.nn import functional as F
+
+from pipeline.data.cache.slicing import in_slice_order, to_slices
 
 ANISOTROPY = 3.0  # nnU-Net's threshold: a slice axis this much coarser than in-plane is anisotropic
 
@@ -50,6 +54,16 @@ def _interpolate(volume: torch.Tensor, size: tuple[int, int, int], cubic_in_plan
         volume = F.interpolate(columns, size=size[0], mode="linear", align_corners=False)
         volume = volume.reshape(n, *size[1:], size[0]).permute(0, 3, 1, 2)
     return volume
+
+
+def onto_training_grid(
+    volume: np.ndarray, spacing: Sequence[float], target: Sequence[float], slice_axis: int
+) -> np.ndarray:
+    """(X, Y, Z, C) canonical RAS+ intensities at ``spacing`` (mm along X, Y, Z) -> (S, H, W, C)
+    float32 on the training grid: cut along ``slice_axis`` and resampled to ``target`` (mm, X, Y, Z).
+    The one way onto it: the cache (training and validation inputs) and ``medseg infer`` alike."""
+    slices = to_slices(volume, slice_axis)
+    return resample_image(slices, in_slice_order(spacing, slice_axis), in_slice_order(target, slice_axis))
 
 
 def resample_image(image: np.ndarray, spacing: Sequence[float], target: Sequence[float]) -> np.ndarray:

@@ -1,19 +1,44 @@
-"""The data module's planning step: the training cases' fingerprint and statistics in, a plan out.
+"""Planning a data module's volumes for a network: made once, recorded as trained.
 
 Only the training split is read (never a test case, and a validation case only under ``medseg
 cv``'s ``data.plan_cases: train_val``): the fingerprint that the plan is made from
-(``pipeline.data.planning.rules``) and the CT normalisation statistics alike. The plan is
-written to ``<cache>/plan.json`` (and, by ``RunSummary``, to the run directory).
+(``pipeline.data.planning.rules``) and the normalisation statistics alike. ``plan_volumes`` is the
+one function that makes a plan: ``medseg fit``, ``validate``, ``test``, ``cv`` (through ``fit``),
+``plan`` and ``data prepare`` call it through ``SegmentationDataModule.resolve_plan`` with the
+network the configuration names; it writes ``<cache>/plan.json`` (``RunSummary`` copies the same
+plan into the run directory).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
 from pipeline.data.planning.fingerprint import Fingerprint
-from pipeline.data.planning.rules import Plan, make_plan
+from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan, as_trained, make_plan
 from pipeline.files import write_json
+
+
+@dataclass(frozen=True)
+class NetworkRequest:
+    """What a plan needs to know of the network it is for.
+
+    Attributes:
+        spatial_dims: 2 (slices) or 3 (patches).
+        features: channels per resolution level, full resolution first (memory and poolings).
+        strides: the network's own strides per pooling step, or None to plan them.
+        kernel_sizes: the network's own kernel sizes per level, or None to plan them.
+    """
+
+    spatial_dims: int = 2
+    features: tuple[int, ...] = DEFAULT_FEATURES
+    strides: tuple | None = None
+    kernel_sizes: tuple | None = None
+
+    def __post_init__(self) -> None:
+        if self.spatial_dims not in (2, 3):
+            raise ValueError(f"spatial_dims must be 2 or 3, got {self.spatial_dims}")
 
 
 def training_normalization(
@@ -24,14 +49,21 @@ def training_normalization(
     return resolve_channels(norm, modalities, foreground)
 
 
-def plan_volumes(datamodule: object, features: Sequence[int]) -> Plan:
-    """The plan of a ``SegmentationDataModule``'s training cases, its explicit target spacing and
-    slice axis kept, the resolved normalisation recorded; written to ``<cache>/plan.json``."""
+def plan_volumes(datamodule: object, network: NetworkRequest) -> Plan:
+    """The plan of a ``SegmentationDataModule``'s training cases for ``network``: its explicit
+    target spacing, slice axis, patch and batch (and the network's own strides) kept, the resolved
+    normalisation recorded; written to ``<cache>/plan.json``."""
     dm = datamodule
     train = dm.plan_ids()
     fingerprint = Fingerprint.of(dm.source.facts(train), dm.num_classes, dm.source.foreground_sample(train))
     axis = None if dm.slice_axis == "auto" else int(dm.slice_axis)
     norms = [to_plain(n) for n in dm.channel_normalization()]
-    plan = make_plan(fingerprint, dm.plan_settings, features, dm.class_names, dm.target_spacing, axis, norms)
+    planned = make_plan(
+        fingerprint, dm.plan_settings, network.features, dm.class_names, dm.target_spacing, axis, norms
+    )
+    plan = as_trained(
+        planned, network.spatial_dims, network.features, dm.patch_size, dm.batch_size,
+        network.strides, network.kernel_sizes,
+    )  # fmt: skip
     write_json(dm.cache_dir / "plan.json", plan.to_json())
     return plan

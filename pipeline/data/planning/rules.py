@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
 import torch
@@ -103,7 +103,11 @@ class NetworkPlan:
 
 @dataclass(frozen=True)
 class Plan:
-    """Everything planned for a data set (``plan.json``); ``target_spacing`` in RAS axis order."""
+    """Everything planned for a data set (``plan.json``); ``target_spacing`` in RAS axis order.
+
+    ``spatial_dims`` names the network the plan was made for; its ``NetworkPlan`` holds what that
+    network trains with (explicit settings applied, ``as_trained``), the other one what was planned.
+    """
 
     target_spacing: tuple[float, float, float]
     slice_axis: int
@@ -114,9 +118,11 @@ class Plan:
     settings: PlanSettings
     fingerprint: dict = field(default_factory=dict)
     normalization: list[dict] = field(default_factory=list)
+    spatial_dims: int = 2
 
-    def network(self, spatial_dims: int) -> NetworkPlan:
-        return self.net_3d if spatial_dims == 3 else self.net_2d
+    def network(self, spatial_dims: int | None = None) -> NetworkPlan:
+        """The 2D or 3D network's plan; by default the one the plan was made for."""
+        return self.net_3d if (spatial_dims or self.spatial_dims) == 3 else self.net_2d
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -252,3 +258,36 @@ def make_plan(
         (tuple(fingerprint.spacings.min(0).tolist()), tuple(fingerprint.spacings.max(0).tolist())),
         net_2d, net_3d, settings, fingerprint.summary(class_names), list(normalization),
     )  # fmt: skip
+
+
+def per_axis(values: Sequence[int | Sequence[int]], spatial_dims: int) -> tuple[tuple[int, ...], ...]:
+    """Per-level strides or kernel sizes as given to a network (``2`` or ``[1, 2, 2]`` per level)
+    with every level spelt out per axis."""
+    return tuple(
+        tuple(int(v) for v in value) if isinstance(value, Sequence) else (int(value),) * spatial_dims
+        for value in values
+    )
+
+
+def as_trained(
+    plan: Plan,
+    spatial_dims: int,
+    features: Sequence[int],
+    patch: Sequence[int] | None = None,
+    batch: int | None = None,
+    strides: Sequence | None = None,
+    kernel_sizes: Sequence | None = None,
+) -> Plan:
+    """``plan`` for the ``spatial_dims`` network with the settings given explicitly (patch, batch,
+    the network's own strides and kernel sizes; None: planned) in place of the planned ones, its
+    memory estimated again, so the plan records what trains."""
+    planned = plan.network(spatial_dims)
+    strides = per_axis(strides, spatial_dims) if strides is not None else planned.strides
+    kernel_sizes = per_axis(kernel_sizes, spatial_dims) if kernel_sizes is not None else planned.kernel_sizes
+    patch = tuple(int(n) for n in patch) if patch else planned.patch
+    batch = int(batch or planned.batch)
+    memory = round(batch * activation_bytes(patch, strides, features) / 2**30, 3)
+    chosen = replace(
+        planned, patch=patch, batch=batch, strides=strides, kernel_sizes=kernel_sizes, memory_gb=memory
+    )
+    return replace(plan, spatial_dims=spatial_dims, **{"net_3d" if spatial_dims == 3 else "net_2d": chosen})

@@ -1,0 +1,84 @@
+"""The plan filled into a parsed ``medseg fit`` config, before anything is built.
+
+``plan_config`` builds the data module the config describes, plans its volumes for the network
+the config names (``SegmentationDataModule.resolve_plan``: the one planning function) and writes
+the planned values into the config, so the run's ``config.yaml`` records what it used; the
+returned plan is handed to the data module ``medseg`` then builds (``adopt_plan``), which does not
+plan again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import logging
+
+from jsonargparse import Namespace
+
+from pipeline.data.datamodule import SegmentationDataModule
+from pipeline.data.planning.planner import NetworkRequest
+from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan
+from pipeline.models import Network, spatial_dims_of
+
+log = logging.getLogger(__name__)
+POOLING = ("strides", "kernel_sizes")  # what a medseg network takes from the plan
+
+
+def import_class(class_path: str) -> type:
+    """The class a config's ``class_path`` names."""
+    module, _, name = class_path.rpartition(".")
+    return getattr(importlib.import_module(module), name)
+
+
+def from_namespace(cls: type, namespace: Namespace) -> object:
+    """``cls`` built from a config section; dataclass arguments given as mappings become dataclasses
+    (lists as tuples, as their fields are typed)."""
+    kwargs = namespace.as_dict()
+    for name, parameter in inspect.signature(cls).parameters.items():
+        default = parameter.default
+        if dataclasses.is_dataclass(default) and isinstance(kwargs.get(name), dict):
+            fields = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs[name].items()}
+            kwargs[name] = type(default)(**fields)
+    return cls(**kwargs)
+
+
+def network_request(net_class: type, init_args: dict) -> NetworkRequest:
+    """What the plan needs of the configured network: its dimensions, level widths and the
+    strides and kernel sizes it sets itself. A network of another library is planned for with
+    the default widths, its pooling its own (recorded as 2 on every axis at every level)."""
+    dims = spatial_dims_of(net_class, init_args)
+    if not issubclass(net_class, Network):
+        return NetworkRequest(dims, DEFAULT_FEATURES, ((2,) * dims,) * (len(DEFAULT_FEATURES) - 1))
+    fixed = {key: init_args.get(key) for key in POOLING}
+    return NetworkRequest(dims, tuple(net_class.level_widths(init_args)), *fixed.values())
+
+
+def plan_config(config: Namespace) -> tuple[SegmentationDataModule, Plan | None]:
+    """Plan the volumes of a parsed fit config for its network and fill what the config leaves
+    unset (target spacing, slice axis, patch, batch; a medseg network's strides and kernel sizes).
+
+    Returns:
+        The data module the config describes (planned) and its plan; None for 2D image data,
+        which is left as it is.
+    """
+    net = config.model.net
+    init = net.get("init_args") or Namespace()
+    net_class = import_class(net.class_path)
+    datamodule = from_namespace(SegmentationDataModule, config.data)
+    plan = datamodule.resolve_plan(network_request(net_class, init.as_dict()))
+    if plan is None:
+        return datamodule, None
+    network = plan.network()
+    config.data.target_spacing = list(plan.target_spacing)
+    config.data.slice_axis = plan.slice_axis
+    config.data.patch_size = list(network.patch)
+    config.data.batch_size = network.batch
+    if issubclass(net_class, Network):
+        accepted = inspect.signature(net_class).parameters
+        for key in POOLING:  # per-axis pooling for anisotropic volumes
+            if key in accepted and init.get(key) is None:
+                init[key] = [list(value) for value in getattr(network, key)]
+        net.init_args = init
+    log.info("planned: spacing %s mm, patch %s, batch %s", plan.target_spacing, network.patch, network.batch)
+    return datamodule, plan
