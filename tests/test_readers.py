@@ -221,7 +221,7 @@ def test_readers_infer_on_nrrd_writes_nrrd_with_the_input_geometry(checkpoint, p
 
 
 def _plan(root: Path, cache: Path) -> dict:
-    main(["plan", str(root), "--cache", str(cache)])
+    main(["plan", str(root), "--data.cache_dir", str(cache)])
     return json.loads((cache / "plan.json").read_text())
 
 
