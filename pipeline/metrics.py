@@ -3,9 +3,9 @@ synchronised across processes.
 
 For every item (a 2D image, or a whole volume scored in 3D on its own grid) and class the metric
 keeps the confusion counts (TP, FP, FN, TN) and, optionally, the 95th-percentile Hausdorff
-distance and the surface Dice (MONAI's ``compute_hausdorff_distance`` and ``compute_surface_dice``,
-in millimetres when the item's voxel spacing is given, else in pixels). From the counts: Dice,
-IoU, precision, recall (sensitivity), specificity and accuracy.
+distance and the surface Dice (the values of MONAI's ``compute_hausdorff_distance`` and
+``compute_surface_dice``, in millimetres when the item's voxel spacing is given, else in pixels).
+From the counts: Dice, IoU, precision, recall (sensitivity), specificity and accuracy.
 
 How empty images count (the convention of MONAI's ``ignore_empty=True`` and of nnU-Net):
 - Dice, IoU, recall and HD95 are undefined for an image whose ground truth lacks the class; that
@@ -18,16 +18,25 @@ How empty images count (the convention of MONAI's ``ignore_empty=True`` and of n
   dropping out of the mean.
 - A class mean over no defined images is NaN; the foreground mean (``dice``, ``iou``, ...) is the
   mean over foreground classes with a defined value.
+- HD95 and surface Dice of the background (class 0) are NaN: never averaged or reported, and its
+  surface (every foreground surface plus the volume's border) would cost more than all the others.
+
+The surface distances are MONAI's (edges as the voxels an erosion removes, nearest-neighbour
+distances between the two edge sets), computed per class on the bounding box of the union of both
+masks plus one voxel: nothing outside that box is an edge voxel or changes one, so the scores equal
+MONAI's on the whole volume, while a 512 x 512 x 300 CT takes under a second instead of half a
+minute (``benchmarks/surface_metrics.py``).
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from collections.abc import Sequence
 
+import numpy as np
 import torch
-from monai.metrics import compute_hausdorff_distance, compute_surface_dice
+from monai.metrics import get_mask_edges, get_surface_distance
+from scipy import ndimage
 from torch import Tensor
 from torchmetrics import Metric
 
@@ -68,8 +77,71 @@ def scores_from_confusion(confusion: Tensor) -> dict[str, Tensor]:
     }
 
 
-def _onehot(labels: Tensor, num_classes: int) -> Tensor:
-    return torch.nn.functional.one_hot(labels.long(), num_classes).movedim(-1, 1)
+def _crop_box(a: tuple[slice, ...], b: tuple[slice, ...], shape: Sequence[int]) -> tuple[slice, ...]:
+    """The bounding box of two boxes (``ndimage.find_objects`` slices), one voxel larger on every
+    side, clipped to ``shape``: the erosion of a voxel on the objects' hull then reads real
+    background, and at the volume's edge sees the same zero border as on the whole volume."""
+    return tuple(
+        slice(max(min(x.start, y.start) - 1, 0), min(max(x.stop, y.stop) + 1, n))
+        for x, y, n in zip(a, b, shape, strict=True)
+    )
+
+
+def _surface_distances(
+    pred: np.ndarray, target: np.ndarray, spacing: Sequence[float] | None
+) -> tuple[Tensor, Tensor]:
+    """(*box) binary masks, both non-empty -> float32 distances (mm with ``spacing``, else voxels)
+    from every edge voxel of ``pred`` to the nearest of ``target``, and from ``target`` to ``pred``.
+
+    The box is already cropped, so MONAI's own crop (a bounding box over the box again) is skipped.
+    """
+    edges_pred, edges_gt = get_mask_edges(pred, target, crop=False)
+    return (
+        torch.from_numpy(get_surface_distance(edges_pred, edges_gt, "euclidean", spacing)),
+        torch.from_numpy(get_surface_distance(edges_gt, edges_pred, "euclidean", spacing)),
+    )
+
+
+def surface_scores_per_image(
+    pred: Tensor,
+    target: Tensor,
+    num_classes: int,
+    spacing: Sequence[float] | None = None,
+    tolerance: float | None = None,
+) -> dict[str, Tensor]:
+    """(B, *spatial) label maps -> ``{"hd95": (B, C)}``, and ``"surface_dice": (B, C)`` with a
+    ``tolerance``; float64, distances in mm with ``spacing`` (per axis), else in pixels.
+
+    One pass for both scores: each item's and foreground class's surface distances are computed
+    once, on the box around both masks. HD95 is MONAI's (the larger of the two directed 95th
+    percentiles); the surface Dice the share of both edges within ``tolerance`` of the other
+    (Nikolov et al. 2021). NaN where the ground truth lacks the class and for the background;
+    where only the prediction lacks it, HD95 is the item's diagonal and the surface Dice 0.
+    """
+    shape = tuple(pred.shape[1:])
+    steps = spacing if spacing is not None else [1.0] * len(shape)
+    diagonal = math.hypot(*(n * s for n, s in zip(shape, steps, strict=True)))
+    pred_np, target_np = pred.detach().cpu().long().numpy(), target.detach().cpu().long().numpy()
+    hd = torch.full((len(pred_np), num_classes), torch.nan, dtype=torch.float64)
+    nsd = hd.clone()
+    for i, (p, t) in enumerate(zip(pred_np, target_np, strict=True)):
+        # one pass over each label map for every class's box; None where the class is absent
+        boxes_pred = ndimage.find_objects(p, max_label=num_classes - 1)
+        boxes_gt = ndimage.find_objects(t, max_label=num_classes - 1)
+        for c, (box_pred, box_gt) in enumerate(zip(boxes_pred, boxes_gt, strict=True), start=1):
+            if box_gt is None:
+                continue
+            if box_pred is None:
+                hd[i, c], nsd[i, c] = diagonal, 0.0
+                continue
+            box = _crop_box(box_pred, box_gt, shape)
+            to_gt, to_pred = _surface_distances(p[box] == c, t[box] == c, spacing)
+            # torch.quantile on the float32 distances, as MONAI's compute_hausdorff_distance
+            hd[i, c] = torch.maximum(torch.quantile(to_gt, 0.95), torch.quantile(to_pred, 0.95)).item()
+            if tolerance is not None:
+                within = (to_gt <= tolerance).sum() + (to_pred <= tolerance).sum()
+                nsd[i, c] = within.item() / (len(to_gt) + len(to_pred))
+    return {"hd95": hd} if tolerance is None else {"hd95": hd, "surface_dice": nsd}
 
 
 def hd95_per_image(
@@ -77,19 +149,10 @@ def hd95_per_image(
 ) -> Tensor:
     """(B, *spatial) label maps -> (B, C) HD95, in mm with ``spacing`` (per axis), else in pixels.
 
-    NaN where the ground truth lacks the class; the item's diagonal where only the prediction does.
+    NaN where the ground truth lacks the class and for the background; the item's diagonal where
+    only the prediction lacks it.
     """
-    onehot_pred, onehot_gt = _onehot(pred, num_classes), _onehot(target, num_classes)
-    with warnings.catch_warnings():  # MONAI warns for every empty mask; those become NaN below
-        warnings.simplefilter("ignore")
-        hd = compute_hausdorff_distance(
-            onehot_pred, onehot_gt, include_background=True, percentile=95, spacing=spacing
-        )
-    in_pred, in_gt = onehot_pred.flatten(2).any(-1), onehot_gt.flatten(2).any(-1)
-    steps = spacing if spacing is not None else [1.0] * (pred.ndim - 1)
-    diagonal = math.hypot(*(n * s for n, s in zip(pred.shape[1:], steps, strict=True)))
-    hd = torch.where(in_pred, hd.to(torch.float64), diagonal)
-    return torch.where(in_gt, hd, torch.nan)
+    return surface_scores_per_image(pred, target, num_classes, spacing)["hd95"]
 
 
 def surface_dice_per_image(
@@ -98,16 +161,10 @@ def surface_dice_per_image(
     """(B, *spatial) label maps -> (B, C) surface Dice at ``tolerance`` (mm with ``spacing``): the
     share of both boundaries within ``tolerance`` of the other (Nikolov et al. 2021).
 
-    NaN where the ground truth lacks the class; 0 where only the prediction misses it.
+    NaN where the ground truth lacks the class and for the background; 0 where only the
+    prediction lacks it.
     """
-    onehot_pred, onehot_gt = _onehot(pred, num_classes), _onehot(target, num_classes)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        nsd = compute_surface_dice(
-            onehot_pred, onehot_gt, [tolerance] * num_classes, include_background=True, spacing=spacing
-        )
-    in_gt = onehot_gt.flatten(2).any(-1)
-    return torch.where(in_gt, torch.nan_to_num(nsd.to(torch.float64), nan=0.0), torch.nan)
+    return surface_scores_per_image(pred, target, num_classes, spacing, tolerance)["surface_dice"]
 
 
 def _cat(state: list[Tensor] | Tensor) -> Tensor | None:
@@ -136,7 +193,7 @@ class SegmentationMetrics(Metric):
 
     Args:
         class_names: names in index order, background first.
-        hd95: also compute the 95th-percentile Hausdorff distance (CPU cost: distance transforms).
+        hd95: also compute the 95th-percentile Hausdorff distance (CPU cost: surface distances).
         surface_tolerance: also compute the surface Dice at this tolerance (mm with a spacing).
 
     ``compute()`` returns ``{"dice": ..., "dice_<class>": ..., "iou": ..., ..., "images": ...}`` as
@@ -174,14 +231,12 @@ class SegmentationMetrics(Metric):
         """
         self.confusion.append(confusion_per_image(pred, target, self.num_classes))
         steps = None if spacing is None else [float(s) for s in spacing]
-        if self.hd95:
-            hd = hd95_per_image(pred.cpu(), target.cpu(), self.num_classes, steps)
-            self.hausdorff.append(hd.to(pred.device))
-        if self.surface_tolerance is not None:
-            nsd = surface_dice_per_image(
-                pred.cpu(), target.cpu(), self.num_classes, self.surface_tolerance, steps
-            )
-            self.surface.append(nsd.to(pred.device))
+        if self.hd95 or self.surface_tolerance is not None:
+            surface = surface_scores_per_image(pred, target, self.num_classes, steps, self.surface_tolerance)
+            if self.hd95:
+                self.hausdorff.append(surface["hd95"].to(pred.device))
+            if self.surface_tolerance is not None:
+                self.surface.append(surface["surface_dice"].to(pred.device))
         if index is not None:
             self.index.append(torch.as_tensor(index, device=pred.device).long().reshape(-1))
 

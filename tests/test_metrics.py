@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import warnings
 
+import numpy as np
 import pytest
 import torch
 from monai.metrics import (
@@ -13,15 +14,20 @@ from monai.metrics import (
     compute_dice,
     compute_hausdorff_distance,
     compute_iou,
+    compute_surface_dice,
     get_confusion_matrix,
 )
+from scipy import ndimage
 
+from pipeline import metrics as metrics_module
 from pipeline.metrics import (
     BatchMeanOnce,
     SegmentationMetrics,
     confusion_per_image,
     hd95_per_image,
     scores_from_confusion,
+    surface_dice_per_image,
+    surface_scores_per_image,
 )
 
 NAMES = ("background", "a", "b")
@@ -180,6 +186,8 @@ def test_metrics_match_monai_per_image_and_class(seed):
         warnings.simplefilter("ignore")
         expected = compute_hausdorff_distance(p, y, include_background=True, percentile=95).double()
     both = p.flatten(2).any(-1) & y.flatten(2).any(-1)
+    both[:, 0] = False  # the background is not scored
+    assert hd[:, 0].isnan().all()
     torch.testing.assert_close(hd[both], expected[both])
     only_gt = ~p.flatten(2).any(-1) & y.flatten(2).any(-1)
     assert only_gt.any() and torch.all(hd[only_gt] == math.hypot(24, 24))
@@ -219,3 +227,113 @@ def test_metrics_batch_mean_weights_by_size_and_counts_a_repeated_batch_once():
         without_ids.update(torch.tensor(value), 2)
     assert without_ids.compute().item() == pytest.approx(2.0)
     assert math.isnan(BatchMeanOnce().compute().item())
+
+
+SPACING = (2.5, 0.75, 0.9)  # mm per axis, anisotropic
+TOLERANCE = 2.0  # mm; no voxel-to-voxel distance on this grid equals it, so float32 and float64 agree
+
+
+def blob_volumes(seed: int, shape: tuple[int, int, int] = (96, 80, 40)) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, *shape) prediction and ground truth with 6 classes: 1 large blobs over half the volume
+    (touching every face), 2 small blobs and a corner cube, 3 only in the prediction, 4 only in the
+    ground truth, 5 in neither. The prediction thresholds the ground truth's smooth fields plus noise.
+    """
+    rng = np.random.default_rng(seed)
+    fields = ndimage.gaussian_filter(rng.standard_normal((2, 2, *shape)), sigma=(0, 0, 5, 5, 3))
+    noise = ndimage.gaussian_filter(rng.standard_normal((2, 2, *shape)), sigma=(0, 0, 2, 2, 1))
+
+    def labels(f: np.ndarray) -> np.ndarray:
+        out = np.zeros((2, *shape), dtype=np.int64)
+        out[f[:, 0] > np.median(f[:, 0])] = 1
+        out[f[:, 1] > np.quantile(f[:, 1], 0.98)] = 2
+        return out
+
+    target, pred = labels(fields), labels(fields + 0.3 * fields.std() / noise.std() * noise)
+    target[:, :3, :4, -3:] = 2  # a small object in a corner: its box is clipped on three faces
+    pred[:, :4, 1:4, -2:] = 2
+    pred[:, 10:14, -10:, :5] = 3
+    target[:, 50:53, 5:9, 30:33] = 4
+    return torch.from_numpy(pred), torch.from_numpy(target)
+
+
+def full_volume_scores(pred: np.ndarray, target: np.ndarray) -> tuple[float, float]:
+    """(HD95, surface Dice) of two non-empty (*spatial) binary masks, without any crop: edges by
+    erosion of the whole volume and scipy's Euclidean distance transform over it, in float64."""
+    edges_pred, edges_gt = (m & ~ndimage.binary_erosion(m) for m in (pred, target))
+    to_gt = ndimage.distance_transform_edt(~edges_gt, sampling=SPACING)[edges_pred]
+    to_pred = ndimage.distance_transform_edt(~edges_pred, sampling=SPACING)[edges_gt]
+    hd95 = max(np.quantile(to_gt, 0.95), np.quantile(to_pred, 0.95))
+    within = (to_gt <= TOLERANCE).sum() + (to_pred <= TOLERANCE).sum()
+    return float(hd95), float(within / (len(to_gt) + len(to_pred)))
+
+
+def monai_scores(pred: torch.Tensor, target: torch.Tensor, classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, C - 1) HD95 and surface Dice of the foreground classes from MONAI's functions on the whole
+    one-hot volumes (the old path)."""
+    p, y = onehot(pred, classes), onehot(target, classes)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # MONAI warns for every empty mask
+        hd = compute_hausdorff_distance(p, y, percentile=95, spacing=list(SPACING))
+        nsd = compute_surface_dice(p, y, [TOLERANCE] * (classes - 1), spacing=list(SPACING))
+    return hd.double(), nsd.double()
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_surface_scores_cropped_equal_the_full_volume_computation(seed):
+    pred, target = blob_volumes(seed)
+    classes = 6
+    for labels in (pred, target):  # class 1 reaches every face of the volume
+        for axis in (1, 2, 3):
+            mask = labels == 1
+            assert mask.select(axis, 0).any() and mask.select(axis, -1).any()
+    scores = surface_scores_per_image(pred, target, classes, list(SPACING), TOLERANCE)
+    hd, nsd = scores["hd95"], scores["surface_dice"]
+    monai_hd, monai_nsd = monai_scores(pred, target, classes)
+    diagonal = math.hypot(*(n * s for n, s in zip(pred.shape[1:], SPACING, strict=True)))
+    for i, c in np.ndindex(2, classes):
+        in_pred, in_gt = bool((pred[i] == c).any()), bool((target[i] == c).any())
+        if c == 0 or not in_gt:  # background, 5, and 3 (only predicted): undefined
+            assert hd[i, c].isnan() and nsd[i, c].isnan(), (i, c)
+        elif not in_pred:  # 4: missed
+            assert hd[i, c].item() == diagonal and nsd[i, c].item() == 0.0, (i, c)
+        else:
+            assert hd[i, c].item() == pytest.approx(monai_hd[i, c - 1].item(), abs=1e-6), (i, c)
+            assert nsd[i, c].item() == pytest.approx(monai_nsd[i, c - 1].item(), abs=1e-6), (i, c)
+            full_hd, full_nsd = full_volume_scores((pred[i] == c).numpy(), (target[i] == c).numpy())
+            assert hd[i, c].item() == pytest.approx(full_hd, rel=1e-6), (i, c)  # float32 distances
+            assert nsd[i, c].item() == pytest.approx(full_nsd, abs=1e-12), (i, c)
+            assert hd[i, c] > 0 and 0 < nsd[i, c] < 1, (i, c)  # non-trivial distances
+    torch.testing.assert_close(hd95_per_image(pred, target, classes, list(SPACING)), hd, equal_nan=True)
+    torch.testing.assert_close(
+        surface_dice_per_image(pred, target, classes, TOLERANCE, list(SPACING)), nsd, equal_nan=True
+    )
+
+
+def test_surface_scores_crop_a_large_volume_to_each_object(monkeypatch):
+    shape = (256, 256, 64)
+    z, y, x = np.ogrid[: shape[0], : shape[1], : shape[2]]
+    target = np.zeros(shape, dtype=np.int64)
+    target[((z - 120) / 80) ** 2 + ((y - 130) / 70) ** 2 + ((x - 30) / 25) ** 2 <= 1] = 1  # organ
+    target[((z - 60) / 4) ** 2 + ((y - 200) / 3) ** 2 + ((x - 50) / 3) ** 2 <= 1] = 2  # lesion
+    pred = np.roll(target, 1, axis=0)
+    pred[ndimage.binary_dilation(pred == 2, iterations=1)] = 2  # lesion over-segmented
+    organ = ndimage.binary_erosion(pred == 1, iterations=2)  # organ under-segmented
+    pred[(pred == 1) & ~organ] = 0
+    pred, target = torch.from_numpy(pred)[None], torch.from_numpy(target)[None]
+    boxes = []
+
+    def spy(seg_pred, seg_gt, crop):
+        boxes.append(seg_pred.shape)
+        return get_mask_edges(seg_pred, seg_gt, crop=crop)
+
+    get_mask_edges = metrics_module.get_mask_edges
+    monkeypatch.setattr(metrics_module, "get_mask_edges", spy)
+    scores = surface_scores_per_image(pred, target, 3, list(SPACING), TOLERANCE)
+    organ_box, lesion_box = boxes
+    assert math.prod(organ_box) < math.prod(shape) / 2
+    lesion = ((pred == 2) | (target == 2))[0].nonzero()
+    assert lesion_box == tuple((lesion.amax(0) - lesion.amin(0) + 3).tolist())  # one voxel each side
+    monai_hd, monai_nsd = monai_scores(pred, target, 3)
+    torch.testing.assert_close(scores["hd95"][:, 1:], monai_hd, rtol=0, atol=1e-6)
+    torch.testing.assert_close(scores["surface_dice"][:, 1:], monai_nsd, rtol=0, atol=1e-6)
+    assert (scores["hd95"][0, 1:] > 0).all() and (scores["surface_dice"][0, 1:] < 1).all()
