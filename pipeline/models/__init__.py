@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import inspect
 from collections.abc import Mapping
+from typing import Any
 
 from torch import nn
 
@@ -62,14 +63,15 @@ def net_knobs(net: nn.Module) -> dict[str, object]:
     return net.knobs if isinstance(net, Network) else {"arch": type(net).__name__.lower()}
 
 
-def spatial_dims_of(cls: type, init_args: Mapping[str, object]) -> int:
+def spatial_dims_of(cls: type, init_args: Mapping[str, Any]) -> int:
     """The spatial dimensions (2 or 3) of the network ``cls(**init_args)`` would build: its
     ``spatial_dims`` argument, given or defaulted (MONAI's networks default to 3); 2 without one."""
     if init_args.get("spatial_dims") is not None:
         return int(init_args["spatial_dims"])
     parameter = inspect.signature(cls).parameters.get("spatial_dims")
-    has_default = parameter is not None and parameter.default is not inspect.Parameter.empty
-    return int(parameter.default) if has_default else 2
+    if parameter is not None and parameter.default is not inspect.Parameter.empty:
+        return int(parameter.default)
+    return 2
 
 
 def network_dims(net: nn.Module) -> int:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -68,9 +68,10 @@ class Network(nn.Module):
 
     ARCH: ClassVar[str] = "net"
     KNOBS: ClassVar[tuple[Knob, ...]] = ()
+    init_args: dict[str, Any]  # plain values (YAML/JSON types), set by record_init_args
 
     @classmethod
-    def level_widths(cls, init_args: Mapping[str, object]) -> list[int]:
+    def level_widths(cls, init_args: Mapping[str, Any]) -> list[int]:
         """Feature channels at each resolution level, full resolution first, for these init args
         (what the data plan estimates memory from and how many levels it pools)."""
         return [int(w) for w in init_args["features"]]

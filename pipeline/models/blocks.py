@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Sequence
+from functools import partial
+from typing import Literal
 
 from torch import Tensor, nn
 
@@ -82,17 +84,27 @@ def init_weights(module: nn.Module, scheme: str, act: str = "relu") -> None:
         return
     for m in module.modules():
         if isinstance(m, (*CONV.kinds, *CONV_TRANSPOSE.kinds, nn.Linear)):
-            if scheme == "kaiming":
+            weight, bias = _tensor(m, "weight"), _tensor(m, "bias")
+            if weight is not None and scheme == "kaiming":
                 slope = 0.01 if act == "leaky_relu" else 0.0
-                nonlinearity = "leaky_relu" if act == "leaky_relu" else "relu"
-                nn.init.kaiming_normal_(m.weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
-            else:
-                nn.init.xavier_normal_(m.weight, gain=1.0)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, (*BATCH_NORM.kinds, nn.GroupNorm, *INSTANCE_NORM.kinds)) and m.weight is not None:
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+                nonlinearity: Literal["leaky_relu", "relu"] = "leaky_relu" if act == "leaky_relu" else "relu"
+                nn.init.kaiming_normal_(weight, a=slope, mode="fan_in", nonlinearity=nonlinearity)
+            elif weight is not None:
+                nn.init.xavier_normal_(weight, gain=1.0)
+            if bias is not None:
+                nn.init.zeros_(bias)
+        elif isinstance(m, (*BATCH_NORM.kinds, nn.GroupNorm, *INSTANCE_NORM.kinds)):
+            weight, bias = _tensor(m, "weight"), _tensor(m, "bias")
+            if weight is not None and bias is not None:  # affine
+                nn.init.ones_(weight)
+                nn.init.zeros_(bias)
+
+
+def _tensor(layer: nn.Module, name: str) -> Tensor | None:
+    """The layer's ``weight`` or ``bias`` tensor; None where it has none (no bias, a norm without
+    affine). ``nn.Module`` types its attributes as ``Tensor | Module``."""
+    value = getattr(layer, name, None)
+    return value if isinstance(value, Tensor) else None
 
 
 def expected_std(weight_shape: tuple[int, ...], scheme: str) -> float:
@@ -175,9 +187,18 @@ class PlainBlock(nn.Sequential):
         spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        unit = {"kernel_size": kernel_size, "norm": norm, "act": act, "spatial_dims": spatial_dims}
-        self.conv1 = ConvNormAct(in_channels, out_channels, dropout=dropout, **unit)
-        self.conv2 = ConvNormAct(out_channels, out_channels, **unit)
+        self.conv1 = ConvNormAct(
+            in_channels,
+            out_channels,
+            kernel_size,
+            norm=norm,
+            act=act,
+            dropout=dropout,
+            spatial_dims=spatial_dims,
+        )
+        self.conv2 = ConvNormAct(
+            out_channels, out_channels, kernel_size, norm=norm, act=act, spatial_dims=spatial_dims
+        )
 
 
 class ResidualBlock(nn.Module):
@@ -198,13 +219,13 @@ class ResidualBlock(nn.Module):
         spatial_dims: int = 2,
     ) -> None:
         super().__init__()
-        unit = {"norm": norm, "spatial_dims": spatial_dims}
-        self.conv1 = ConvNormAct(in_channels, out_channels, kernel_size, act=act, dropout=dropout, **unit)
-        self.conv2 = ConvNormAct(out_channels, out_channels, kernel_size, act=None, **unit)
+        unit = partial(ConvNormAct, norm=norm, spatial_dims=spatial_dims)
+        self.conv1 = unit(in_channels, out_channels, kernel_size, act=act, dropout=dropout)
+        self.conv2 = unit(out_channels, out_channels, kernel_size, act=None)
         self.shortcut = (
             nn.Identity()
             if in_channels == out_channels
-            else ConvNormAct(in_channels, out_channels, kernel_size=1, act=None, **unit)
+            else unit(in_channels, out_channels, kernel_size=1, act=None)
         )
         self.act = make_act(act)
 

@@ -48,7 +48,8 @@ class DecoderStage(nn.Module):
         )
 
     def forward(self, x: Tensor, size: Sequence[int], skip: Tensor | None = None) -> Tensor:
-        x = self.up(x)[(..., *(slice(0, s) for s in size))]
+        crop = (..., *(slice(0, s) for s in size))  # outside the brackets: mypy takes x[(..., *g)] for 3.11 syntax
+        x = self.up(x)[crop]
         if self.skip_channels:
             if skip is None:
                 raise ValueError("this decoder stage was built with skip channels but got no skip")

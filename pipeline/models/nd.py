@@ -20,7 +20,7 @@ def check_spatial_dims(spatial_dims: object) -> int:
     """``spatial_dims`` when it is 2 or 3, else a ``ValueError`` saying so."""
     if isinstance(spatial_dims, bool) or spatial_dims not in SPATIAL_DIMS:
         raise ValueError(f"spatial_dims must be 2 (images) or 3 (volumes), got {spatial_dims!r}")
-    return int(spatial_dims)  # type: ignore[arg-type]
+    return int(spatial_dims)  # numpy ints and 2.0 as plain ints
 
 
 class ByDims:
@@ -57,7 +57,10 @@ def per_axis(value: int | Sequence[int], spatial_dims: int, what: str, minimum: 
         ValueError: naming ``what`` when the value has the wrong length, is not an int or is
             below ``minimum``.
     """
-    values = [value] * spatial_dims if isinstance(value, int) and not isinstance(value, bool) else value
+    # typed object: the checks below also guard values straight from YAML (a string, a float)
+    values: object = (
+        [value] * spatial_dims if isinstance(value, int) and not isinstance(value, bool) else value
+    )
     if (
         not isinstance(values, Sequence)
         or isinstance(values, str)

@@ -10,13 +10,14 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import overload
 
 import torch
 from torch import Tensor, nn
 from torchvision import models as tvm
 
 from pipeline.errors import DataError
-from pipeline.models.nd import BATCH_NORM, CONV, MAX_POOL, check_spatial_dims, per_level
+from pipeline.models.nd import check_spatial_dims, per_level
 
 log = logging.getLogger(__name__)
 
@@ -38,8 +39,9 @@ def inflate_to_3d(module: nn.Module) -> None:
     initialises a ResNet (He normal, fan-out); new batch norms start as the identity.
     """
     for name, child in module.named_children():
-        if isinstance(child, CONV[2]):
-            new = CONV[3](
+        new: nn.Module
+        if isinstance(child, nn.Conv2d):
+            new = nn.Conv3d(
                 child.in_channels,
                 child.out_channels,
                 _with_depth(child.kernel_size),
@@ -50,12 +52,12 @@ def inflate_to_3d(module: nn.Module) -> None:
                 bias=child.bias is not None,
             )
             nn.init.kaiming_normal_(new.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(child, BATCH_NORM[2]):
-            new = BATCH_NORM[3](
+        elif isinstance(child, nn.BatchNorm2d):
+            new = nn.BatchNorm3d(
                 child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
             )
-        elif isinstance(child, MAX_POOL[2]):
-            new = MAX_POOL[3](
+        elif isinstance(child, nn.MaxPool2d):
+            new = nn.MaxPool3d(
                 child.kernel_size, child.stride, child.padding, child.dilation, ceil_mode=child.ceil_mode
             )
         else:
@@ -64,9 +66,14 @@ def inflate_to_3d(module: nn.Module) -> None:
         setattr(module, name, new)
 
 
-def _with_depth(value: int | tuple[int, ...]) -> int | tuple[int, ...]:
-    """A 2D layer setting for 3D: an int stays (it applies to every axis), (a, b) -> (a, a, b)."""
-    return value if isinstance(value, int) else (value[0], *value)
+@overload
+def _with_depth(value: str) -> str: ...
+@overload
+def _with_depth(value: int | tuple[int, ...]) -> int | tuple[int, int, int]: ...
+def _with_depth(value: str | int | tuple[int, ...]) -> str | int | tuple[int, int, int]:
+    """A 2D layer setting for 3D: an int or a padding mode stays (it applies to every axis),
+    (a, b) -> (a, a, b)."""
+    return value if isinstance(value, (int, str)) else (value[0], value[0], value[1])
 
 
 def inflate_state(state: dict[str, Tensor], own: dict[str, Tensor]) -> dict[str, Tensor]:
@@ -128,7 +135,7 @@ class ResNetEncoder(nn.Module):
         self.maxpool.stride = strides[1]
         for layer, stride in zip((self.layer2, self.layer3, self.layer4), strides[2:], strict=True):
             for m in layer[0].modules():  # the strided conv of the first block and its shortcut
-                if isinstance(m, CONV.kinds) and max(m.stride) > 1:
+                if isinstance(m, (nn.Conv2d, nn.Conv3d)) and max(m.stride) > 1:
                     m.stride = stride
 
     def load_rgb_state(self, state: dict[str, Tensor], source: str | os.PathLike) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from torch import Tensor
 
@@ -65,7 +66,7 @@ class ResNetUNet(Network):
     KNOBS = (
         DIMS,
         Knob("encoder", lambda net: net.init_args["encoder_name"]),
-        Knob("weights", lambda net: net.weights_kind, lambda v: None if v == "none" else v),
+        Knob("weights", lambda net: net.weights_kind, lambda v: None if v == "none" else str(v)),
         Knob("freeze", lambda net: net.init_args["freeze_encoder_epochs"], lambda v: f"freeze{v}" if v else None),
         SKIPS, BLOCK, ACT, INIT, NORM,
     )  # fmt: skip
@@ -136,7 +137,7 @@ class ResNetUNet(Network):
         init_weights(self.head, init, act)
 
     @classmethod
-    def level_widths(cls, init_args: Mapping[str, object]) -> list[int]:
+    def level_widths(cls, init_args: Mapping[str, Any]) -> list[int]:
         """The last decoder stage's width at full resolution, then the encoder's five features."""
         expansion = ENCODERS[init_args.get("encoder_name", "resnet34")][2]
         decoder = init_args.get("decoder_channels") or (256, 128, 64, 32, 16)
