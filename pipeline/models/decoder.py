@@ -48,7 +48,8 @@ class DecoderStage(nn.Module):
         )
 
     def forward(self, x: Tensor, size: Sequence[int], skip: Tensor | None = None) -> Tensor:
-        crop = (..., *(slice(0, s) for s in size))  # outside the brackets: mypy takes x[(..., *g)] for 3.11 syntax
+        # the index is built outside the brackets: mypy takes x[(..., *g)] for Python 3.11 syntax
+        crop = (..., *(slice(0, s) for s in size))
         x = self.up(x)[crop]
         if self.skip_channels:
             if skip is None:
