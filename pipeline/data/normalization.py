@@ -21,8 +21,9 @@ channel, data-set statistics filled in; those are stored in the checkpoint
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
@@ -97,6 +98,7 @@ def fit_intensity(image: np.ndarray, norm: Normalization | Sequence[Normalizatio
     if norm.mode == "none":
         return IntensityStats(np.zeros(channels), np.ones(channels), np.zeros(channels), np.ones(channels))
     if norm.mode == "ct":
+        assert norm.window is not None  # a ct mode without a window raised above
         lo, hi = np.full(channels, norm.window[0], float), np.full(channels, norm.window[1], float)
     elif norm.mode == "percentile":
         lo, hi = np.percentile(x, norm.percentiles, axis=0)
@@ -106,14 +108,14 @@ def fit_intensity(image: np.ndarray, norm: Normalization | Sequence[Normalizatio
     unit = np.clip((x - lo) / (hi - lo), 0.0, 1.0)
     mean, std = unit.mean(axis=0), unit.std(axis=0)
     if norm.mode == "ct" and norm.mean is not None:
-        mean = np.full(channels, (norm.mean - norm.window[0]) / (hi[0] - lo[0]))
+        mean = np.full(channels, (norm.mean - lo[0]) / (hi[0] - lo[0]))  # lo: the window's low end
     if norm.mode == "ct" and norm.std is not None:
         std = np.full(channels, norm.std / (hi[0] - lo[0]))
     return IntensityStats(lo, hi, mean, np.maximum(std, 1e-8))
 
 
 def stats_from_moments(
-    moments: dict[str, Sequence[float]], norm: Normalization | Sequence[Normalization]
+    moments: Mapping[str, Sequence[float]], norm: Normalization | Sequence[Normalization]
 ) -> IntensityStats | None:
     """What ``fit_intensity`` would measure, from a case's raw per-channel ``min``, ``max``,
     ``mean`` and ``std`` (each (C,)), where those determine it exactly (modes zscore, rgb, none,
@@ -154,7 +156,9 @@ def intensity_moments(image: np.ndarray) -> dict[str, list[float]]:
 
 
 def case_stats(
-    image: np.ndarray, norm: Normalization | Sequence[Normalization], moments: dict | None = None
+    image: np.ndarray,
+    norm: Normalization | Sequence[Normalization],
+    moments: Mapping[str, Sequence[float]] | None = None,
 ) -> IntensityStats:
     """The statistics of one case (..., C): from its ``intensity_moments`` where they determine
     them (``stats_from_moments``), else measured on the voxels (``fit_intensity``)."""
@@ -220,11 +224,12 @@ def resolve_channels(
     return resolved
 
 
-def to_plain(norm: Normalization) -> dict:
+def to_plain(norm: Normalization) -> dict[str, Any]:
     """A ``Normalization`` as plain types (lists for tuples), for checkpoints and JSON."""
     return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(norm).items()}
 
 
-def from_plain(stored: dict) -> Normalization:
+def from_plain(stored: Mapping[str, Any]) -> Normalization:
     """Inverse of ``to_plain``."""
-    return Normalization(**{k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()})
+    fields: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v for k, v in stored.items()}
+    return Normalization(**fields)

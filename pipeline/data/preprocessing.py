@@ -81,7 +81,7 @@ class Preprocessing:
             else [from_plain(stored["normalization"])] * channels
         )
         patch, axis = stored.get("patch_size"), stored.get("slice_axis")
-        modalities = stored.get("modalities")
+        modalities, spacing_range = stored.get("modalities"), stored.get("spacing_range")
         return cls(
             class_names=tuple(stored["class_names"]),
             in_channels=channels,
@@ -94,6 +94,6 @@ class Preprocessing:
             layout=str(stored.get("layout", "")),
             label_map={int(k): int(v) for k, v in (stored.get("label_map") or {}).items()},
             target_spacing=tuple(stored["target_spacing"]) if stored.get("target_spacing") else None,
-            spacing_range=tuple(map(tuple, stored["spacing_range"])) if stored.get("spacing_range") else None,
+            spacing_range=(tuple(spacing_range[0]), tuple(spacing_range[1])) if spacing_range else None,
             spatial_dims=int(stored.get("spatial_dims", 2)),
         )

@@ -83,7 +83,8 @@ class PatchAugmenter3D:
 
     def draw_center(self, locations: np.ndarray) -> Shape3:
         """One row of ``locations`` (N, 3) (a class's voxels, ``class_locations``), drawn uniformly."""
-        return tuple(int(v) for v in locations[self.rng.integers(len(locations))])
+        x, y, z = (int(v) for v in locations[self.rng.integers(len(locations))])
+        return x, y, z
 
     def __call__(
         self,
@@ -116,7 +117,8 @@ class PatchAugmenter3D:
         patch = tuple(int(n) for n in patch_size)
         if len(patch) != 3 or min(patch) < 1:
             raise ValueError(f"patch_size is three positive voxel counts (D, H, W), got {patch_size}")
-        shape = tuple(int(n) for n in image.shape[:3])
+        depth, height, width = (int(n) for n in image.shape[:3])
+        shape = (depth, height, width)
         if center is not None and not all(0 <= v < n for v, n in zip(center, shape, strict=True)):
             raise ValueError(f"center {tuple(center)} is not a voxel of the volume of size {shape}")
         in_plane = max(patch) / patch[0] > self.aug.anisotropy_threshold
@@ -179,9 +181,9 @@ class PatchAugmenter3D:
         landing = self.rng.integers(-reach, reach + 1)  # where the voxel lands, from the patch centre
         centre = np.clip(voxel - matrix @ landing, lowest, highest)
         landing = np.clip(np.rint(np.linalg.solve(matrix, voxel - centre)), -reach, reach)  # keep the voxel
-        shift = (
-            0.0 if displacement is None else displacement[(slice(None), *(half + landing).astype(np.intp))]
-        )
+        # the index is built outside the brackets: mypy takes x[(a, *b)] for Python 3.11 syntax
+        at = (slice(None), *(half + landing).astype(np.intp))
+        shift = 0.0 if displacement is None else displacement[at]
         return voxel - matrix @ landing - shift
 
     def _crop(
@@ -197,7 +199,8 @@ class PatchAugmenter3D:
             target.append(slice(low - first, high - first))
         unit = np.zeros((image.shape[3], *patch), np.float32)
         labels = np.zeros(patch, np.uint8)
-        unit[(slice(None), *target)] = np.moveaxis(to_unit(np.asarray(image[tuple(source)]), stats), -1, 0)
+        inside = (slice(None), *target)  # built outside the brackets, as in _place
+        unit[inside] = np.moveaxis(to_unit(np.asarray(image[tuple(source)]), stats), -1, 0)
         labels[tuple(target)] = mask[tuple(source)]
         return unit, labels
 

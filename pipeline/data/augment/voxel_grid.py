@@ -53,7 +53,7 @@ def elastic_displacement(
     return field
 
 
-def rotation_matrix(angles: Sequence[float]) -> np.ndarray:
+def rotation_matrix(angles: Sequence[float] | np.ndarray) -> np.ndarray:
     """3x3 rotation by ``angles`` (radians) about axes 0, 1 and 2, in that order."""
     matrix = np.eye(3)
     for axis, angle in enumerate(angles):

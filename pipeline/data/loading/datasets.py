@@ -9,6 +9,7 @@ the labels and spacing of the case's own grid where it is scored.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -17,6 +18,7 @@ import torch
 from torch.utils.data import Dataset
 
 from pipeline.data.cache.slicing import in_slice_order
+from pipeline.data.cache.store import MappedArray
 from pipeline.data.normalization import IntensityStats, Normalization, fit_intensity, standardize, to_unit
 from pipeline.data.reading.formats import read_image_2d, read_mask_2d
 from pipeline.data.reading.layouts import Case
@@ -33,7 +35,7 @@ class OriginalGrid:
         slice_axis: the axis the training grid is cut along.
     """
 
-    labels: object
+    labels: np.ndarray | MappedArray
     spacing: tuple[float, float, float]
     slice_axis: int
 
@@ -79,7 +81,9 @@ def slices_per_class(mask: np.ndarray) -> dict[int, list[int]]:
     }
 
 
-def check_labels(mask: np.ndarray, num_classes: int, path: object, class_names: Sequence[str]) -> None:
+def check_labels(
+    mask: np.ndarray, num_classes: int, path: str | os.PathLike, class_names: Sequence[str]
+) -> None:
     """Raise a ``DataError`` for ``path`` when ``mask`` holds a value outside 0..num_classes-1."""
     values = np.unique(mask)
     bad = values[(values < 0) | (values >= num_classes)]
@@ -91,8 +95,8 @@ def check_labels(mask: np.ndarray, num_classes: int, path: object, class_names: 
 
 
 def pair_problems(
-    image_path: object,
-    mask_path: object,
+    image_path: str | os.PathLike,
+    mask_path: str | os.PathLike,
     image_shape: Sequence[int],
     mask: np.ndarray,
     class_names: Sequence[str],
@@ -131,7 +135,7 @@ def pair_problems(
     return problems
 
 
-def require_one_size(cases: Sequence[CaseArrays], root: object) -> None:
+def require_one_size(cases: Sequence[CaseArrays], root: str | os.PathLike) -> None:
     """Whole images train only when they share one size: else a ``DataError`` asking for a patch."""
     sizes = sorted({tuple(c.image.shape[1:3]) for c in cases})
     if len(sizes) > 1:
@@ -265,6 +269,7 @@ class CaseDataset(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         case = self.cases[index]
+        assert case.mask is not None and case.original is not None  # checked in __init__
         return {
             "image": torch.from_numpy(standardized_volume(case)),
             "mask": torch.from_numpy(np.asarray(case.mask[...], dtype=np.int64)),

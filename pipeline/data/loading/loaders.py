@@ -13,7 +13,9 @@ from typing import Any
 import pytorch_lightning as pl
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data.loading.datasets import CaseDataset, SliceDataset
 from pipeline.data.loading.order import resumable_loader
+from pipeline.data.loading.patches import PatchDataset
 from pipeline.data.loading.sampling import EvalBatches, ForegroundSampler
 from pipeline.parallel import usable_cores
 
@@ -38,7 +40,7 @@ def epoch_draws(
 
 def training_loader(
     trainer: pl.Trainer | None,
-    dataset: Dataset,
+    dataset: SliceDataset | PatchDataset,
     batch_size: int,
     draws: int,
     foreground_fraction: float,
@@ -55,8 +57,16 @@ def training_loader(
     )
 
 
-def evaluation_loader(dataset: Dataset, batch_size: int | None, **options: Any) -> DataLoader:
+def evaluation_loader(
+    dataset: SliceDataset | CaseDataset, batch_size: int | None, **options: Any
+) -> DataLoader:
     """Whole items: a ``CaseDataset``'s volumes as they are (``batch_size`` None), else 2D images in
     batches of up to ``batch_size`` of one size."""
-    batches = dataset if batch_size is None else EvalBatches(dataset, batch_size)
+    batches: Dataset
+    if batch_size is None:
+        batches = dataset
+    elif isinstance(dataset, SliceDataset):
+        batches = EvalBatches(dataset, batch_size)
+    else:
+        raise ValueError("volumes are evaluated one case a batch: batch_size None")
     return DataLoader(batches, batch_size=None, **options)

@@ -13,13 +13,25 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import numpy as np
 import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 from torch.utils.data.distributed import DistributedSampler
+
+if TYPE_CHECKING:
+    from pytorch_lightning.loops.progress import _ProcessedTracker
+
+
+class SizedDataset(Protocol):
+    """A map-style dataset with a length, as every medseg dataset is (torch's ``Dataset`` declares
+    no ``__len__``)."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, key: Any) -> Any: ...
 
 
 def global_seed(default: int = 0) -> int:
@@ -41,12 +53,11 @@ def resume_position(trainer: pl.Trainer | None) -> tuple[int, int]:
     """
     if trainer is None:
         return 0, 0
-    epochs = trainer.fit_loop.epoch_progress.current
+    # Lightning types both trackers as their base class; the fit loop's count processed events too
+    epochs = cast("_ProcessedTracker", trainer.fit_loop.epoch_progress.current)
+    batches = cast("_ProcessedTracker", trainer.fit_loop.epoch_loop.batch_progress.current)
     in_progress = epochs.started > epochs.processed
-    return (
-        epochs.processed,
-        trainer.fit_loop.epoch_loop.batch_progress.current.processed if in_progress else 0,
-    )
+    return epochs.processed, batches.processed if in_progress else 0
 
 
 class ResumableSampler(DistributedSampler):
@@ -67,15 +78,17 @@ class ResumableSampler(DistributedSampler):
 
     def __init__(
         self,
-        dataset: Dataset,
+        dataset: SizedDataset,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
         sampler: Sampler | None = None,
     ) -> None:
         items = sampler if sampler is not None else dataset
-        super().__init__(items, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
+        # DistributedSampler only takes the length of what it is given (a dataset, here also a sampler)
+        super().__init__(cast(Dataset, items), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         self.sampler = sampler
+        self._dataset_size = len(dataset)
         self._start = 0
 
     def start_at(self, epoch: int, position: int) -> None:
@@ -84,7 +97,7 @@ class ResumableSampler(DistributedSampler):
 
     def _epoch_items(self, generator: torch.Generator) -> list[Any]:
         if self.sampler is None:
-            return torch.randperm(len(self.dataset), generator=generator).tolist()
+            return torch.randperm(self._dataset_size, generator=generator).tolist()
         if hasattr(self.sampler, "generator"):
             self.sampler.generator = generator
         elif hasattr(self.sampler, "set_epoch"):
@@ -109,7 +122,7 @@ class SeededSamples(Dataset):
     reseeded per sample.
     """
 
-    def __init__(self, dataset: Dataset) -> None:
+    def __init__(self, dataset: SizedDataset) -> None:
         self.dataset = dataset
 
     def __len__(self) -> int:
@@ -142,7 +155,7 @@ class ResumableLoader(DataLoader):
 
 def resumable_loader(
     trainer: pl.Trainer | None,
-    dataset: Dataset,
+    dataset: SizedDataset,
     sampler: Sampler | None,
     batch_size: int,
     seed: int,

@@ -56,12 +56,15 @@ class PatchDataset(Dataset):
 
     def _class_locations(self, index: int) -> dict[int, np.ndarray]:
         if index not in self._locations:  # read once per case and process
-            self._locations[index] = locations_by_class(self.cases[index].where[...])
+            where = self.cases[index].where
+            assert where is not None  # checked in __init__
+            self._locations[index] = locations_by_class(where[...])
         return self._locations[index]
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         index, label = key if isinstance(key, tuple) else (key, 0)
         case = self.cases[index]
+        assert case.mask is not None  # checked in __init__
         center = None
         if label:
             center = self.augmenter.draw_center(self._class_locations(index)[label])

@@ -46,7 +46,7 @@ class ForegroundSampler(Sampler):
     def __init__(
         self,
         size: int,
-        class_items: Mapping[int, Sequence[int]],
+        class_items: Mapping[int, Sequence[int] | np.ndarray],
         fraction: float = 1 / 3,
         seed: int = 0,
         draws: int | None = None,

@@ -49,6 +49,8 @@ class ImageSource:
         parts = []
         for cid in ids:
             case = self.cases[cid]
+            if case.mask is None:
+                raise DataError(case.images[0], "has no mask: the foreground statistics need labelled cases")
             image = read_image_2d(case.images[0])
             mask = apply_label_map(read_mask_2d(case.mask), self.label_map)
             parts.append(cache.sample_foreground(image.reshape(*mask.shape, -1), mask, case.case_id))

@@ -6,6 +6,7 @@ Always by case (patient), never by slice, so no case is seen in training and sco
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +62,7 @@ def read_split(path: str | Path, case_ids: list[str]) -> dict[str, list[str]]:
     return {name: list(split.get(name, [])) for name in SPLITS}
 
 
-def require_test_split(split: dict[str, list[str]], root: object) -> None:
+def require_test_split(split: dict[str, list[str]], root: str | os.PathLike) -> None:
     """Refuse a test of a split without test cases, saying how to make one or score validation."""
     if not split["test"]:
         raise DataError(

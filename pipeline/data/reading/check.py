@@ -10,8 +10,10 @@ classes, NaN/Inf intensities, channel counts that differ between cases, and an e
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ParamSpec, TypeVar
 
 import numpy as np
 
@@ -21,6 +23,9 @@ from pipeline.data.reading.layouts import Case, describe, resolve_class_names
 from pipeline.data.reading.volumes import case_problems, is_volume_case, read_image, read_mask
 from pipeline.errors import DataError
 from pipeline.parallel import map_with_progress
+
+P = ParamSpec("P")
+T = TypeVar("T")
 
 
 @dataclass
@@ -47,9 +52,9 @@ class CheckReport:
         )
 
 
-def _read(read, *args) -> tuple[object | None, list[DataError]]:
+def _read(read: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T | None, list[DataError]]:
     try:
-        return read(*args), []
+        return read(*args, **kwargs), []
     except DataError as err:
         return None, [err]
 
@@ -61,7 +66,7 @@ def _check_volume(case: Case, class_names: list[str], label_map) -> tuple[int | 
     if image is not None:
         problems += case_problems(case, image, mask, class_names)
     elif mask is not None and class_names:
-        problems += _read(check_labels, mask.array, len(class_names), case.mask, class_names)[1]
+        problems += _read(check_labels, mask.array, len(class_names), mask.path, class_names)[1]
     return (image.array.shape[-1] if image is not None else None), problems
 
 
@@ -71,7 +76,7 @@ def _check_2d(case: Case, class_names: list[str], label_map) -> tuple[int | None
     problems += mask_problems
     if image is not None and not np.isfinite(image).all():
         problems.append(DataError(case.images[0], "image holds NaN or infinite intensities"))
-    if mask is not None:
+    if mask is not None and case.mask is not None:
         mask = apply_label_map(mask, label_map)
         shape = image.shape[:2] if image is not None else mask.shape
         problems += pair_problems(case.images[0], case.mask, shape, mask, class_names) if class_names else []
@@ -123,7 +128,7 @@ def check_dataset(
     if not info.cases:
         report.problems.append(DataError(root, "empty data set: no cases found"))
     report.channels = len(info.modalities) if info.modalities else None
-    first = None
+    first: Case | None = None
     checked = map_with_progress(
         functools.partial(check_case, class_names=report.class_names, label_map=label_map),
         info.cases,
@@ -136,7 +141,7 @@ def check_dataset(
         if first is None and channels is not None:
             first = case
             report.channels = report.channels or channels
-        if channels is not None and channels != report.channels:
+        if first is not None and channels is not None and channels != report.channels:
             report.problems.append(
                 DataError(
                     case.images[0],

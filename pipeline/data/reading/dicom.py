@@ -45,7 +45,7 @@ def _read_headers(folder: Path, pixels: bool) -> list[tuple[Path, pydicom.Datase
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
     if not files:
         raise DataError(folder, "DICOM folder is empty")
-    slices = []
+    slices: list[tuple[Path, pydicom.Dataset]] = []
     for path in files:
         try:
             ds = pydicom.dcmread(path, stop_before_pixels=not pixels)

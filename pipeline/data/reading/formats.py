@@ -111,7 +111,8 @@ class Volume:
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size of ``array`` along X, Y, Z in mm."""
-        return tuple(float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+        x, y, z = (float(s) for s in np.linalg.norm(self.affine[:3, :3], axis=0))
+        return x, y, z
 
 
 @dataclass(frozen=True)
@@ -131,13 +132,15 @@ class Header:
     @property
     def ras_axes(self) -> tuple[int, int, int]:
         """The RAS+ axis (0 X, 1 Y, 2 Z) each stored axis becomes in the canonical array."""
-        return tuple(int(ras) for ras, _ in io_orientation(self.affine))
+        x, y, z = (int(ras) for ras, _ in io_orientation(self.affine))
+        return x, y, z
 
     @property
     def spacing(self) -> tuple[float, float, float]:
         """Voxel size (mm) along X, Y, Z of the canonical RAS+ array."""
         zooms = np.linalg.norm(self.affine[:3, :3], axis=0)
-        return tuple(float(zooms[self.ras_axes.index(axis)]) for axis in range(3))
+        x, y, z = (float(zooms[self.ras_axes.index(axis)]) for axis in range(3))
+        return x, y, z
 
     def slices(self, axis: int) -> int:
         """Voxels along ``axis`` (of the canonical RAS+ array)."""
@@ -157,9 +160,18 @@ def from_ras(array: np.ndarray, volume: Volume) -> np.ndarray:
     return apply_orientation(array, transform)
 
 
+def _open_nifti(path: Path) -> nib.Nifti1Image:
+    """``nib.load`` of a NIfTI file (NIfTI-2 included, a ``Nifti1Image`` subclass); any other
+    image nibabel recognises is refused as unreadable here."""
+    image = nib.load(str(path))
+    if not isinstance(image, nib.Nifti1Image):
+        raise nib.filebasedimages.ImageFileError(f"nibabel reads it as {type(image).__name__}")
+    return image
+
+
 def _load_nifti(path: Path) -> tuple[nib.Nifti1Image, np.ndarray]:
     try:
-        image = nib.load(str(path))
+        image = _open_nifti(path)
         data = np.asanyarray(image.dataobj)
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
@@ -191,6 +203,8 @@ def stack_channels(
         elif data.shape[:3] != reference[1] or not np.allclose(affine, reference[0], atol=1e-4):
             raise DataError(path, f"channel file differs in shape or affine from {paths[0]}")
         channels.append(data)
+    if reference is None:
+        raise ValueError(f"no {name} files to read")
     affine, shape, meta = reference
     array = np.concatenate(channels, axis=-1)
     ras, ras_affine = to_ras(array, affine)
@@ -215,14 +229,14 @@ def read_nifti(paths: Sequence[str | os.PathLike]) -> Volume:
 def read_nifti_header(path: Path) -> Header:
     """The geometry and channel count of one NIfTI file, from its header."""
     try:
-        image = nib.load(str(path))
+        image = _open_nifti(path)
     except FileNotFoundError:
         raise DataError(path, "file not found") from None
     except Exception as err:  # nibabel raises many types for broken headers
         raise DataError(path, f"cannot read as NIfTI ({err})") from None
     shape = tuple(int(n) for n in image.shape)
-    spatial = (*shape[:3], *(1,) * (3 - len(shape[:3])))
-    return Header(image.affine, spatial, shape[3] if len(shape) == 4 else 1)
+    x, y, z = (*shape[:3], 1, 1, 1)[:3]  # a 1D or 2D image as a volume of one slice
+    return Header(image.affine, (x, y, z), shape[3] if len(shape) == 4 else 1)
 
 
 def is_sheared(affine: np.ndarray, tolerance: float = 1e-6) -> bool:
@@ -238,7 +252,8 @@ def write_nifti_like(labels: np.ndarray, reference: Volume, path: str | os.PathL
     it overlays the input scan exactly in any viewer.
     """
     stored = from_ras(labels, reference)
-    header = reference.meta.copy() if reference.format == "nifti" else None
+    meta = reference.meta
+    header = meta.copy() if reference.format == "nifti" and isinstance(meta, nib.Nifti1Header) else None
     image = nib.Nifti1Image(np.ascontiguousarray(stored.astype(np.uint8)), reference.source_affine, header)
     image.set_data_dtype(np.uint8)
     image.header.set_xyzt_units("mm")

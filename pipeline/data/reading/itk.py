@@ -90,8 +90,8 @@ def read_itk_header(path: Path) -> Header:
     affine = _affine(
         path, reader.GetDimension(), reader.GetDirection(), reader.GetSpacing(), reader.GetOrigin()
     )
-    shape = tuple(int(n) for n in reader.GetSize())
-    return Header(affine, shape, int(reader.GetNumberOfComponents()))
+    x, y, z = (int(n) for n in reader.GetSize())  # 3D: _affine refused any other image
+    return Header(affine, (x, y, z), int(reader.GetNumberOfComponents()))
 
 
 def write_itk_like(labels: np.ndarray, reference: Volume, path: str | os.PathLike) -> None:

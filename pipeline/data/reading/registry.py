@@ -143,13 +143,13 @@ def case_stem(path: Path) -> str:
 def mask_ending(path: Path) -> str:
     """The ending of the mask written for input ``path``: the input's own format where it can be
     written as one file, NIfTI for a DICOM series, PNG for a 2D image."""
-    fmt = format_of(path)
-    return fmt.mask_endings["" if fmt is DICOM else ending(path)]
+    fmt, known = format_of(path), ending(path)
+    return fmt.mask_endings["" if fmt is DICOM or known is None else known]
 
 
 def _volume_format(paths: Sequence[Path]) -> Format:
     fmt = format_of(paths[0])
-    if not fmt.volume:
+    if not fmt.volume or fmt.read is None or fmt.header is None:
         volumes = ", ".join(volume_endings())
         raise DataError(paths[0], f"a 2D image, not a volume ({volumes} or a DICOM series folder)")
     for path in paths[1:]:
@@ -161,16 +161,19 @@ def _volume_format(paths: Sequence[Path]) -> Format:
 def read_volume(paths: Sequence[str | os.PathLike]) -> Volume:
     """One volume from its file, its channel files (in channel order) or its DICOM folder:
     (X, Y, Z, C) in canonical RAS+ order with the stored geometry."""
-    paths = [Path(p) for p in paths]
-    return _volume_format(paths).read(paths)
+    files = [Path(p) for p in paths]
+    read = _volume_format(files).read
+    assert read is not None  # _volume_format: every volume format reads
+    return read(files)
 
 
 def read_header(paths: Sequence[str | os.PathLike]) -> Header:
     """A volume's geometry (the first file's) and channel count (over all files) from headers only
     (a DICOM series: every file's header, no pixel data)."""
-    paths = [Path(p) for p in paths]
-    fmt = _volume_format(paths)
-    headers = [fmt.header(path) for path in paths]
+    files = [Path(p) for p in paths]
+    header = _volume_format(files).header
+    assert header is not None  # _volume_format: every volume format probes headers
+    headers = [header(path) for path in files]
     first = headers[0]
     return Header(first.affine, first.shape, sum(h.channels for h in headers))
 
@@ -179,8 +182,9 @@ def write_mask(labels: np.ndarray, reference: Volume, path: str | os.PathLike) -
     """Write (X, Y, Z) labels given in ``reference``'s canonical order, with its stored geometry, in
     the format of ``path``'s ending (``mask_ending`` of the input), atomically."""
     path = Path(path)
-    fmt = BY_ENDING.get(ending(path))
-    if fmt is None or ending(path) not in fmt.writes:
+    known = ending(path)
+    fmt = BY_ENDING.get(known) if known is not None else None
+    if fmt is None or fmt.write is None or known not in fmt.writes:
         writable = ", ".join(e for f in FORMATS for e in f.writes)
         raise DataError(path, f"cannot write a volume mask with this ending; medseg writes {writable}")
     fmt.write(labels, reference, path)

@@ -58,7 +58,7 @@ def case_problems(
     if mask is not None:
         affines = (image.affine, mask.affine)
         problems += pair_problems(
-            case.images[0], case.mask, image.array.shape[:3], mask.array, class_names, affines
+            case.images[0], mask.path, image.array.shape[:3], mask.array, class_names, affines
         )
     return problems
 

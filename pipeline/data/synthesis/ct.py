@@ -139,8 +139,11 @@ def _draw(
     offset = organ[3:] * rng.uniform(-0.35, 0.35, 3)
     radius = max(rng.uniform(*LESION_MM) * in_plane / 512, in_plane_mm)
     affine = volume_affine(shape, spacing, rng)
-    floats = [tuple(float(v) for v in a) for a in (body, organ, wobble, bias)]
-    case = CtCase(shape, spacing, floats[0], fat, floats[1], taper, floats[2], (), levels, floats[3])
+    floats = [tuple(float(v) for v in a) for a in (body, organ, wobble)]
+    bias_x, bias_y, bias_z = (float(v) for v in bias)
+    case = CtCase(
+        shape, spacing, floats[0], fat, floats[1], taper, floats[2], (), levels, (bias_x, bias_y, bias_z)
+    )
     # on a voxel centre inside the organ, so the lesion is never empty: the organ's centre if the
     # drawn one falls outside (the organ's edge bulges, or the fat layer cuts it)
     for point in (organ[:3] + offset, organ[:3]):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import nibabel as nib
 import numpy as np
@@ -49,7 +50,8 @@ def case_geometry(
     if shape is None:
         extent = FIELD_OF_VIEW_MM * rng.uniform(0.85, 1.15, 3)
         shape = [max(4, round(e / s)) for e, s in zip(extent, spacing, strict=True)]
-    return tuple(int(n) for n in shape), tuple(float(s) for s in spacing)
+    (x, y, z), (sx, sy, sz) = (int(n) for n in shape), (float(s) for s in spacing)
+    return (x, y, z), (sx, sy, sz)
 
 
 def volume_affine(shape: Sequence[int], spacing: Sequence[float], rng: np.random.Generator) -> np.ndarray:
@@ -145,7 +147,11 @@ def generate_volumes(
         training.append({"image": f"./imagesTr/{case}.nii.gz", "label": f"./labelsTr/{case}.nii.gz"})
     channels = {str(c): m for c, m in enumerate(modalities)}
     if layout == "msd":
-        meta = {"name": "SyntheticVolumes", "modality": channels, "labels": dict(enumerate(CLASS_NAMES))}
+        meta: dict[str, Any] = {
+            "name": "SyntheticVolumes",
+            "modality": channels,
+            "labels": dict(enumerate(CLASS_NAMES)),
+        }
         meta.update(numTraining=num_cases, training=training, test=[])
     else:
         labels = {name: k for k, name in enumerate(CLASS_NAMES)}
