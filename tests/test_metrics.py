@@ -337,3 +337,14 @@ def test_surface_scores_crop_a_large_volume_to_each_object(monkeypatch):
     torch.testing.assert_close(scores["hd95"][:, 1:], monai_hd, rtol=0, atol=1e-6)
     torch.testing.assert_close(scores["surface_dice"][:, 1:], monai_nsd, rtol=0, atol=1e-6)
     assert (scores["hd95"][0, 1:] > 0).all() and (scores["surface_dice"][0, 1:] < 1).all()
+
+
+def test_metrics_hd95_percentile_takes_more_distances_than_torch_quantile_allows():
+    # a salt-and-pepper prediction on a real-size CT has tens of millions of surface voxels: torch
+    # before 2.x refuses over 2**24 values in quantile; percentile_95 must equal its interpolation
+    from pipeline.metrics import QUANTILE_MAX, percentile_95
+
+    distances = torch.rand(QUANTILE_MAX + 1000, generator=torch.Generator().manual_seed(0)) * 50
+    assert percentile_95(distances[:1000]) == torch.quantile(distances[:1000], 0.95).item()  # MONAI's
+    expected = np.percentile(distances.double().numpy(), 95)
+    assert percentile_95(distances) == pytest.approx(expected, abs=1e-5)

@@ -119,3 +119,22 @@ def test_plan_json_records_the_network_that_trained(mixed_volume_dir, tmp_path, 
     assert "preprocessing" not in checkpoint["SegmentationDataModule"]  # stored once, by the module
     patch = " x ".join(str(n) for n in recorded["net_3d"]["patch"])
     assert f"patch                {recorded['net_2d']['patch'][0]}" in table and patch in table
+
+
+def test_plan_flags_a_3d_keyhole_and_plans_a_low_resolution_3d_network():
+    # CT at real size planned for a CPU: the 3D patch holds a sliver of the case (rule 6), so a
+    # coarser spacing is searched where the patch holds a quarter of the median case
+    ct = fingerprint([(0.8, 0.8, 2.5)] * 10, [(512, 512, 120)] * 10)
+    plan = make_plan(ct, CPU, (16, 32, 64, 128, 256))
+    assert plan.keyhole and plan.coverage_3d == pytest.approx(np.prod(plan.net_3d.patch) / (512 * 512 * 120))
+    low = plan.lowres_3d
+    assert low is not None and low.coverage >= 0.25
+    assert np.prod(low.net.patch) / np.prod(low.median_shape) == pytest.approx(low.coverage)
+    coarser = np.asarray(low.target_spacing) / np.asarray(plan.target_spacing)
+    assert (coarser > 1).all() and coarser[0] == pytest.approx(coarser[1])  # in plane alike
+    assert low.target_spacing[2] / low.target_spacing[0] <= 2.5 / 0.8  # the thick axis not made thicker first
+    # small cases, or a large budget: the patch sees the case, no keyhole and no low-resolution plan
+    small = fingerprint([(1.0, 1.0, 1.0)] * 5, [(40, 48, 32)] * 5)
+    cpu, gpu = (make_plan(small, settings, (16, 32, 64, 128, 256)) for settings in (CPU, GPU))
+    assert not cpu.keyhole and cpu.lowres_3d is None and 0.25 <= cpu.coverage_3d < 1
+    assert not gpu.keyhole and gpu.lowres_3d is None and gpu.coverage_3d == 1.0

@@ -18,7 +18,7 @@ from jsonargparse import Namespace
 
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.planning.planner import NetworkRequest
-from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan
+from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan, coverage
 from pipeline.models import Network, spatial_dims_of
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,27 @@ def network_request(net_class: type, init_args: dict) -> NetworkRequest:
     return NetworkRequest(dims, tuple(net_class.level_widths(init_args)), *fixed.values())
 
 
+def coverage_2d(plan: Plan) -> float:
+    """The share of a median slice the 2D patch holds."""
+    return coverage(plan.net_2d.patch, [n for a, n in enumerate(plan.median_shape) if a != plan.slice_axis])
+
+
+def keyhole_advice(plan: Plan) -> str:
+    """What to train instead of a 3D network that sees the median case through a keyhole (rule 6)."""
+    advice = (
+        f"the 3D patch holds {100 * plan.coverage_3d:.2g}% of the median case (under a quarter): train the "
+        f"2D network (configs/model/unet.yaml; its patch holds {100 * coverage_2d(plan):.2g}% of a median slice)"
+    )
+    low = plan.lowres_3d
+    if low is None:
+        return advice
+    return advice + (
+        f", or 3D at low resolution: --data.target_spacing {' '.join(f'{s:.4g}' for s in low.target_spacing)} "
+        f"(patch {' x '.join(map(str, low.net.patch))}, batch {low.net.batch}, {100 * low.coverage:.2g}% of the median case "
+        f"of {' x '.join(f'{n:.3g}' for n in low.median_shape)} voxels)"
+    )
+
+
 def plan_config(config: Namespace) -> tuple[SegmentationDataModule, Plan | None]:
     """Plan the volumes of a parsed fit config for its network and fill what the config leaves
     unset (target spacing, slice axis, patch, batch; a medseg network's strides and kernel sizes).
@@ -81,4 +102,6 @@ def plan_config(config: Namespace) -> tuple[SegmentationDataModule, Plan | None]
                 init[key] = [list(value) for value in getattr(network, key)]
         net.init_args = init
     log.info("planned: spacing %s mm, patch %s, batch %s", plan.target_spacing, network.patch, network.batch)
+    if plan.spatial_dims == 3 and plan.keyhole:
+        log.warning("warning: %s", keyhole_advice(plan))
     return datamodule, plan

@@ -10,6 +10,7 @@ to read its knobs.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -49,6 +50,9 @@ class _ParseOnly(MedsegCLI):
 
 
 def _parse(args: Sequence[str]) -> _ParseOnly:
+    warnings.filterwarnings(
+        "ignore", message=".*LightningCLI's args parameter is intended"
+    )  # medseg passes them
     return _ParseOnly(
         SegmentationModule,
         SegmentationDataModule,

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from pipeline.cli.config_plan import plan_config
+from pipeline.cli.config_plan import coverage_2d, keyhole_advice, plan_config
 from pipeline.data.cache.slicing import AXIS_NAMES
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.planning.rules import Plan
@@ -51,12 +51,20 @@ def plan_table(dm: SegmentationDataModule, plan: Plan) -> str:
         for name, c in list(fp["classes"].items())[1:]
     )
     nets = (plan.net_2d, plan.net_3d)
+    covered = (coverage_2d(plan), plan.coverage_3d)
     rows = [
         ("patch", *(_x(n.patch) for n in nets)),
         ("batch", *(str(n.batch) for n in nets)),
         ("poolings per axis", *(", ".join(map(str, n.pools)) for n in nets)),
         ("first-level kernel", *(_x(n.kernel_sizes[0]) for n in nets)),
         ("memory (estimate)", *(f"{n.memory_gb:.2f} GB" for n in nets)),
+        (
+            "median case held",
+            *(
+                f"{100 * c:.3g}%" + (" (keyhole)" if i and plan.keyhole else "")
+                for i, c in enumerate(covered)
+            ),
+        ),
     ]
     norms = "; ".join(
         f"{m or 'channel ' + str(c)}: {n['mode']}"
@@ -83,11 +91,25 @@ def plan_table(dm: SegmentationDataModule, plan: Plan) -> str:
         f"  median shape     {_x(plan.median_shape)} voxels at the target spacing",
         f"  {'':<21}{headers[0]:<22}{headers[1]}",
         *(f"  {name:<21}{two:<22}{three}" for name, two, three in rows),
+        *keyhole_lines(plan),
         f"  normalisation    {norms}",
         f"  budget           {device}: {budget.memory_gb:g} GB of activations"
         + (f", {budget.cpu_step_voxels} voxels per step" if device == "cpu" else ""),
     ]
     return "\n".join(lines)
+
+
+def keyhole_lines(plan: Plan) -> list[str]:
+    """The table's keyhole warning, wrapped, or nothing."""
+    if not plan.keyhole:
+        return []
+    words, lines, line = keyhole_advice(plan).split(), [], ""
+    for word in words:
+        if line and len(line) + len(word) > 76:
+            lines.append(line)
+            line = ""
+        line = f"{line} {word}".strip()
+    return [f"  {'keyhole' if i == 0 else '':<17}{text}" for i, text in enumerate([*lines, line])]
 
 
 def plan_command(args: Sequence[str]) -> None:

@@ -20,6 +20,11 @@ Every rule can be said in one sentence (after nnU-Net v2's planner where it has 
    time) until a batch of 2 fits the memory budget and, planning for a CPU, the compute budget.
 5. Batch: as many patches as both budgets allow, at most 5% of the training voxels (nnU-Net's cap:
    one step should not see most of a small data set), between 2 and ``max_batch``.
+6. Keyhole: when the 3D patch holds under a quarter of the median case's voxels (nnU-Net's
+   threshold for its low-resolution stage), a low-resolution 3D plan is added: the target spacing
+   grows 3% a step (axes more than twice finer than the coarsest first) until the patch planned
+   there holds a quarter of the median case; ``medseg plan`` then recommends the 2D network, which
+   sees whole slices, or that spacing.
 
 Memory is estimated as ``ACTIVATION_TENSORS`` float32 tensors of every level's width and size per
 sample (the convolution, normalisation and activation outputs that backward keeps, encoder and
@@ -40,6 +45,9 @@ from pipeline.data.planning.fingerprint import Fingerprint
 
 ACTIVATION_TENSORS = 14  # float32 maps kept per level width and voxel for backward (enc + dec)
 FIVE_PERCENT = 0.05
+KEYHOLE = 0.25  # nnU-Net's lowres_creation_threshold: a smaller share of the median case is a keyhole
+LOWRES_STEP = 1.03  # nnU-Net's spacing increase per step of its low-resolution search
+MAX_LOWRES_STEPS = 200  # 1.03 ** 200 = 370x coarser: far past any scan's need
 DEFAULT_FEATURES = (16, 32, 64, 128, 256)  # configs/model/unet.yaml's widths
 
 
@@ -102,6 +110,17 @@ class NetworkPlan:
 
 
 @dataclass(frozen=True)
+class LowResPlan:
+    """Rule 6: a coarser target spacing (RAS, mm) at which the 3D patch sees a quarter of the median
+    case; ``median_shape`` there (RAS order) and ``coverage`` (patch voxels / median case voxels)."""
+
+    target_spacing: tuple[float, float, float]
+    median_shape: tuple[float, float, float]
+    net: NetworkPlan
+    coverage: float
+
+
+@dataclass(frozen=True)
 class Plan:
     """Everything planned for a data set (``plan.json``); ``target_spacing`` in RAS axis order.
 
@@ -119,10 +138,17 @@ class Plan:
     fingerprint: dict = field(default_factory=dict)
     normalization: list[dict] = field(default_factory=list)
     spatial_dims: int = 2
+    coverage_3d: float = 1.0
+    lowres_3d: LowResPlan | None = None
 
     def network(self, spatial_dims: int | None = None) -> NetworkPlan:
         """The 2D or 3D network's plan; by default the one the plan was made for."""
         return self.net_3d if (spatial_dims or self.spatial_dims) == 3 else self.net_2d
+
+    @property
+    def keyhole(self) -> bool:
+        """Rule 6: the 3D patch holds under a quarter of the median case."""
+        return self.coverage_3d < KEYHOLE
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -231,6 +257,35 @@ def plan_network(
     )  # fmt: skip
 
 
+def coverage(patch: Sequence[int], median_shape: Sequence[float]) -> float:
+    """The share of the median case's voxels a patch holds (at most 1)."""
+    return min(1.0, float(np.prod(patch)) / float(np.prod(median_shape)))
+
+
+def lowres_plan(
+    fingerprint: Fingerprint,
+    target: Sequence[float],
+    slice_axis: int,
+    features: Sequence[int],
+    settings: PlanSettings,
+) -> LowResPlan | None:
+    """Rule 6's low-resolution 3D plan, or None when no spacing within ``MAX_LOWRES_STEPS`` gives it."""
+    spacing = np.asarray(target, float)
+    order = [slice_axis, *(a for a in range(3) if a != slice_axis)]
+    for _ in range(MAX_LOWRES_STEPS):
+        finer = spacing.max() / spacing > 2  # bring the fine axes towards a thick one first
+        spacing = np.where(finer, spacing * LOWRES_STEP, spacing) if finer.any() else spacing * LOWRES_STEP
+        at_spacing = fingerprint.shapes * fingerprint.spacings / spacing
+        median = np.median(at_spacing, axis=0)
+        voxels = float(at_spacing.prod(axis=1).sum())
+        net = plan_network(3, median[order], spacing[order], voxels, features, settings)
+        covered = coverage(net.patch, median)
+        if covered >= KEYHOLE:
+            shape = tuple(float(n) for n in median)
+            return LowResPlan(tuple(float(s) for s in spacing), shape, net, covered)
+    return None
+
+
 def make_plan(
     fingerprint: Fingerprint,
     settings: PlanSettings = PlanSettings(),
@@ -253,10 +308,13 @@ def make_plan(
     ordered_shape, ordered_spacing = median_shape[order], np.asarray(target)[order]
     net_2d = plan_network(2, ordered_shape[1:], ordered_spacing[1:], training_voxels, features, settings)
     net_3d = plan_network(3, ordered_shape, ordered_spacing, training_voxels, features, settings)
+    covered = coverage(net_3d.patch, median_shape)
+    lowres = lowres_plan(fingerprint, target, axis, features, settings) if covered < KEYHOLE else None
     return Plan(
         target, axis, tuple(float(n) for n in median_shape),
         (tuple(fingerprint.spacings.min(0).tolist()), tuple(fingerprint.spacings.max(0).tolist())),
         net_2d, net_3d, settings, fingerprint.summary(class_names), list(normalization),
+        coverage_3d=covered, lowres_3d=lowres,
     )  # fmt: skip
 
 
@@ -290,4 +348,6 @@ def as_trained(
     chosen = replace(
         planned, patch=patch, batch=batch, strides=strides, kernel_sizes=kernel_sizes, memory_gb=memory
     )
-    return replace(plan, spatial_dims=spatial_dims, **{"net_3d" if spatial_dims == 3 else "net_2d": chosen})
+    if spatial_dims == 2:
+        return replace(plan, spatial_dims=2, net_2d=chosen)
+    return replace(plan, spatial_dims=3, net_3d=chosen, coverage_3d=coverage(patch, plan.median_shape))

@@ -1,0 +1,84 @@
+"""``ValidationBudget``: whole-case validation spaced so it takes at most a set share of the time.
+
+Volumes are validated case by case in 3D on their own grid; on a CPU a CT of 512 x 512 x 100
+takes about two minutes to predict, as long as an epoch of training, so validating after every
+epoch would spend half of a time budget there. After each validation the callback knows what one
+costs (``v`` seconds) and what an epoch of training costs (``t``); an epoch ends with a validation
+when the training time since the last one, this epoch included, is at least ``v / max_share``.
+Small data sets, whose validation is cheap, are still validated after every epoch. The first
+epoch is always validated (nothing is measured yet), and so is the last one, whether the run
+ends by ``max_epochs`` or, by the ``Timer``'s estimate, when ``max_time`` runs out, so the best
+and the last checkpoints are scored. Rank zero decides, for every DDP process.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytorch_lightning as pl
+from pytorch_lightning.callbacks import Callback, Timer
+
+SKIP = 2**31 - 1  # check_val_every_n_epoch that no epoch of a run reaches
+
+
+class ValidationBudget(Callback):
+    """Validate after an epoch only when validation stays within ``max_share`` of the time.
+
+    Args:
+        max_share: validation time as a share of the training time, in (0, 1].
+    """
+
+    def __init__(self, max_share: float = 0.1) -> None:
+        if not 0 < max_share <= 1:
+            raise ValueError(f"max_share must be in (0, 1], got {max_share}")
+        self.max_share = max_share
+        self.validation_seconds: float | None = None  # the last validation's wall time
+        self.epoch_seconds: float | None = None  # the last epoch's training time
+        self.since_validation = 0.0  # training seconds since the last validation
+        self._epoch_start = self._validation_start = 0.0
+        self._validated = 0.0  # validation seconds within the current epoch
+        self.active = True
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in ("validation_seconds", "epoch_seconds", "since_validation")}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.__dict__.update(state_dict)
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        # a run configured to validate every n epochs (n > 1) or every n steps keeps its own rhythm
+        self.active = trainer.check_val_every_n_epoch == 1
+
+    def due(self, trainer: pl.Trainer) -> bool:
+        """Whether the epoch starting now should end with a validation."""
+        if self.validation_seconds is None or self.epoch_seconds is None:
+            return True
+        if trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1:
+            return True
+        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        remaining = timer.time_remaining("train") if timer is not None else None
+        if remaining is not None and remaining < 2 * self.epoch_seconds + self.validation_seconds:
+            return True  # the budget may not reach the next epoch's end
+        training = self.since_validation + self.epoch_seconds
+        return training * self.max_share >= self.validation_seconds
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.active:
+            validate = bool(trainer.strategy.broadcast(self.due(trainer)))
+            trainer.check_val_every_n_epoch = 1 if validate else SKIP
+        self._epoch_start, self._validated = time.monotonic(), 0.0
+
+    def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._validation_start = time.monotonic()
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        self._validated = time.monotonic() - self._validation_start
+        self.validation_seconds, self.since_validation = self._validated, 0.0
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # Lightning runs the epoch's validation before this hook: its time is not training time
+        self.epoch_seconds = time.monotonic() - self._epoch_start - self._validated
+        if not self._validated:
+            self.since_validation += self.epoch_seconds
