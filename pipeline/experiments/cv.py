@@ -34,7 +34,7 @@ from pathlib import Path
 from pipeline.data.loading.split import make_split
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.data.reading.layouts import Case, describe
-from pipeline.data.reading.volumes import is_volume_case
+from pipeline.data.reading.registry import mask_ending
 from pipeline.errors import DataError
 from pipeline.experiments.ablation import run_all
 from pipeline.experiments.cv_report import write_report
@@ -140,9 +140,9 @@ def predict_fold(checkpoint: Path, cases: Sequence[Case], folder: Path, tta: boo
             raise DataError(result.failed[0][0], f"out-of-fold prediction failed: {result.failed[0][1]}")
     with table.open(newline="") as f:
         rows = list(csv.DictReader(f))
-    suffix = {True: ".nii.gz", False: ".png"}
+    # named as the writer names them: the input's own format (.mha in, .mha out), NIfTI for DICOM
     return [
-        (by_input[r["input"]], folder / f"{r['case']}{suffix[is_volume_case(by_input[r['input']])]}")
+        (by_input[r["input"]], folder / f"{r['case']}{mask_ending(by_input[r['input']].images[0])}")
         for r in rows
     ]
 
