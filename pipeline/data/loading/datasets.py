@@ -10,8 +10,9 @@ the labels and spacing of the case's own grid where it is scored.
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -192,10 +193,10 @@ class SliceDataset(Dataset):
     def __init__(
         self,
         cases: Sequence[CaseArrays],
-        transform,
+        transform: Callable[..., dict[str, Any]],
         slices: Sequence[tuple[int, int]] | None = None,
-        foreground_transform=None,
-    ):
+        foreground_transform: Callable[..., dict[str, Any]] | None = None,
+    ) -> None:
         self.cases = list(cases)
         self.transform = transform
         self.foreground_transform = foreground_transform or transform

@@ -59,7 +59,9 @@ def _read(read: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> tuple[T | 
         return None, [err]
 
 
-def _check_volume(case: Case, class_names: list[str], label_map) -> tuple[int | None, list[DataError]]:
+def _check_volume(
+    case: Case, class_names: list[str], label_map: dict[int, int] | None
+) -> tuple[int | None, list[DataError]]:
     image, problems = _read(read_image, case)
     mask, mask_problems = _read(read_mask, case.mask, label_map) if case.mask else (None, [])
     problems += mask_problems
@@ -70,7 +72,9 @@ def _check_volume(case: Case, class_names: list[str], label_map) -> tuple[int | 
     return (image.array.shape[-1] if image is not None else None), problems
 
 
-def _check_2d(case: Case, class_names: list[str], label_map) -> tuple[int | None, list[DataError]]:
+def _check_2d(
+    case: Case, class_names: list[str], label_map: dict[int, int] | None
+) -> tuple[int | None, list[DataError]]:
     image, problems = _read(read_image_2d, case.images[0])
     mask, mask_problems = _read(read_mask_2d, case.mask) if case.mask else (None, [])
     problems += mask_problems
@@ -91,7 +95,9 @@ def _is_volume(case: Case) -> bool | None:
         return None
 
 
-def check_case(case: Case, class_names: list[str], label_map) -> tuple[int | None, list[DataError]]:
+def check_case(
+    case: Case, class_names: list[str], label_map: dict[int, int] | None
+) -> tuple[int | None, list[DataError]]:
     """One case's channel count (None if unreadable) and every problem of it."""
     kind, problems = _read(is_volume_case, case)
     if kind is None:
@@ -104,7 +110,7 @@ def check_dataset(
     root: str | Path,
     layout: str = "auto",
     class_names: list[str] | None = None,
-    label_map=None,
+    label_map: dict[int, int] | None = None,
     workers: int = 1,
     progress: bool = False,
 ) -> CheckReport:

@@ -123,7 +123,9 @@ def _entries(folder: Path) -> dict[str, Path]:
     }
 
 
-def _pair(images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, problems) -> list[Case]:
+def _pair(
+    images: dict[str, Path], masks: dict[str, Path], mask_dir: Path, problems: list[DataError] | None
+) -> list[Case]:
     """Cases with both an image and a mask; every unmatched file is a problem naming it."""
     for case_id, path in images.items():
         if case_id not in masks:
@@ -181,7 +183,9 @@ def _channel_files(folder: Path, ending: str) -> dict[str, dict[int, Path]]:
     return found
 
 
-def _channel_cases(root: Path, ending: str, channels: int, labels: dict[str, Path], problems) -> list[Case]:
+def _channel_cases(
+    root: Path, ending: str, channels: int, labels: dict[str, Path], problems: list[DataError] | None
+) -> list[Case]:
     """nnU-Net raw: one image file per channel, ``labelsTr/<case><ending>``."""
     images = {}
     for case_id, files in _channel_files(root / "imagesTr", ending).items():

@@ -144,16 +144,20 @@ def _draw(
     case = CtCase(
         shape, spacing, floats[0], fat, floats[1], taper, floats[2], (), levels, (bias_x, bias_y, bias_z)
     )
+
     # on a voxel centre inside the organ, so the lesion is never empty: the organ's centre if the
     # drawn one falls outside (the organ's edge bulges, or the fat layer cuts it)
-    for point in (organ[:3] + offset, organ[:3]):
+    def voxel_centre(point: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         ijk = [
             int(np.clip(np.rint(c / s + (n - 1) / 2), 0, n - 1))
             for c, s, n in zip(point, spacing, shape, strict=True)
         ]
         x, y, z = (case.axis(a, i, i + 1) for a, i in enumerate(ijk))
-        if case.organ_mask(x, y, z).any():
-            break
+        return x, y, z
+
+    x, y, z = voxel_centre(organ[:3] + offset)
+    if not case.organ_mask(x, y, z).any():
+        x, y, z = voxel_centre(organ[:3])
     return replace(case, lesion=(float(x[0]), float(y[0]), float(z[0]), radius)), affine, rng
 
 

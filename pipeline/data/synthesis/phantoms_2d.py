@@ -13,6 +13,7 @@ can be generated independently.
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +26,12 @@ SUPERSAMPLE = 4  # vessels are drawn on a 4x finer grid, then area-averaged (par
 
 
 def _blob(
-    yy: np.ndarray, xx: np.ndarray, rng: np.random.Generator, center, radii, wobble: float
+    yy: np.ndarray,
+    xx: np.ndarray,
+    rng: np.random.Generator,
+    center: Sequence[float] | np.ndarray,
+    radii: Sequence[float] | np.ndarray,
+    wobble: float,
 ) -> np.ndarray:
     """Boolean ellipse whose radius is modulated by a few low-order harmonics."""
     dy, dx = (yy - center[0]) / radii[0], (xx - center[1]) / radii[1]

@@ -81,7 +81,7 @@ def phantom_volume(
     xyz = ijk @ affine[:3, :3].T + affine[:3, 3]  # world position of every voxel centre, mm
     extent = np.asarray(shape) * np.asarray(spacing) / 2
 
-    def ellipsoid(center, radii) -> np.ndarray:
+    def ellipsoid(center: np.ndarray, radii: np.ndarray | float) -> np.ndarray:
         return (((xyz - center) / radii) ** 2).sum(-1) <= 1
 
     center = affine[:3, 3] + affine[:3, :3] @ ((np.asarray(shape) - 1) / 2)
