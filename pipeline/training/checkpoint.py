@@ -129,7 +129,7 @@ class SafeCheckpointIO(TorchCheckpointIO):
         self, checkpoint: dict[str, Any], path: str | os.PathLike, storage_options: Any | None = None
     ) -> None:
         if storage_options is not None or "://" in str(path):
-            super().save_checkpoint(checkpoint, path, storage_options)
+            super().save_checkpoint(checkpoint, os.fspath(path), storage_options)
             return
         save_checkpoint(checkpoint, path)
 

@@ -65,7 +65,8 @@ class StepChecks:
 
     def record(self, bad: Tensor, step: int, loss: Tensor, norm: Tensor) -> None:
         """Note optimiser step ``step``: ``bad`` (0-d bool), its ``loss`` and gradient ``norm``; device ops only."""
-        if self._first is None or self._first.device != bad.device:  # once per fit; a fill, not a copy
+        if self._first is None or self._values is None or self._first.device != bad.device:
+            # once per fit; a fill, not a copy
             self._first = torch.full((), NO_STEP, dtype=torch.int64, device=bad.device)
             self._values = torch.zeros(2, device=bad.device)
         first = bad & (self._first == NO_STEP)

@@ -41,10 +41,13 @@ def planned_steps(trainer: pl.Trainer) -> float:
     """The optimiser steps the run will take: the trainer's estimate (epochs or max_steps), or
     fewer when ``max_time`` will stop it first (steps so far x budget / time used)."""
     steps = float(trainer.estimated_stepping_batches)
-    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
-    if timer is not None and timer.time_remaining("train") is not None and trainer.global_step > 0:
+    # Lightning's callback connector sets trainer.callbacks; the Trainer class does not declare it
+    callbacks = trainer.callbacks  # type: ignore[attr-defined]
+    timer = next((c for c in callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining("train") if timer is not None else None
+    if timer is not None and remaining is not None and trainer.global_step > 0:
         elapsed = timer.time_elapsed("train")
         if elapsed > 0:
-            budget = elapsed + max(0.0, timer.time_remaining("train"))
+            budget = elapsed + max(0.0, remaining)
             steps = min(steps, trainer.global_step * budget / elapsed)
     return float(trainer.strategy.broadcast(steps))

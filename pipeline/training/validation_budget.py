@@ -55,7 +55,9 @@ class ValidationBudget(Callback):
             return True
         if trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1:
             return True
-        timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+        # Lightning's callback connector sets trainer.callbacks; the Trainer class does not declare it
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        timer = next((c for c in callbacks if isinstance(c, Timer)), None)
         remaining = timer.time_remaining("train") if timer is not None else None
         if remaining is not None and remaining < 2 * self.epoch_seconds + self.validation_seconds:
             return True  # the budget may not reach the next epoch's end
