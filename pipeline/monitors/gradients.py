@@ -88,7 +88,10 @@ class GradientFlowMonitor(pl.Callback):
         self._index = None
 
     def _every(self, trainer: pl.Trainer) -> int:
-        return trainer.log_every_n_steps if self.log_every_n_steps is None else self.log_every_n_steps
+        if self.log_every_n_steps is not None:
+            return self.log_every_n_steps
+        # Lightning's logger connector sets trainer.log_every_n_steps; the Trainer class does not declare it
+        return int(trainer.log_every_n_steps)  # type: ignore[attr-defined]
 
     def on_before_optimizer_step(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, optimizer: torch.optim.Optimizer
@@ -99,15 +102,15 @@ class GradientFlowMonitor(pl.Callback):
         grads = [p.grad for p in self._params]
         if self._index is None:
             self._index = layer_index(self.layers, self._params[0].device)
-        index, present = self._index, range(len(self.layers))
-        if any(g is None for g in grads):  # frozen or unused parameters: their layers sit this one out
+        index, present = self._index, list(range(len(self.layers)))
+        found = [g for g in grads if g is not None]
+        if len(found) < len(grads):  # frozen or unused parameters: their layers sit this one out
             keep = [i for i, g in enumerate(grads) if g is not None]
             if not keep:
                 return
-            grads = [grads[i] for i in keep]
             index = self._index[torch.tensor(keep, device=self._index.device)]
             present = sorted({self._param_layer[i] for i in keep})
-        *norms, total = grouped_norms(grads, index, len(self.layers)).tolist()  # the one host sync
+        *norms, total = grouped_norms(found, index, len(self.layers)).tolist()  # the one host sync
         has_grad = np.zeros(len(self.layers), dtype=bool)
         has_grad[list(present)] = True
         self._record(trainer, np.where(has_grad, norms, np.nan), has_grad, total)

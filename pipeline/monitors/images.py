@@ -52,7 +52,9 @@ class PredictionImageLogger(FixedSampleCallback):
             return
         import wandb  # only with a W&B run: importing wandb costs about a second
 
-        names = getattr(pl_module, "class_names", None) or getattr(trainer.datamodule, "class_names", [])
+        # Lightning's data connector sets trainer.datamodule; the Trainer class does not declare it
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
+        names = getattr(pl_module, "class_names", None) or getattr(datamodule, "class_names", [])
         labels = {i: name for i, name in enumerate(names)}
         predict = self.predictor(pl_module)
         with torch.no_grad():

@@ -122,10 +122,11 @@ class TestReport(pl.Callback):
             import wandb
 
             cells = [[None if isinstance(v, float) and math.isnan(v) else v for v in row] for row in rows]
+            table_columns: list[str | int] = list(header)  # wandb's type for columns (a list is invariant)
             log_media(
                 trainer,
                 {
-                    "test/cases": wandb.Table(columns=header, data=cells),
+                    "test/cases": wandb.Table(columns=table_columns, data=cells),
                     "plots/test_confusion": wandb.Image(str(png)),
                 },
             )

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import TYPE_CHECKING, cast
 
 import pytorch_lightning as pl
 import torch
 from torch import Tensor
+
+if TYPE_CHECKING:
+    from pipeline.training.module import SegmentationModule
 
 
 class FixedSamples:
@@ -111,7 +115,8 @@ class FixedSampleCallback(pl.Callback):
         dataloader_idx: int = 0,
     ) -> None:
         if self.every_n_epochs and dataloader_idx == 0 and trainer.is_global_zero:
-            dims, patch = pl_module.spatial_dims, pl_module.patch_size
+            module = cast("SegmentationModule", pl_module)  # the module these callbacks watch
+            dims, patch = module.spatial_dims, module.patch_size
             self.samples.capture(batch, dims, patch[0] if dims == 3 and patch else 1)
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

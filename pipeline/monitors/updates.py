@@ -58,9 +58,9 @@ class WeightUpdateMonitor(pl.Callback):
         params = [p.detach() for layer in self.layers for p in layer.params]
         index = layer_index(self.layers, params[0].device)
         n = len(self.layers)
-        before = grouped_norms(start, index, n)
+        start_norms = grouped_norms(start, index, n)
         torch._foreach_sub_(start, params)  # reuse the copy for the differences
-        norms = torch.cat([before, grouped_norms(start, index, n)]).tolist()  # one host sync
+        norms = torch.cat([start_norms, grouped_norms(start, index, n)]).tolist()  # one host sync
         before, moved = norms[:n], norms[n + 1 : 2 * n + 1]
         self.last = {}
         for layer, b, m in zip(self.layers, before, moved, strict=True):

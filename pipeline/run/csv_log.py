@@ -9,6 +9,7 @@ after its last checkpoint are dropped, because the resumed run logs those steps 
 from __future__ import annotations
 
 import csv
+from typing import cast
 
 from pytorch_lightning.loggers import CSVLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
@@ -32,7 +33,8 @@ class _KeepingWriter(ExperimentWriter):
                 for row in self._kept
                 if row.get("step") and int(float(row["step"])) < first
             ]
-            self.metrics = earlier + self.metrics
+            # the kept rows hold the CSV's strings, written back as they were read
+            self.metrics = cast(list[dict[str, float]], earlier) + self.metrics
             self._kept = None
         super().save()
 
@@ -46,4 +48,5 @@ class ResumedCSVLogger(CSVLogger):
         if self._experiment is None:
             self._fs.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _KeepingWriter(log_dir=self.log_dir)
+        assert isinstance(self._experiment, ExperimentWriter)  # Lightning types it as Fabric's base class
         return self._experiment

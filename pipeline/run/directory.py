@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal
 
 from pipeline.errors import DataError
 from pipeline.files import read_json
@@ -47,7 +48,7 @@ class RunConfig:
     wandb: bool = True
     project: str = "medseg"
     tags: list[str] = field(default_factory=list)
-    log_model: bool | str = False
+    log_model: bool | Literal["all"] = False
     sync_every_n_steps: int | None = None
 
     def __post_init__(self) -> None:

@@ -7,6 +7,7 @@ import netrc
 import os
 import sys
 from pathlib import Path
+from typing import Any, Protocol
 
 from pytorch_lightning.loggers import CSVLogger, Logger, WandbLogger
 from pytorch_lightning.utilities import rank_zero_info
@@ -81,7 +82,15 @@ def build_loggers(
 SUMMARIES = {"val/dice": "max,last", "val/loss": "min,last"}  # W&B run summary: best and final
 
 
-def define_summaries(experiment: object) -> None:
+class MetricDefiner(Protocol):
+    """What ``define_summaries`` needs of a W&B run (``WandbLogger.experiment``)."""
+
+    def define_metric(
+        self, name: str, *, step_metric: str | None = None, summary: str | None = None
+    ) -> Any: ...
+
+
+def define_summaries(experiment: MetricDefiner) -> None:
     """W&B summaries of the key metrics: ``val/dice`` max and ``val/loss`` min (and the last of each)."""
     for key, summary in SUMMARIES.items():
         experiment.define_metric(key, step_metric="trainer/global_step", summary=summary)

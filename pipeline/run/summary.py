@@ -41,7 +41,7 @@ class RunSummary(pl.Callback):
     ) -> None:
         self.run_dir = Path(run_dir)
         self.meta = {"run_name": run_name, "experiment": experiment, "dataset": dataset, "seed": seed}
-        self.best: dict[str, float] = {}
+        self.best: dict[str, object] = {}  # the validation metrics of the best epoch, its epoch and step
         self.epoch_seconds: list[float] = []
         self._epoch_start = 0.0
         self.status = "running"
@@ -49,7 +49,8 @@ class RunSummary(pl.Callback):
     @rank_zero_only
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        datamodule = trainer.datamodule
+        # Lightning's data connector sets trainer.datamodule; the Trainer class does not declare it
+        datamodule = trainer.datamodule  # type: ignore[attr-defined]
         if datamodule is not None and getattr(datamodule, "split", None):
             write_json(self.run_dir / "split.json", datamodule.split)
         if getattr(datamodule, "plan", None) is not None:
@@ -69,8 +70,8 @@ class RunSummary(pl.Callback):
         if trainer.sanity_checking:
             return
         metrics = {k: _plain(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
-        dice = metrics.get("val/dice")
-        if dice is not None and (not self.best or dice > self.best.get("val/dice", -1.0)):
+        dice, best = metrics.get("val/dice"), self.best.get("val/dice")
+        if isinstance(dice, (int, float)) and (not isinstance(best, (int, float)) or dice > best):
             self.best = {**metrics, "epoch": trainer.current_epoch, "step": trainer.global_step}
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -109,7 +110,8 @@ class RunSummary(pl.Callback):
             "best": self.best,
             "final": {k: _plain(v) for k, v in sorted(trainer.callback_metrics.items())},
         }
-        for callback in trainer.callbacks:
+        # Lightning's callback connector sets trainer.callbacks; the Trainer class does not declare it
+        for callback in trainer.callbacks:  # type: ignore[attr-defined]
             if callback is not self and hasattr(callback, "summary"):
                 summary[type(callback).__name__] = callback.summary()
         write_json(self.run_dir / "summary.json", summary)
