@@ -116,6 +116,7 @@ def check(opts: argparse.Namespace) -> None:
 def prepare(opts: argparse.Namespace) -> None:
     """Plan the data set and resample every case into the cache, as ``medseg fit`` would."""
     from pipeline.cli.plan import plan_table, planned_datamodule
+    from pipeline.data.loading.sources import VolumeSource
 
     dm, plan = planned_datamodule(opts.fit_args)
     if plan is None:
@@ -123,7 +124,9 @@ def prepare(opts: argparse.Namespace) -> None:
         return
     dm.setup("fit")
     print(plan_table(dm, plan))
-    grid = dm.cache_dir / "grids" / dm.source.grid
+    source = dm.source
+    assert isinstance(source, VolumeSource) and source.grid is not None  # planned volumes, set up
+    grid = dm.cache_dir / "grids" / source.grid
     print(f"cache {dm.cache_dir}: {len(dm.cases)} cases; resampled to {grid}")
 
 

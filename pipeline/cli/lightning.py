@@ -18,7 +18,9 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
+import pytorch_lightning as pl
 from pytorch_lightning import Callback
 from pytorch_lightning.callbacks import ModelCheckpoint, ProgressBar
 from pytorch_lightning.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -61,7 +63,7 @@ def flatten(config: dict, prefix: str = "") -> dict:
 class SaveAndLogConfig(SaveConfigCallback):
     """Writes ``config.yaml`` to the run directory and, in a fit, the flat config to every logger."""
 
-    def save_config(self, trainer, pl_module, stage: str) -> None:
+    def save_config(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         if stage != "fit":  # validate/test keep the training run's W&B config as it is
             return
         config = flatten(self.config.as_dict())
@@ -74,7 +76,7 @@ class SaveAndLogConfig(SaveConfigCallback):
 
 
 def always_on_callbacks(
-    subcommand: str, identity: RunIdentity, run: RunConfig, seed: int | None
+    subcommand: str | None, identity: RunIdentity, run: RunConfig, seed: int | None
 ) -> list[Callback]:
     """The callbacks every fit gets, in this order: ``DivergenceGuard`` before ``RunSummary``, so its
     ``on_exception`` runs first and ``summary.json`` records it; ``SigtermCheckpoint`` after every
@@ -88,7 +90,7 @@ def always_on_callbacks(
     return [DivergenceGuard(checks=checks), BatchSeed(), TrainingCurves(), summary, SigtermCheckpoint(checks)]
 
 
-def record_network_spec(class_type: type, *args, **kwargs) -> object:
+def record_network_spec(class_type: type, *args: Any, **kwargs: Any) -> object:
     """jsonargparse instantiator for networks: builds one and, for a network of another library,
     records its class path and init args, so checkpoints can rebuild it (``pipeline.models``)."""
     net = class_type(*args, **kwargs)
@@ -123,7 +125,7 @@ class MedsegCLI(LightningCLI):
         super().instantiate_classes()
         net_spec(self.model.net)  # a network that cannot be saved fails now, not at the first save
 
-    def instantiate_trainer(self, **kwargs) -> object:
+    def instantiate_trainer(self, **kwargs: Any) -> pl.Trainer:
         # LightningCLI builds the trainer inside instantiate_classes, right after the data module:
         # the plan made above goes to it before the preflight's setup(), which then plans nothing
         if self.plan is not None:
@@ -171,7 +173,8 @@ class MedsegCLI(LightningCLI):
         """A fit that does not resume this run's own checkpoint must not write into another run:
         True when that run is to be replaced (``run.overwrite``). Checked once, by the process
         that starts the fit (DDP workers started later find the directory in use by their own run)."""
-        if self.subcommand != "fit" or rank_zero_only.rank != 0:
+        # rank_zero_only.rank: set by Lightning on the function at import, undeclared in its type
+        if self.subcommand != "fit" or rank_zero_only.rank != 0:  # type: ignore[attr-defined]
             return False
         own = run_dir / "checkpoints"
         resuming = (ckpt_path == "last" and (own / "last.ckpt").is_file()) or (

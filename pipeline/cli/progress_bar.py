@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytorch_lightning as pl
 from pytorch_lightning.callbacks import RichProgressBar
 
@@ -23,9 +25,7 @@ class ThrottledProgressBar(RichProgressBar):
         **kwargs: ``RichProgressBar``'s arguments.
     """
 
-    def __init__(
-        self, every_n_steps: int | None = None, metric: str = "train/loss", **kwargs: object
-    ) -> None:
+    def __init__(self, every_n_steps: int | None = None, metric: str = "train/loss", **kwargs: Any) -> None:
         if every_n_steps is not None and every_n_steps < 1:
             raise ValueError(
                 f"every_n_steps must be None (1 on a CPU, 50 on a GPU) or >= 1, got {every_n_steps}"

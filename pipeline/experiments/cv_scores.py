@@ -67,10 +67,12 @@ def case_labels(
     """
     if not prediction.is_file():
         raise DataError(prediction, f"the out-of-fold prediction of {case.case_id} is missing")
+    if case.mask is None:
+        raise DataError(case.images[0], f"{case.case_id} has no ground truth mask to score against")
+    spacing: tuple[float, ...] | None
     if is_volume_case(case):
-        truth = read_mask(case.mask, label_map)
-        predicted, spacing = read_mask(prediction).array, truth.spacing
-        truth = truth.array
+        volume = read_mask(case.mask, label_map)
+        truth, predicted, spacing = volume.array, read_mask(prediction).array, volume.spacing
     else:
         truth = apply_label_map(read_mask_2d(case.mask), label_map)
         predicted, spacing = read_mask_2d(prediction), None
@@ -168,7 +170,7 @@ def mean_sd(rows: Sequence[dict[str, float | None]]) -> dict[str, dict[str, floa
     """Key-wise mean and sample standard deviation over rows (the folds)."""
     out = {}
     for key in dict.fromkeys(k for row in rows for k in row):
-        values = [row[key] for row in rows if row.get(key) is not None]
+        values = [value for row in rows if (value := row.get(key)) is not None]
         out[key] = {
             "mean": statistics.fmean(values) if values else None,
             "sd": statistics.stdev(values) if len(values) > 1 else None,
@@ -180,21 +182,18 @@ def summarise(results: Sequence[CaseResult], folds: int, class_names: Sequence[s
     """Per fold, mean ± sd over folds, pooled over every case, and the postprocessing decision."""
     decision = choose_postprocessing(results, class_names)
     adopted = decision["largest_component"]
-    per_fold = []
+    per_fold, scores, postprocessed = [], [], []
     for fold in range(folds):
         rows = [r for r in results if r.fold == fold]
+        scores.append(mean_scores([r.scores for r in rows]))
+        postprocessed.append(mean_scores([postprocessed_dice(r, adopted, class_names) for r in rows]))
         per_fold.append(
-            {
-                "fold": fold,
-                "cases": len(rows),
-                "scores": mean_scores([r.scores for r in rows]),
-                "postprocessed": mean_scores([postprocessed_dice(r, adopted, class_names) for r in rows]),
-            }
+            {"fold": fold, "cases": len(rows), "scores": scores[-1], "postprocessed": postprocessed[-1]}
         )
     return {
         "folds": per_fold,
-        "mean_sd": mean_sd([f["scores"] for f in per_fold]),
-        "mean_sd_postprocessed": mean_sd([f["postprocessed"] for f in per_fold]),
+        "mean_sd": mean_sd(scores),
+        "mean_sd_postprocessed": mean_sd(postprocessed),
         "pooled": mean_scores([r.scores for r in results]),
         "postprocessing": decision,
         "cases": [

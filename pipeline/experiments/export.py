@@ -30,6 +30,7 @@ from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import DataError
 from pipeline.files import atomic_write, write_json
 from pipeline.training.checkpoint import load_model
+from pipeline.training.module import SegmentationModule
 
 log = logging.getLogger(__name__)
 FORMATS = {"onnx": "model.onnx", "torchscript": "model.pt"}
@@ -116,7 +117,7 @@ def parity(net: nn.Module, run: Callable[[Tensor], np.ndarray], inputs: Sequence
     return checks
 
 
-def describe(prep: Preprocessing, format: str, module: nn.Module, checks: list[dict]) -> dict:
+def describe(prep: Preprocessing, format: str, module: SegmentationModule, checks: list[dict]) -> dict:
     """The content of ``preprocessing.json``."""
     spatial = ["S", "H", "W"][-prep.spatial_dims :]
     hparams = module.hparams
@@ -140,7 +141,11 @@ def describe(prep: Preprocessing, format: str, module: nn.Module, checks: list[d
         "slice_axis": prep.slice_axis if prep.volumetric else None,
         "target_spacing": list(prep.target_spacing) if prep.target_spacing else None,
         "patch_size": list(prep.patch_size) if prep.patch_size else None,
-        "sliding_window": {"overlap": hparams.sw_overlap, "mode": "gaussian", "batch": hparams.sw_batch_size},
+        "sliding_window": {
+            "overlap": hparams["sw_overlap"],
+            "mode": "gaussian",
+            "batch": hparams["sw_batch_size"],
+        },
         "steps": STEPS,
         "checked": checks,
         "preprocessing": prep.to_checkpoint(),

@@ -64,16 +64,18 @@ class Ensemble(nn.Module):
         count = len(self.members)
         total: Tensor | None = None
         for i, member in enumerate(self.members):
+            assert isinstance(member, SegmentationModule)  # the only members __init__ takes
             told = None if progress is None else lambda fraction, i=i: progress((i + fraction) / count)
             probs = volume_probabilities(
                 member.predict_logits,
                 image,
                 member.spatial_dims,
-                chunk or member.hparams.sw_batch_size,
+                chunk or member.hparams["sw_batch_size"],
                 tta,
                 told,
             )
             total = probs if total is None else total.add_(probs)
+        assert total is not None  # __init__ refuses fewer than 2 members
         probs = total / count
         return labels_from_probabilities(probs, size or probs.shape[1:]), probs
 

@@ -10,13 +10,17 @@ or of 3D sliding windows).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, cast
 
 import pytorch_lightning as pl
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from pipeline.data.reading.registry import read_header
 from pipeline.errors import DataError
 from pipeline.inference.cases import InputCase
+
+if TYPE_CHECKING:
+    from pipeline.inference.predictor import CasePredictor
 
 
 def input_slices(case: InputCase, slice_axis: int) -> int:
@@ -46,7 +50,7 @@ class SliceProgress(pl.Callback):
         self.names = [case.name for case in cases]
         self.done: dict[int, float] = {}  # case index -> fraction segmented
         self._bar: Progress | None = None
-        self._task = 0
+        self._task = TaskID(0)
 
     def on_predict_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not trainer.is_global_zero:
@@ -61,7 +65,7 @@ class SliceProgress(pl.Callback):
         )
         self._task = self._bar.add_task("infer", total=sum(self.slices[i] for i in own) or 1, case="")
         self._bar.start()
-        pl_module.report_progress = self.advance
+        cast("CasePredictor", pl_module).report_progress = self.advance  # the module medseg infer runs
 
     def advance(self, index: int, fraction: float) -> None:
         """The predictor has segmented ``fraction`` (0-1) of case ``index``."""

@@ -191,7 +191,7 @@ class CaseWriter(BasePredictionWriter):
         self._write_table(self._partial(trainer.global_rank), self.rows, header)
         trainer.strategy.barrier("medseg-infer-rows")
         if trainer.is_global_zero:
-            rows = []
+            rows: list[dict[str, str]] = []
             for rank in range(trainer.world_size):
                 part = self._partial(rank)
                 with part.open(newline="") as f:
