@@ -20,6 +20,15 @@ Also, for the planned 2D model: each held-out scan resampled to another spacing 
 coarser, slices 2x finer, written with its true affine) against the scan at its own spacing, and
 whether every written mask has its input's shape and affine (to 1e-6).
 Results: ``results/volume_plan.json`` and a markdown table (``--output``).
+
+On a real task instead of generated volumes (``--data``, MSD layout; the classes from its
+``dataset.json``), e.g. the CHAOS MR set with 4 cases held out::
+
+    python benchmarks/volume_plan.py --data ../shared/data/chaos_mr_t2 --test-cases 4 --minutes 15 \
+        --arms planned_2d planned_3d basicunet_loop --loop-patch 128 --output benchmarks/results/chaos.json
+
+The plain loop's batch holds the same voxels a step whatever its patch (32 x 64 x 64 = 131,072, the
+plan's CPU budget), so a larger patch for larger slices costs it no compute.
 """
 
 from __future__ import annotations
@@ -47,7 +56,7 @@ from pipeline.data.cache.resample import resampled_shape  # noqa: E402
 from pipeline.run.naming import dataset_name  # noqa: E402
 
 CONFIGS = REPO / "configs"
-CLASSES = ("organ", "lesion")
+LOOP_STEP_VOXELS = 32 * 64 * 64  # the plain loop's voxels a step (batch x patch x patch)
 ARMS = ("planned_2d", "template_256", "basicunet_loop", "planned_3d")
 
 
@@ -56,11 +65,20 @@ def medseg(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "pipeline", *args], cwd=REPO, check=True)
 
 
-def make_data(work: Path, cases: int, seed: int, test_share: float) -> tuple[Path, dict]:
-    """Generated volumes and one split for every arm: (data folder, split dict). The folder is named
-    by its case count and seed, so a work folder of an earlier run with other settings is not reused."""
-    data = work / f"volumes-{cases}-s{seed}"
-    if not (data / "dataset.json").is_file():
+def class_names(data: Path) -> tuple[str, ...]:
+    """The foreground classes of an MSD ``dataset.json``, in label order."""
+    labels = json.loads((data / "dataset.json").read_text())["labels"]
+    return tuple(name for _, name in sorted((int(k), v) for k, v in labels.items()))[1:]
+
+
+def make_data(
+    work: Path, cases: int, seed: int, test_cases: int, given: Path | None = None
+) -> tuple[Path, dict]:
+    """The data (``given``, or generated volumes) and one split for every arm: (data folder, split
+    dict). A generated folder is named by its case count and seed, so a work folder of an earlier
+    run with other settings is not reused."""
+    data = given or work / f"volumes-{cases}-s{seed}"
+    if given is None and not (data / "dataset.json").is_file():
         medseg(
             "data",
             "synth",
@@ -72,9 +90,10 @@ def make_data(work: Path, cases: int, seed: int, test_share: float) -> tuple[Pat
             "--seed",
             str(seed),
         )
+    work.mkdir(parents=True, exist_ok=True)
     ids = sorted(p.name[: -len(".nii.gz")] for p in (data / "imagesTr").glob("*.nii.gz"))
     order = [ids[i] for i in np.random.default_rng(seed).permutation(len(ids))]
-    n_test, n_val = round(len(ids) * test_share), max(2, round(len(ids) * 0.15))
+    n_test, n_val = test_cases, max(2, round(len(ids) * 0.15))
     split = {"test": sorted(order[:n_test]), "val": sorted(order[n_test : n_test + n_val])}
     split["train"] = sorted(order[n_test + n_val :])
     (work / "split.json").write_text(json.dumps(split, indent=2))
@@ -112,17 +131,19 @@ def axial(path: Path) -> np.ndarray:
     return np.moveaxis(np.asanyarray(nib.load(path).dataobj), 2, 0)
 
 
-def plain_loop(work: Path, data: Path, split: dict, minutes: float, seed: int) -> tuple[Path, int]:
-    """The afternoon peer: 2D BasicUNet on random 64 x 64 axial patches for ``minutes``; writes its
-    predictions of the test cases (NIfTI, the inputs' geometry); returns (their folder, steps)."""
+def plain_loop(
+    work: Path, data: Path, split: dict, minutes: float, seed: int, patch: int, classes: int
+) -> tuple[Path, int]:
+    """The afternoon peer: 2D BasicUNet on random ``patch`` x ``patch`` axial patches for ``minutes``;
+    writes its predictions of the test cases (NIfTI, the inputs' geometry); returns (their folder, steps)."""
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     images = {c: zscore(axial(data / "imagesTr" / f"{c}.nii.gz")) for c in split["train"]}
     labels = {c: axial(data / "labelsTr" / f"{c}.nii.gz").astype(np.int64) for c in split["train"]}
-    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1 + len(CLASSES))
+    net = BasicUNet(spatial_dims=2, in_channels=1, out_channels=1 + classes)
     optimizer = torch.optim.Adam(net.parameters(), 1e-3)
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True)
-    patch, batch, cases, steps = 64, 32, list(images), 0
+    batch, cases, steps = LOOP_STEP_VOXELS // patch**2, list(images), 0
     end = time.perf_counter() + minutes * 60
     while time.perf_counter() < end:
         xs, ys = [], []
@@ -164,28 +185,30 @@ def _pad(plane: np.ndarray, size: int) -> np.ndarray:
     return np.pad(plane, ((0, rows), (0, cols)), constant_values=plane.min()) if rows or cols else plane
 
 
-def dice_per_case(predictions: Path, truth: Path, cases: list[str]) -> dict[str, dict[str, float]]:
+def dice_per_case(
+    predictions: Path, truth: Path, cases: list[str], classes: tuple[str, ...]
+) -> dict[str, dict[str, float]]:
     """{case: {class: 3D Dice}} on the case's own grid; NaN where both lack the class."""
     scores = {}
     for case in cases:
         pred = np.asanyarray(nib.load(predictions / f"{case}.nii.gz").dataobj)
         true = np.asanyarray(nib.load(truth / f"{case}.nii.gz").dataobj)
         scores[case] = {}
-        for k, name in enumerate(CLASSES, start=1):
+        for k, name in enumerate(classes, start=1):
             p, t = pred == k, true == k
             total = p.sum() + t.sum()
             scores[case][name] = float(2 * (p & t).sum() / total) if total else float("nan")
     return scores
 
 
-def summarise(scores: dict[str, dict[str, float]]) -> dict[str, float]:
+def summarise(scores: dict[str, dict[str, float]], classes: tuple[str, ...]) -> dict[str, float]:
     """Mean per-case Dice per class and over the classes."""
-    out = {name: float(np.nanmean([s[name] for s in scores.values()])) for name in CLASSES}
-    out["mean"] = float(np.mean([out[name] for name in CLASSES]))
+    out = {name: float(np.nanmean([s[name] for s in scores.values()])) for name in classes}
+    out["mean"] = float(np.mean([out[name] for name in classes]))
     return out
 
 
-def resampled_copies(data: Path, cases: list[str], work: Path) -> Path:
+def resampled_copies(data: Path, cases: list[str], work: Path, classes: tuple[str, ...]) -> Path:
     """The test scans at another spacing (in-plane 1.5x coarser, slices 2x finer), written with
     their true affine, and their labels sampled at the same points (each class's indicator linearly,
     then the arg max); returns the folder (imagesTr/labelsTr)."""
@@ -205,7 +228,7 @@ def resampled_copies(data: Path, cases: list[str], work: Path) -> Path:
                 ndimage.map_coordinates(
                     (np.asanyarray(label.dataobj) == k).astype(np.float32), coords, order=1
                 )
-                for k in range(1 + len(CLASSES))
+                for k in range(1 + len(classes))
             ],
             axis=0,
         ).astype(np.uint8)
@@ -230,13 +253,15 @@ def infer(checkpoint: Path, inputs: Path, cases: list[str], output: Path) -> Pat
     return output
 
 
-def respaced_scores(work: Path, data: Path, test: list[str], own: dict[str, float]) -> dict:
+def respaced_scores(
+    work: Path, data: Path, test: list[str], own: dict[str, float], classes: tuple[str, ...]
+) -> dict:
     """The planned 2D model on the test scans at another spacing, against ``own`` (its Dice at
     their own spacing), and whether every mask it wrote kept its input's shape and affine."""
-    respaced = resampled_copies(data, test, work)
+    respaced = resampled_copies(data, test, work, classes)
     checkpoint = work / "runs" / "default" / dataset_name(data) / "planned_2d" / "checkpoints" / "best.ckpt"
     out = infer(checkpoint, respaced / "imagesTr", test, work / "predictions" / "respaced")
-    moved = summarise(dice_per_case(out, respaced / "labelsTr", test))
+    moved = summarise(dice_per_case(out, respaced / "labelsTr", test, classes), classes)
     return {
         "dice": moved,
         "difference": {k: moved[k] - own[k] for k in own},
@@ -248,6 +273,11 @@ def respaced_scores(work: Path, data: Path, test: list[str], own: dict[str, floa
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cases", type=int, default=40, help="generated volumes (default: %(default)s)")
+    parser.add_argument("--data", type=Path, default=None, help="an MSD task instead of generated volumes")
+    parser.add_argument("--test-cases", type=int, default=10, help="cases held out (default: %(default)s)")
+    parser.add_argument(
+        "--loop-patch", type=int, default=64, help="the plain loop's patch side (default: 64)"
+    )
     parser.add_argument("--minutes", type=float, default=8.0, help="wall time per arm (default: %(default)s)")
     parser.add_argument("--arms", nargs="+", choices=ARMS, default=list(ARMS))
     parser.add_argument("--seed", type=int, default=0)
@@ -259,44 +289,51 @@ def main(argv: list[str] | None = None) -> dict:
         help="only measure the respaced scans again, with the planned_2d run in --work, into --output",
     )
     opts = parser.parse_args(argv)
-    data, split = make_data(opts.work, opts.cases, opts.seed, test_share=0.25)
-    test, truth = split["test"], data / "labelsTr"
+    data, split = make_data(opts.work, opts.cases, opts.seed, opts.test_cases, opts.data)
+    test, truth, classes = split["test"], data / "labelsTr", class_names(data)
     if opts.respaced_only:
         result = json.loads(opts.output.read_text())
-        result["respaced"] = respaced_scores(opts.work, data, test, result["arms"]["planned_2d"]["dice"])
+        result["respaced"] = respaced_scores(
+            opts.work, data, test, result["arms"]["planned_2d"]["dice"], classes
+        )
         write_json(opts.output, result)
         print("respaced test scans:", result["respaced"])
         return result
-    result = {"machine": machine_info(), "load_start": load_average(), "cases": opts.cases, "split": split,
-              "minutes_per_arm": opts.minutes, "arms": {}}  # fmt: skip
+    result = {"machine": machine_info(), "load_start": load_average(), "data": str(opts.data or "generated"),
+              "cases": sum(map(len, split.values())), "split": split, "minutes_per_arm": opts.minutes,
+              "loop_patch": opts.loop_patch, "arms": {}}  # fmt: skip
     extra = {"template_256": ("--data.patch_size", "[256, 256]", "--data.batch_size", "8")}
     model = {"planned_3d": "unet3d"}
     for arm in opts.arms:
         start = time.perf_counter()
         if arm == "basicunet_loop":
-            predictions, steps = plain_loop(opts.work, data, split, opts.minutes, opts.seed)
+            predictions, steps = plain_loop(
+                opts.work, data, split, opts.minutes, opts.seed, opts.loop_patch, len(classes)
+            )
         else:
             checkpoint, steps = fit_medseg(
                 opts.work, data, arm, opts.minutes, model.get(arm, "unet"), *extra.get(arm, ())
             )
             predictions = infer(checkpoint, data / "imagesTr", test, opts.work / "predictions" / arm)
-        scores = dice_per_case(predictions, truth, test)
+        scores = dice_per_case(predictions, truth, test, classes)
         result["arms"][arm] = {
-            "dice": summarise(scores),
+            "dice": summarise(scores, classes),
             "per_case": scores,
             "steps": steps,
             "seconds": time.perf_counter() - start,
         }
         print(arm, result["arms"][arm]["dice"], flush=True)
-    if "planned_2d" in opts.arms:
-        result["respaced"] = respaced_scores(opts.work, data, test, result["arms"]["planned_2d"]["dice"])
+    if "planned_2d" in opts.arms and opts.data is None:
+        result["respaced"] = respaced_scores(
+            opts.work, data, test, result["arms"]["planned_2d"]["dice"], classes
+        )
     result["load_end"] = load_average()
     write_json(opts.output, result)
     rows = [
-        (arm, r["steps"], *(f"{r['dice'][k]:.3f}" for k in (*CLASSES, "mean")))
+        (arm, r["steps"], *(f"{r['dice'][k]:.3f}" for k in (*classes, "mean")))
         for arm, r in result["arms"].items()
     ]
-    table = markdown_table(("arm", "steps", *(f"Dice {c}" for c in CLASSES), "mean Dice"), rows)
+    table = markdown_table(("arm", "steps", *(f"Dice {c}" for c in classes), "mean Dice"), rows)
     opts.output.with_suffix(".md").write_text(table + "\n")
     print(table)
     if "respaced" in result:
