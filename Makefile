@@ -16,7 +16,7 @@ CONFIGS := -c configs/default.yaml -c configs/model/$(MODEL).yaml -c configs/dat
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train infer cv ablation compare bench gpu-check test test-slow lint clean
+.PHONY: help install data train infer cv ablation compare bench gpu-check test test-slow lint typecheck clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -62,9 +62,13 @@ test: install ## run the test suite (CPU, a few minutes)
 test-slow: install ## run only the slow checks
 	$(BIN)/pytest -q -m slow $(PYTEST_ARGS)
 
-lint: install ## check style with ruff
+lint: install ## check style with ruff, then types with mypy (make typecheck)
 	$(BIN)/ruff check pipeline tests benchmarks notebooks
 	$(BIN)/ruff format --check pipeline tests benchmarks notebooks
+	$(BIN)/mypy
+
+typecheck: install ## check the types of pipeline/ with mypy (settings: [tool.mypy] in pyproject.toml)
+	$(BIN)/mypy
 
 clean: ## remove generated data, runs and caches (keeps .venv)
-	rm -rf data/synthetic runs .pytest_cache .ruff_cache
+	rm -rf data/synthetic runs .pytest_cache .ruff_cache .mypy_cache
