@@ -176,6 +176,13 @@ def surface_dice_per_image(
     return surface_scores_per_image(pred, target, num_classes, spacing, tolerance)["surface_dice"]
 
 
+def _append(state: list[Tensor] | Tensor, value: Tensor) -> None:
+    """Add one update's tensor to a ``cat`` state, a list whenever ``update`` runs: torchmetrics
+    swaps in the synced tensor only inside ``compute`` and restores the list after."""
+    assert isinstance(state, list), "update on a synced metric"
+    state.append(value)
+
+
 def _cat(state: list[Tensor] | Tensor) -> Tensor | None:
     """A list state (before sync) or a tensor state (after a ``cat`` sync) as one tensor; None if empty."""
     if isinstance(state, list):
@@ -211,6 +218,11 @@ class SegmentationMetrics(Metric):
     """
 
     full_state_update = False
+    # "cat" states (add_state): a list of per-update tensors; one tensor while synced in compute
+    confusion: list[Tensor] | Tensor  # (N, C, C) counts per item
+    hausdorff: list[Tensor] | Tensor  # (N, C) HD95
+    surface: list[Tensor] | Tensor  # (N, C) surface Dice
+    index: list[Tensor] | Tensor  # (N,) sample ids
 
     def __init__(
         self, class_names: Sequence[str], hd95: bool = True, surface_tolerance: float | None = None
@@ -238,36 +250,47 @@ class SegmentationMetrics(Metric):
         With ids, an item scored more than once (DistributedSampler pads the last batch of a
         rank with repeats) counts once in ``compute``.
         """
-        self.confusion.append(confusion_per_image(pred, target, self.num_classes))
+        _append(self.confusion, confusion_per_image(pred, target, self.num_classes))
         steps = None if spacing is None else [float(s) for s in spacing]
         if self.hd95 or self.surface_tolerance is not None:
             surface = surface_scores_per_image(pred, target, self.num_classes, steps, self.surface_tolerance)
             if self.hd95:
-                self.hausdorff.append(surface["hd95"].to(pred.device))
+                _append(self.hausdorff, surface["hd95"].to(pred.device))
             if self.surface_tolerance is not None:
-                self.surface.append(surface["surface_dice"].to(pred.device))
+                _append(self.surface, surface["surface_dice"].to(pred.device))
         if index is not None:
-            self.index.append(torch.as_tensor(index, device=pred.device).long().reshape(-1))
+            _append(self.index, torch.as_tensor(index, device=pred.device).long().reshape(-1))
 
     def _first_occurrences(self, n: int) -> Tensor | None:
         """Positions (in update order) of the first image with each sample id; None without ids."""
         ids = _cat(self.index)
         return None if ids is None or len(ids) != n else first_occurrences(ids)
 
+    def _confusion(self) -> Tensor:
+        """(N, C, C) counts, one per update's item (repeats included)."""
+        confusion = _cat(self.confusion)
+        if confusion is None:
+            raise RuntimeError(f"{type(self).__name__}: no item scored yet; call update() before compute()")
+        return confusion
+
     def per_image(self) -> dict[str, Tensor]:
         """Per-item, per-class scores: each (N, C), one row per distinct image or case."""
-        confusion = _cat(self.confusion)
+        confusion = self._confusion()
         keep = self._first_occurrences(len(confusion))
         scores = scores_from_confusion(confusion)
         if self.hd95:
-            scores["hd95"] = _cat(self.hausdorff)
+            hausdorff = _cat(self.hausdorff)
+            assert hausdorff is not None  # appended with every confusion
+            scores["hd95"] = hausdorff
         if self.surface_tolerance is not None:
-            scores["surface_dice"] = _cat(self.surface)
+            surface = _cat(self.surface)
+            assert surface is not None  # appended with every confusion
+            scores["surface_dice"] = surface
         return scores if keep is None else {k: v[keep] for k, v in scores.items()}
 
     def total_confusion(self) -> Tensor:
         """(C, C) counts over all distinct images, rows = ground truth."""
-        confusion = _cat(self.confusion)
+        confusion = self._confusion()
         keep = self._first_occurrences(len(confusion))
         return (confusion if keep is None else confusion[keep]).sum(0)
 
@@ -291,27 +314,32 @@ class BatchMeanOnce(Metric):
     """
 
     full_state_update = False
+    # "cat" states (add_state): a list of per-update tensors; one tensor while synced in compute
+    values: list[Tensor] | Tensor  # (batches,) value
+    sizes: list[Tensor] | Tensor  # (batches,) images
+    ids: list[Tensor] | Tensor  # (batches,) smallest sample id, -1 unknown
 
     def __init__(self) -> None:
         super().__init__()
-        self.add_state("values", default=[], dist_reduce_fx="cat")  # (batches,) value
-        self.add_state("sizes", default=[], dist_reduce_fx="cat")  # (batches,) images
-        self.add_state("ids", default=[], dist_reduce_fx="cat")  # (batches,) smallest sample id
+        self.add_state("values", default=[], dist_reduce_fx="cat")
+        self.add_state("sizes", default=[], dist_reduce_fx="cat")
+        self.add_state("ids", default=[], dist_reduce_fx="cat")
 
     def update(self, value: Tensor, size: int, index: Tensor | None = None) -> None:
         """``value``: scalar for a batch of ``size`` images; ``index``: optional (size,) sample ids."""
         device = value.device
-        self.values.append(value.detach().float().reshape(1))
-        self.sizes.append(torch.tensor([float(size)], device=device))
+        _append(self.values, value.detach().float().reshape(1))
+        _append(self.sizes, torch.tensor([float(size)], device=device))
         batch_id = (
             torch.as_tensor(index, device=device).min().long() if index is not None else torch.tensor(-1)
         )
-        self.ids.append(batch_id.to(device).reshape(1))  # -1: unknown
+        _append(self.ids, batch_id.to(device).reshape(1))  # -1: unknown
 
     def compute(self) -> Tensor:
         values, sizes, ids = _cat(self.values), _cat(self.sizes), _cat(self.ids)
         if values is None:
             return torch.tensor(float("nan"))
+        assert sizes is not None and ids is not None  # appended with every value
         if (ids >= 0).all():
             keep = first_occurrences(ids)
             values, sizes = values[keep], sizes[keep]
