@@ -34,7 +34,7 @@ decoder); compute as voxels per step, a 3D voxel counting 3x a 2D one (27 vs 9 k
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -154,6 +154,12 @@ class Plan:
         return asdict(self)
 
 
+def xyz(values: Iterable[float]) -> tuple[float, float, float]:
+    """Three values per RAS axis (a spacing or a shape) as a tuple of three floats."""
+    x, y, z = (float(v) for v in values)
+    return x, y, z
+
+
 def target_spacing(fingerprint: Fingerprint) -> tuple[float, float, float]:
     """Rule 1: the median spacing; the 10th percentile along a strongly anisotropic coarse axis."""
     spacings, shapes = fingerprint.spacings, fingerprint.shapes
@@ -165,18 +171,22 @@ def target_spacing(fingerprint: Fingerprint) -> tuple[float, float, float]:
     few_voxels = median_shape[coarse] * ANISOTROPY < median_shape[others].min()
     if anisotropic and few_voxels:
         target[coarse] = max(np.percentile(spacings[:, coarse], 10), target[others].max() + 1e-5)
-    return tuple(float(s) for s in target)
+    return xyz(target)
 
 
 def slice_axis_of(spacing: Sequence[float]) -> int:
     """Rule 2: the coarsest axis (ties go to the axial axis 2)."""
-    spacing = np.asarray(spacing, float)
-    coarsest = np.flatnonzero(np.isclose(spacing, spacing.max()))
+    values = np.asarray(spacing, float)
+    coarsest = np.flatnonzero(np.isclose(values, values.max()))
     return 2 if 2 in coarsest else int(coarsest[0])
 
 
 def pooling(
-    patch: Sequence[float], spacing: Sequence[float], levels: int, min_size: int, anisotropic: bool
+    patch: Sequence[float] | np.ndarray,
+    spacing: Sequence[float] | np.ndarray,
+    levels: int,
+    min_size: int,
+    anisotropic: bool,
 ) -> tuple[tuple[tuple[int, ...], ...], tuple[tuple[int, ...], ...]]:
     """Rule 3: (strides per pooling step, kernel sizes per level) for a patch at ``spacing``."""
     sizes, current = list(map(float, patch)), list(map(float, spacing))
@@ -220,8 +230,8 @@ def activation_bytes(
 
 def plan_network(
     spatial_dims: int,
-    median_shape: Sequence[float],
-    spacing: Sequence[float],
+    median_shape: Sequence[float] | np.ndarray,
+    spacing: Sequence[float] | np.ndarray,
     training_voxels: float,
     features: Sequence[int],
     settings: PlanSettings,
@@ -281,8 +291,7 @@ def lowres_plan(
         net = plan_network(3, median[order], spacing[order], voxels, features, settings)
         covered = coverage(net.patch, median)
         if covered >= KEYHOLE:
-            shape = tuple(float(n) for n in median)
-            return LowResPlan(tuple(float(s) for s in spacing), shape, net, covered)
+            return LowResPlan(xyz(spacing), xyz(median), net, covered)
     return None
 
 
@@ -299,7 +308,7 @@ def make_plan(
     rules 1-2; ``normalization`` (the resolved per-channel settings) is recorded with it."""
     if fingerprint.cases == 0:
         raise ValueError("cannot plan from zero training cases")
-    target = tuple(float(s) for s in spacing) if spacing is not None else target_spacing(fingerprint)
+    target = xyz(spacing) if spacing is not None else target_spacing(fingerprint)
     axis = slice_axis_of(target) if slice_axis is None else int(slice_axis)
     at_target = fingerprint.shapes * fingerprint.spacings / np.asarray(target)
     median_shape = np.median(at_target, axis=0)
@@ -311,7 +320,7 @@ def make_plan(
     covered = coverage(net_3d.patch, median_shape)
     lowres = lowres_plan(fingerprint, target, axis, features, settings) if covered < KEYHOLE else None
     return Plan(
-        target, axis, tuple(float(n) for n in median_shape),
+        target, axis, xyz(median_shape),
         (tuple(fingerprint.spacings.min(0).tolist()), tuple(fingerprint.spacings.max(0).tolist())),
         net_2d, net_3d, settings, fingerprint.summary(class_names), list(normalization),
         coverage_3d=covered, lowres_3d=lowres,
