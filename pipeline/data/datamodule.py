@@ -25,7 +25,7 @@ from pipeline.data.loading.datasets import CaseArrays, CaseDataset, SliceDataset
 from pipeline.data.loading.loaders import auto_workers, epoch_draws, evaluation_loader, training_loader
 from pipeline.data.loading.order import global_seed
 from pipeline.data.loading.patches import PatchDataset
-from pipeline.data.loading.sources import case_source
+from pipeline.data.loading.sources import VolumeSource, case_source
 from pipeline.data.loading.split import SPLITS, make_split, read_split, require_test_split
 from pipeline.data.normalization import Normalization, from_plain
 from pipeline.data.planning.planner import NetworkRequest, plan_volumes, training_normalization
@@ -191,7 +191,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         cases only (``plan_cases``: with the validation cases too under ``medseg cv``; a test case
         never shapes them)."""
         if self._channel_norms is None:
-            modalities = self.modalities or [None] * self.in_channels
+            modalities: Sequence[str | None] = self.modalities or [None] * self.in_channels
             self._channel_norms = training_normalization(
                 self.source, self.plan_ids(), self.normalization, modalities
             )
@@ -227,7 +227,9 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
     def _load(self, ids: list[str]) -> list[CaseArrays]:
         by_id = {case.case_id: case for case in self.cases}
         norms = self.channel_normalization()
-        if self.volumetric:
+        if isinstance(self.source, VolumeSource):
+            # planned by now (setup resolves the plan first): a spacing and an axis number
+            assert self.target_spacing is not None and isinstance(self.slice_axis, int)
             arrays = self.source.load(ids, norms, self.target_spacing, self.slice_axis)
         else:
             arrays = self.source.load(ids, norms)
@@ -264,10 +266,14 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
 
     def _training_set(self, cases: list[CaseArrays]) -> SliceDataset | PatchDataset:
         """Augmented 2D slices (random or class-centred crops of ``patch_size``), or 3D patches."""
+        patch = self.patch_size
         if self.spatial_dims == 3:
-            return PatchDataset(cases, self.patch_size, PatchAugmenter3D(self.augmentation))
-        train = build_train_transform(self.augmentation, self.patch_size)
-        foreground = build_train_transform(self.augmentation, self.patch_size, foreground_crop=True)
+            assert patch is not None  # 3D networks train on volumes, always planned
+            return PatchDataset(cases, patch, PatchAugmenter3D(self.augmentation))
+        if patch is not None and len(patch) != 2:
+            raise DataError(self.root, f"patch_size {list(patch)} has not 2 sides (a 2D network)")
+        train = build_train_transform(self.augmentation, patch)
+        foreground = build_train_transform(self.augmentation, patch, foreground_crop=True)
         return SliceDataset(cases, train, None, foreground)
 
     def _loader(self, name: str) -> DataLoader:
@@ -279,13 +285,16 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             workers = auto_workers(self.trainer.num_devices if self.trainer is not None else 1)
         options = dict(num_workers=workers, pin_memory=self.pin_memory, persistent_workers=workers > 0)
         if name != "train":
+            assert not isinstance(dataset, PatchDataset)  # patches only train
             batch = None if self.volumetric else self.val_batch_size or self.batch_size
             return evaluation_loader(dataset, batch, **options)
+        batch_size = self.batch_size
+        assert batch_size is not None and not isinstance(dataset, CaseDataset)  # set in setup; cases evaluate
         world = self.trainer.world_size if self.trainer is not None else 1
         start, self._train_start = getattr(self, "_train_start", (0, 0)), (0, 0)
         return training_loader(
-            self.trainer, dataset, self.batch_size,
-            epoch_draws(self.iterations_per_epoch, self.volumetric, self.batch_size, world, len(dataset)),
+            self.trainer, dataset, batch_size,
+            epoch_draws(self.iterations_per_epoch, self.volumetric, batch_size, world, len(dataset)),
             self.foreground_fraction,
             global_seed(self.seed), start, **options,
         )  # fmt: skip
