@@ -13,6 +13,7 @@ import dataclasses
 import importlib
 import inspect
 import logging
+from typing import TypeVar
 
 from jsonargparse import Namespace
 
@@ -23,6 +24,7 @@ from pipeline.models import Network, spatial_dims_of
 
 log = logging.getLogger(__name__)
 POOLING = ("strides", "kernel_sizes")  # what a medseg network takes from the plan
+T = TypeVar("T")
 
 
 def import_class(class_path: str) -> type:
@@ -31,13 +33,17 @@ def import_class(class_path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-def from_namespace(cls: type, namespace: Namespace) -> object:
+def from_namespace(cls: type[T], namespace: Namespace) -> T:
     """``cls`` built from a config section; dataclass arguments given as mappings become dataclasses
     (lists as tuples, as their fields are typed)."""
     kwargs = namespace.as_dict()
     for name, parameter in inspect.signature(cls).parameters.items():
         default = parameter.default
-        if dataclasses.is_dataclass(default) and isinstance(kwargs.get(name), dict):
+        if (
+            dataclasses.is_dataclass(default)
+            and not isinstance(default, type)
+            and isinstance(kwargs.get(name), dict)
+        ):
             fields = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs[name].items()}
             kwargs[name] = type(default)(**fields)
     return cls(**kwargs)

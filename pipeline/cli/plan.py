@@ -66,6 +66,7 @@ def plan_table(dm: SegmentationDataModule, plan: Plan) -> str:
             ),
         ),
     ]
+    modalities: Sequence[str | None] = dm.modalities or [None] * dm.in_channels
     norms = "; ".join(
         f"{m or 'channel ' + str(c)}: {n['mode']}"
         + (
@@ -73,9 +74,7 @@ def plan_table(dm: SegmentationDataModule, plan: Plan) -> str:
             if n.get("window")
             else ""
         )
-        for c, (m, n) in enumerate(
-            zip(dm.modalities or [None] * dm.in_channels, plan.normalization, strict=True)
-        )
+        for c, (m, n) in enumerate(zip(modalities, plan.normalization, strict=True))
     )
     budget = plan.settings
     device = "cpu" if budget.for_cpu() else "gpu"
