@@ -166,3 +166,10 @@ def test_datamodule_auto_workers_share_the_cores_among_devices(monkeypatch):
     assert datamodule.auto_workers(4) == 8
     monkeypatch.setattr(parallel.os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
     assert datamodule.auto_workers(1) == 2 and datamodule.auto_workers(8) == 1
+
+
+@pytest.mark.parametrize("spacing", [[1.0], [1.0, 1.0], [1.0, 1.0, 0.0]])
+def test_datamodule_refuses_a_target_spacing_that_is_not_three_positive_values(phantom_dir, spacing):
+    # one value used to be applied to every axis by numpy and failed only when a checkpoint was written
+    with pytest.raises(ValueError, match=r"target_spacing must be 3 positive mm values"):
+        SegmentationDataModule(root=str(phantom_dir), target_spacing=spacing)

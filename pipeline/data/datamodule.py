@@ -122,6 +122,10 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             raise ValueError(f"foreground_fraction must be in [0, 1], got {foreground_fraction}")
         if iterations_per_epoch is not None and iterations_per_epoch < 1:
             raise ValueError(f"iterations_per_epoch must be >= 1 (or null), got {iterations_per_epoch}")
+        if target_spacing is not None and (len(target_spacing) != 3 or min(target_spacing) <= 0):
+            raise ValueError(
+                f"target_spacing must be 3 positive mm values (X, Y, Z), got {list(target_spacing)}"
+            )
         self.root = Path(root)
         self.layout = layout
         self.label_map = label_map
