@@ -173,7 +173,7 @@ def infer(
             collate_fn=first_item,
             num_workers=workers,
             pin_memory=torch.cuda.is_available(),
-            prefetch_factor=2 if workers else None,
+            prefetch_factor=1 if workers else None,  # whole cases: one ahead per worker bounds memory
         )
         predictor = CasePredictor(module, batch_size, tta, save_probabilities)
         trainer.predict(predictor, dataloaders=loader, return_predictions=False)

@@ -55,7 +55,7 @@ class FixedSamples:
             self.display.append(None)
 
     def _capture_volume(self, batch: dict, spatial_dims: int, depth: int) -> None:
-        image, mask = batch["image"].detach().cpu(), batch["mask"].detach().cpu()
+        image, mask = batch["image"].detach().cpu(), batch["mask"].detach().cpu().long()
         count = len(mask)
         best = int(mask.flatten(1).count_nonzero(1).argmax())  # the largest foreground area
         name = f"{batch['case_id']} slice {best}"

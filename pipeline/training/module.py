@@ -188,7 +188,8 @@ class SegmentationModule(pl.LightningModule):
         chunk = self.hparams.sw_batch_size
         logits = volume_logits(self.predict_logits, batch["image"], self.spatial_dims, chunk)
         index = torch.as_tensor([batch["index"]], device=logits.device)
-        self.eval_loss[stage].update(self.loss(logits[None], batch["mask"][None, None]), 1, index)
+        loss = self.loss(logits[None], batch["mask"][None, None].long())  # uint8 whole-case labels
+        self.eval_loss[stage].update(loss, 1, index)
         target = batch["target"]
         labels = labels_from_probabilities(logits.float().softmax(0), target.shape)
         self.metrics[stage].update(labels[None], target[None], index, batch["spacing"].tolist())

@@ -65,6 +65,8 @@ def evaluation_loader(
     batches: Dataset
     if batch_size is None:
         batches = dataset
+        if options.get("num_workers"):
+            options["prefetch_factor"] = 1  # a whole case ahead per worker, not two: memory, not speed
     elif isinstance(dataset, SliceDataset):
         batches = EvalBatches(dataset, batch_size)
     else:
