@@ -46,3 +46,21 @@ def test_module_window_progress_counts_monais_windows() -> None:
         told: list[float] = []
         window_logits(net, torch.zeros(1, 1, *size), patch, 3, 0.5, told.append)
         assert sum(calls) == count_windows(size, patch, 0.5) and told[-1] == 1.0 and told == sorted(told)
+
+
+def test_module_volume_logits_fill_one_array_chunk_by_chunk_and_softmax_in_place():
+    # a whole case's logits were a list of chunks concatenated (twice the memory) and softmaxed into
+    # a second array; the chunked fill and the in-place softmax give the same numbers
+    from pipeline.training.prediction import softmax_, volume_logits
+
+    net = torch.nn.Conv2d(2, 3, 3, padding=1)
+    image = torch.randn(2, 11, 16, 12)  # (C, S, H, W): 11 slices in chunks of 4
+    told = []
+    with torch.no_grad():
+        logits = volume_logits(net, image, 2, chunk=4, progress=told.append)
+        expected = net(image.movedim(1, 0)).movedim(0, 1)
+    assert torch.allclose(logits, expected, atol=1e-6) and told == [4 / 11, 8 / 11, 1.0]
+    reference = torch.softmax(logits, 0)
+    assert softmax_(logits) is logits and torch.allclose(logits, reference, atol=1e-6)
+    big = torch.tensor([[1000.0, -1000.0], [0.0, 0.0]])  # stable for large logits, as torch's
+    assert torch.allclose(softmax_(big.clone()), torch.softmax(big, 0))

@@ -21,7 +21,13 @@ from pipeline.data.cache.resample import labels_from_probabilities
 from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
 from pipeline.models import net_spec, network_dims
 from pipeline.training.layout import channels_last_format, match_state_layout
-from pipeline.training.prediction import Progress, volume_logits, volume_probabilities, window_logits
+from pipeline.training.prediction import (
+    Progress,
+    softmax_,
+    volume_logits,
+    volume_probabilities,
+    window_logits,
+)
 from pipeline.training.schedule import WarmupCosine, planned_steps
 
 CHECKPOINT_KEY = "medseg"
@@ -191,7 +197,7 @@ class SegmentationModule(pl.LightningModule):
         loss = self.loss(logits[None], batch["mask"][None, None].long())  # uint8 whole-case labels
         self.eval_loss[stage].update(loss, 1, index)
         target = batch["target"]
-        labels = labels_from_probabilities(logits.float().softmax(0), target.shape)
+        labels = labels_from_probabilities(softmax_(logits.float()), target.shape)
         self.metrics[stage].update(labels[None], target[None], index, batch["spacing"].tolist())
         slices = index * MAX_SLICES + torch.arange(len(target), device=index.device)  # a repeat counts once
         self.slice_metrics[stage].update(labels, target, slices)
