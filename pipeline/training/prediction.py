@@ -12,7 +12,6 @@ import itertools
 import math
 from collections.abc import Callable, Sequence
 
-import torch
 from monai.inferers import sliding_window_inference
 from torch import Tensor
 
