@@ -72,7 +72,7 @@ def test_validation_budget_refuses_a_share_outside_0_1():
 
 
 def test_validation_budget_validates_before_a_time_budget_runs_out(monkeypatch):
-    # no validation due by the share, but the Timer says fewer than two epochs (+ a validation) remain
+    # no validation due by the share, but the Timer says this epoch (+ its validation) ends the run
     from types import SimpleNamespace
 
     from pytorch_lightning.callbacks import Timer
@@ -83,5 +83,9 @@ def test_validation_budget_validates_before_a_time_budget_runs_out(monkeypatch):
     trainer = SimpleNamespace(max_epochs=None, current_epoch=3, callbacks=[timer])
     monkeypatch.setattr(timer, "time_remaining", lambda stage: 100.0)
     assert not budget.due(trainer)
-    monkeypatch.setattr(timer, "time_remaining", lambda stage: 13.0)  # < 2 x 2 s + 10 s
+    monkeypatch.setattr(timer, "time_remaining", lambda stage: 11.0)  # < one epoch (2 s) + a validation
     assert budget.due(trainer)
+    # the budget ran out during the last validation: Lightning starts an epoch and stops after one
+    # step; validating that step again would cost a whole validation for nothing
+    monkeypatch.setattr(timer, "time_remaining", lambda stage: -3.0)
+    assert not budget.due(trainer)

@@ -86,6 +86,8 @@ def check_labels(
     mask: np.ndarray, num_classes: int, path: str | os.PathLike, class_names: Sequence[str]
 ) -> None:
     """Raise a ``DataError`` for ``path`` when ``mask`` holds a value outside 0..num_classes-1."""
+    if mask.size and mask.min() >= 0 and mask.max() < num_classes:
+        return  # two passes, no copy: np.unique sorts a copy (about 1 s for a 512 x 512 x 120 CT mask)
     values = np.unique(mask)
     bad = values[(values < 0) | (values >= num_classes)]
     if bad.size:

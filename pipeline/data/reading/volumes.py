@@ -35,7 +35,8 @@ def read_image(case: Case) -> Volume:
 
 
 def read_mask(path: Path, label_map: dict[int, int] | None = None) -> Volume:
-    """A label volume; ``array`` is (X, Y, Z) int64 class indices in RAS+ order."""
+    """A label volume; ``array`` is (X, Y, Z) integer class indices in RAS+ order, in the stored
+    integer type (uint8 for most masks: int64 would be 8x the memory of a real-size CT's mask)."""
     volume = read_volume([path])
     if volume.array.shape[-1] != 1:
         raise DataError(
@@ -44,7 +45,8 @@ def read_mask(path: Path, label_map: dict[int, int] | None = None) -> Volume:
     labels = volume.array[..., 0]
     if not np.issubdtype(labels.dtype, np.integer) and not np.array_equal(labels, np.round(labels)):
         raise DataError(path, "mask holds non-integer values; store class indices")
-    volume.array = apply_label_map(labels.astype(np.int64), label_map)
+    integer = labels if np.issubdtype(labels.dtype, np.integer) else labels.astype(np.int64)
+    volume.array = apply_label_map(integer, label_map)
     return volume
 
 
