@@ -52,8 +52,9 @@ included) per fit; then ``medseg infer`` with the small run's checkpoint on a ti
 8: the fixed cost of the process: interpreter, torch, Lightning, the network), on the largest of
 ``ct_000``..``ct_003`` (the larger of its own and its training grid) alone and on all four: the
 per-case peak RSS against the bound
-``fixed + 2 x classes x voxels x 4 bytes`` (two float32 maps of every class: the probabilities on
-the training grid and their resampling back, on the larger of the two grids), and 4 cases / 1 case
+``fixed + 2 x (classes + channels) x voxels x 4 bytes`` (two float32 maps of every class, the
+probabilities on the training grid and their resampling back, and two of every input channel, the
+case on the training grid and its standardised copy: all on the larger of the two grids), and 4 cases / 1 case
 (target <= 1.3: memory does not grow with the number of inputs).
 """
 
@@ -284,9 +285,9 @@ def real_size(opts: argparse.Namespace) -> dict:
                 f"infer {name}: peak RSS {figures['peak_rss_mb']:.0f} MB, {figures['wall_s']:.0f} s",
                 flush=True,
             )
-    classes = 3
+    classes, channels = 3, 1
     worst = max(voxels[largest.name], grids[largest.name])
-    bound = infers["tiny"]["peak_rss_mb"] + 2 * classes * worst * 4 / MB
+    bound = infers["tiny"]["peak_rss_mb"] + 2 * (classes + channels) * worst * 4 / MB
     result = {
         "fit_mb": {str(n): f for n, f in fits.items()},
         "fit_ratio_rss": ratio(fits[large]["peak_rss_mb"], fits[small]["peak_rss_mb"]),
@@ -361,7 +362,7 @@ def real_size_report(result: dict) -> str:
     return (
         "# Real-size memory: fit on few and many cases, infer on one and several\n\n"
         + markdown_table(header, [tuple(f"{v:,.0f}" if isinstance(v, float) else v for v in r) for r in rows])
-        + f"\nInfer bound: {result['infer_bound_mb']:,.0f} MB = the tiny case's peak RSS + 2 x 3 classes x "
+        + f"\nInfer bound: {result['infer_bound_mb']:,.0f} MB = the tiny case's peak RSS + 2 x (3 classes + 1 channel) x "
         f"{max(v[largest] for v in (voxels['own_grid'], voxels['training_grid'])):,} voxels x 4 bytes (the "
         f"larger grid of {largest}, the largest case of the four).\n\n"
         + markdown_table(("measure", "value", "target", "met"), target_rows)
