@@ -117,3 +117,13 @@ def test_cache_samples_a_large_organ_reproducibly(tmp_path):
         volume, mask = load_volume_case(case, CLASS_NAMES)
         assert np.isin(sample[:, 0], volume.array[mask > 0][:, 0]).all()
         assert np.array_equal(sample, np.load(tmp_path / "b" / second[case.case_id]["foreground_sample"]))
+    # the grid's class voxels for foreground patches: capped at SAMPLE for the organ (the cap's branch),
+    # every row a voxel of its class, the small lesion kept whole
+    key, grid = prepare_grid(cases, tmp_path / "a", (0.8, 0.8, 2.0), 2, CLASS_NAMES)
+    for case in cases:
+        rows = np.load(tmp_path / "a" / "grids" / key / grid[case.case_id]["where"])
+        labels = np.load(tmp_path / "a" / "grids" / key / grid[case.case_id]["mask"])
+        counts = np.bincount(labels.ravel(), minlength=3)
+        assert counts[1] > SAMPLE and (rows[:, 0] == 1).sum() == SAMPLE
+        assert (rows[:, 0] == 2).sum() == min(counts[2], SAMPLE)
+        assert (labels[rows[:, 1], rows[:, 2], rows[:, 3]] == rows[:, 0]).all()
