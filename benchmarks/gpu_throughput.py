@@ -61,7 +61,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.data_loading import datamodule, default_workers, training_step, wait_fraction  # noqa: E402
 from pipeline.data.planning.fingerprint import Fingerprint  # noqa: E402
-from pipeline.data.planning.rules import PlanSettings, make_plan  # noqa: E402
+from pipeline.data.planning.network_rules import PlanSettings  # noqa: E402
+from pipeline.data.planning.rules import make_plan  # noqa: E402
 from pipeline.data.synthesis.phantoms_2d import CLASS_NAMES, generate_dataset  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 from pipeline.training.layout import channels_last_format  # noqa: E402

@@ -12,7 +12,7 @@ timed per case as a median of ``--repeats`` runs in alternating order:
 - ``old``: the full-volume path before the crop (a copy below): one-hot label maps and MONAI's
   ``compute_hausdorff_distance`` and ``compute_surface_dice`` over every class, background too,
   one call each, as ``SegmentationMetrics.update`` made them.
-- ``new``: ``pipeline.metrics.surface_scores_per_image``, both scores in one pass over the boxes
+- ``new``: ``pipeline.surface_distances.surface_scores_per_image``, both scores in one pass over the boxes
   around each foreground class (what ``SegmentationMetrics.update`` calls now).
 - ``new_two_calls``: ``hd95_per_image`` and ``surface_dice_per_image`` called one after the other.
 - ``forward``: the stock 3D network, ``UNet(1, 3, spatial_dims=3, features=(16, 32, 64, 128,
@@ -50,8 +50,12 @@ from torch import Tensor  # noqa: E402
 
 from benchmarks.common import RESULTS, alternate, load_average, machine_info, median, write_json  # noqa: E402
 from pipeline.data.synthesis.ct import ct_volume, draw_case  # noqa: E402
-from pipeline.metrics import hd95_per_image, surface_dice_per_image, surface_scores_per_image  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
+from pipeline.surface_distances import (  # noqa: E402
+    hd95_per_image,
+    surface_dice_per_image,
+    surface_scores_per_image,
+)
 from pipeline.training.prediction import count_windows, window_logits  # noqa: E402
 
 CLASSES = 3  # background, organ, lesion

@@ -19,16 +19,9 @@ from monai.metrics import (
 )
 from scipy import ndimage
 
-from pipeline import metrics as metrics_module
-from pipeline.metrics import (
-    BatchMeanOnce,
-    SegmentationMetrics,
-    confusion_per_image,
-    hd95_per_image,
-    scores_from_confusion,
-    surface_dice_per_image,
-    surface_scores_per_image,
-)
+from pipeline import surface_distances as metrics_module
+from pipeline.metrics import BatchMeanOnce, SegmentationMetrics, confusion_per_image, scores_from_confusion
+from pipeline.surface_distances import hd95_per_image, surface_dice_per_image, surface_scores_per_image
 
 NAMES = ("background", "a", "b")
 NAN = float("nan")
@@ -342,7 +335,7 @@ def test_surface_scores_crop_a_large_volume_to_each_object(monkeypatch):
 def test_metrics_hd95_percentile_takes_more_distances_than_torch_quantile_allows():
     # a salt-and-pepper prediction on a real-size CT has tens of millions of surface voxels: torch
     # before 2.x refuses over 2**24 values in quantile; percentile_95 must equal its interpolation
-    from pipeline.metrics import QUANTILE_MAX, percentile_95
+    from pipeline.surface_distances import QUANTILE_MAX, percentile_95
 
     distances = torch.rand(QUANTILE_MAX + 1000, generator=torch.Generator().manual_seed(0)) * 50
     assert percentile_95(distances[:1000]) == torch.quantile(distances[:1000], 0.95).item()  # MONAI's

@@ -11,7 +11,8 @@ import yaml
 
 from pipeline.cli import main
 from pipeline.data.planning.fingerprint import CaseFacts, Fingerprint
-from pipeline.data.planning.rules import PlanSettings, activation_bytes, make_plan, pooling, target_spacing
+from pipeline.data.planning.network_rules import PlanSettings, activation_bytes, pooling
+from pipeline.data.planning.rules import make_plan, target_spacing
 from tests.conftest import volume_fit_args
 
 GPU, CPU = PlanSettings(device="gpu"), PlanSettings(device="cpu")

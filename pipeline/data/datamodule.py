@@ -28,8 +28,9 @@ from pipeline.data.loading.patches import PatchDataset
 from pipeline.data.loading.sources import VolumeSource, case_source
 from pipeline.data.loading.split import SPLITS, make_split, read_split, require_test_split
 from pipeline.data.normalization import Normalization, from_plain
+from pipeline.data.planning.network_rules import PlanSettings
 from pipeline.data.planning.planner import NetworkRequest, plan_volumes, training_normalization
-from pipeline.data.planning.rules import Plan, PlanSettings
+from pipeline.data.planning.rules import Plan
 from pipeline.data.reading.layouts import Case, describe, resolve_class_names
 from pipeline.errors import DataError
 from pipeline.parallel import usable_cores
@@ -208,14 +209,15 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         Raises:
             DataError: a 3D network for 2D images, or a patch that has not ``spatial_dims`` sides.
         """
-        if not self.volumetric:
-            if network.spatial_dims == 3:
-                raise DataError(self.root, "a 3D network needs volumes; this data set holds 2D images")
-            return None
+        if network.spatial_dims == 3 and not self.volumetric:
+            raise DataError(self.root, "a 3D network needs volumes; this data set holds 2D images")
         if self.patch_size is not None and len(self.patch_size) != network.spatial_dims:
+            dims = network.spatial_dims
             raise DataError(
-                self.root, f"patch_size {list(self.patch_size)} has not {network.spatial_dims} sides"
+                self.root, f"patch_size {list(self.patch_size)} has not {dims} sides ({dims}D network)"
             )
+        if not self.volumetric:
+            return None
         self.adopt_plan(plan_volumes(self, network))
         return self.plan
 
@@ -251,8 +253,8 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
             require_test_split(split, self.root)
         if self.datasets:
             return
-        if self.volumetric and self.plan is None:
-            self.resolve_plan()  # a data module used without medseg's CLI: planned for a 2D network
+        if self.plan is None:
+            self.resolve_plan()  # without medseg's CLI: for a 2D network (2D images: only checked)
         self.batch_size = self.batch_size or IMAGE_BATCH
         for name in SPLITS:
             if not split[name]:
@@ -274,8 +276,7 @@ class SegmentationDataModule(DataCheckpointState, pl.LightningDataModule):
         if self.spatial_dims == 3:
             assert patch is not None  # 3D networks train on volumes, always planned
             return PatchDataset(cases, patch, PatchAugmenter3D(self.augmentation))
-        if patch is not None and len(patch) != 2:
-            raise DataError(self.root, f"patch_size {list(patch)} has not 2 sides (a 2D network)")
+        assert patch is None or len(patch) == 2  # resolve_plan checked it against the 2D network
         train = build_train_transform(self.augmentation, patch)
         foreground = build_train_transform(self.augmentation, patch, foreground_crop=True)
         return SliceDataset(cases, train, None, foreground)

@@ -19,7 +19,8 @@ from typing import Protocol
 from pipeline.data.loading.sources import ImageSource, VolumeSource
 from pipeline.data.normalization import Normalization, needs_foreground, resolve_channels, to_plain
 from pipeline.data.planning.fingerprint import Fingerprint
-from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan, PlanSettings, as_trained, make_plan
+from pipeline.data.planning.network_rules import PlanSettings
+from pipeline.data.planning.rules import DEFAULT_FEATURES, Plan, as_trained, make_plan
 from pipeline.errors import DataError
 from pipeline.files import write_json
 
