@@ -83,7 +83,10 @@ def test_validation_budget_validates_before_a_time_budget_runs_out(monkeypatch):
     trainer = SimpleNamespace(max_epochs=None, current_epoch=3, callbacks=[timer])
     monkeypatch.setattr(timer, "time_remaining", lambda stage: 100.0)
     assert not budget.due(trainer)
-    monkeypatch.setattr(timer, "time_remaining", lambda stage: 11.0)  # < one epoch (2 s) + a validation
+    # an epoch (2 s) and its validation (10 s) still fit: this epoch is not the last, the next one is
+    monkeypatch.setattr(timer, "time_remaining", lambda stage: 11.0)
+    assert not budget.due(trainer)
+    monkeypatch.setattr(timer, "time_remaining", lambda stage: 1.5)  # the Timer cuts this epoch short
     assert budget.due(trainer)
     # the budget ran out during the last validation: Lightning starts an epoch and stops after one
     # step; validating that step again would cost a whole validation for nothing

@@ -7,10 +7,11 @@ costs (``v`` seconds) and what an epoch of training costs (``t``); an epoch ends
 when the training time since the last one, this epoch included, is at least ``v / max_share``.
 Small data sets, whose validation is cheap, are still validated after every epoch. The first
 epoch is always validated (nothing is measured yet), and so is the last one, whether the run
-ends by ``max_epochs`` or, by the ``Timer``'s estimate, when ``max_time`` runs out (Lightning
-validates an epoch the Timer cuts short), so the best and the last checkpoints are scored; an
-epoch started after the budget ran out (Lightning starts one and stops after its first step) is
-not validated again. Rank zero decides, for every DDP process.
+ends by ``max_epochs`` or by ``max_time``: an epoch that starts with less time left than an epoch
+takes is the one the ``Timer`` cuts short (Lightning validates it as it stops), so the best and
+the last checkpoints are scored, once; an epoch started after the budget ran out (Lightning
+starts one and stops after its first step) is not validated again. Rank zero decides, for every
+DDP process.
 """
 
 from __future__ import annotations
@@ -63,10 +64,8 @@ class ValidationBudget(Callback):
         remaining = timer.time_remaining("train") if timer is not None else None
         if remaining is not None and remaining <= 0:
             return False  # the budget ran out during the last validation: Lightning stops after a step
-        if remaining is not None and remaining < self.epoch_seconds + self.validation_seconds:
-            return (
-                True  # this epoch ends the run (the Timer stops it): its validation scores the last weights
-            )
+        if remaining is not None and remaining < self.epoch_seconds:
+            return True  # the Timer will cut this epoch short: the run's last weights are scored
         training = self.since_validation + self.epoch_seconds
         return training * self.max_share >= self.validation_seconds
 
