@@ -21,7 +21,8 @@ peak RSS (VmHWM), the peak PSS summed over it and its loader workers, sampled ev
    timestamped as they arrive, which places the plan and the cache build. The figure is the share
    of the fit's wall time (launch to exit) outside training steps: start-up, caching, set-up,
    waiting for batches, validation, checkpoints, the end of the run (target <= 0.15). A model of
-   ``ValidationBudget``'s rule also projects that share to a 30-minute budget (``projected_30min``),
+   ``ValidationBudget`` itself, on a clock the measured costs advance, projects that share to a
+   30-minute budget (``projected_30min``),
    from the measured costs: a projection, not a measurement;
 4. ``medseg test`` of the run's ``best.ckpt`` on the held-out cases (seconds per case);
 5. ``medseg infer`` of ``best.ckpt`` on the first held-out case, against ``benchmarks/bare_infer.py``
@@ -47,13 +48,17 @@ import shutil
 import sys
 import tempfile
 import time
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # run as a script from anywhere
 
 import nibabel as nib  # noqa: E402
 import numpy as np  # noqa: E402
+import yaml  # noqa: E402
+from pytorch_lightning.callbacks import Timer  # noqa: E402
 
 from benchmarks.common import (  # noqa: E402
     RESULTS,
@@ -66,6 +71,8 @@ from benchmarks.common import (  # noqa: E402
 )
 from benchmarks.memory import measure  # noqa: E402
 from pipeline.data.synthesis.ct import generate_ct  # noqa: E402
+from pipeline.training import validation_budget  # noqa: E402
+from pipeline.training.validation_budget import ValidationBudget  # noqa: E402
 
 CONFIGS = REPO / "configs"
 MAX_OUTSIDE_SHARE = 0.15  # of a fit's wall time outside training steps
@@ -139,40 +146,52 @@ def fit_breakdown(figures: dict, timer: dict, launched: float) -> dict:
     }
 
 
-def projected_share(breakdown: dict, minutes: float, steps_per_epoch: int, max_share: float = 0.1) -> dict:
-    """The outside-steps share at a ``minutes`` budget, from the measured costs and a model of
-    ``ValidationBudget`` with Lightning's ``Timer``. A model, not a measurement: it assumes the
-    measured step and validation times hold.
+def configured_share() -> float:
+    """``ValidationBudget``'s ``max_share`` in ``configs/default.yaml``: what the fit ran with."""
+    callbacks = yaml.safe_load((REPO / "configs" / "default.yaml").read_text())["trainer"]["callbacks"]
+    return next(
+        c["init_args"]["max_share"] for c in callbacks if c["class_path"].endswith("ValidationBudget")
+    )
 
-    The model: the ``Timer`` counts from the start of training, validation included, and checks
-    the time only after a training step, so an epoch that starts runs at least one step, even when
-    the previous validation used the budget up. ``ValidationBudget`` validates an epoch when it is
-    the first, when the budget may not reach the next epoch's end (remaining < 2 epochs + one
-    validation), or when the training since the last validation is >= validation / ``max_share``;
-    an epoch the ``Timer`` stops is validated only if it was due.
+
+def projected_share(breakdown: dict, minutes: float, steps_per_epoch: int, max_share: float) -> dict:
+    """The outside-steps share at a ``minutes`` budget, from the measured costs: medseg's own
+    ``ValidationBudget`` driven through a run on a clock that the measured step and validation
+    times advance. A model, not a measurement: it assumes those times hold.
+
+    Lightning's ``Timer`` counts from the start of training, validation included, and checks the
+    time only after a training step, so an epoch that starts runs at least one step, even when the
+    previous validation used the budget up; an epoch the ``Timer`` stops is validated if it was due.
     """
     seconds = breakdown["seconds"]
     step = breakdown["seconds_per_step"] + seconds["waiting_for_batches"] / max(breakdown["steps"], 1)
     validation, epoch = breakdown["seconds_per_validation"], steps_per_epoch * step
-    budget, elapsed, since, validations, training = minutes * 60, 0.0, 0.0, 0, 0.0
-    while True:
-        remaining = budget - elapsed
-        due = (
-            validations == 0
-            or remaining < 2 * epoch + validation
-            or (since + epoch) * max_share >= validation
-        )
-        run = min(epoch, max(step, remaining))  # at least one step, at most an epoch
-        elapsed, training = elapsed + run, training + run
-        stopped = elapsed >= budget  # the Timer fires after this epoch's last step
-        if due:
-            elapsed, since, validations = elapsed + validation, 0.0, validations + 1
-        else:
-            since += run
-        if stopped:
-            break
+    budget, clock, validations, training = minutes * 60, [0.0], 0, 0.0
+    callback, timer = ValidationBudget(max_share), Timer(duration=timedelta(minutes=minutes))
+    timer.time_remaining = lambda stage=None: budget - clock[0]  # type: ignore[method-assign]
+    trainer = SimpleNamespace(max_epochs=None, current_epoch=0, callbacks=[timer], sanity_checking=False)
+    trainer.strategy = SimpleNamespace(broadcast=lambda value: value)
+    original = validation_budget.time.monotonic
+    validation_budget.time.monotonic = lambda: clock[0]
+    try:
+        while True:
+            callback.on_train_epoch_start(trainer, None)
+            run = min(epoch, max(step, budget - clock[0]))  # at least one step, at most an epoch
+            clock[0] += run
+            training += run
+            if trainer.check_val_every_n_epoch == 1:
+                callback.on_validation_start(trainer, None)
+                clock[0] += validation
+                callback.on_validation_end(trainer, None)
+                validations += 1
+            callback.on_train_epoch_end(trainer, None)
+            trainer.current_epoch += 1
+            if clock[0] >= budget:
+                break
+    finally:
+        validation_budget.time.monotonic = original
     fixed = sum(seconds[k] or 0.0 for k in ("start_to_plan", "cache_build", "setup", "end"))
-    wall = fixed + elapsed + seconds["checkpoints"] / max(breakdown["validations"], 1) * validations
+    wall = fixed + clock[0] + seconds["checkpoints"] / max(breakdown["validations"], 1) * validations
     steps_seconds = training * breakdown["seconds_per_step"] / step
     return {
         "minutes": minutes,
@@ -428,7 +447,7 @@ def main(argv: list[str] | None = None) -> int:
 def finish(result: dict, output: Path) -> int:
     """Derive the projection and the targets' verdicts, write the JSON and the markdown, print
     them; 1 when a target is missed."""
-    result["projected_30min"] = projected_share(result["fit"], 30, 250)
+    result["projected_30min"] = projected_share(result["fit"], 30, 250, configured_share())
     # the fastest run of each arm: on a shared machine noise only adds time (for information)
     fastest = {arm: min(r["wall_s"] for r in rs) for arm, rs in result["infer"]["runs"].items()}
     result["infer"]["ratio_fastest"] = round(fastest["bare"] / fastest["medseg"], 3)

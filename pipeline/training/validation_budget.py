@@ -31,7 +31,7 @@ class ValidationBudget(Callback):
         max_share: validation time as a share of the training time, in (0, 1].
     """
 
-    def __init__(self, max_share: float = 0.1) -> None:
+    def __init__(self, max_share: float = 0.05) -> None:
         if not 0 < max_share <= 1:
             raise ValueError(f"max_share must be in (0, 1], got {max_share}")
         self.max_share = max_share
