@@ -68,15 +68,15 @@ def coverage_2d(plan: Plan) -> float:
 def keyhole_advice(plan: Plan) -> str:
     """What to train instead of a 3D network that sees the median case through a keyhole (rule 6)."""
     advice = (
-        f"the 3D patch holds {100 * plan.coverage_3d:.2g}% of the median case (under a quarter): train the "
-        f"2D network (configs/model/unet.yaml; its patch holds {100 * coverage_2d(plan):.2g}% of a median slice)"
+        f"the 3D patch holds {100 * plan.coverage_3d:.3g}% of the median case (under a quarter): train the "
+        f"2D network (configs/model/unet.yaml; its patch holds {100 * coverage_2d(plan):.3g}% of a median slice)"
     )
     low = plan.lowres_3d
     if low is None:
         return advice
     return advice + (
         f", or 3D at low resolution: --data.target_spacing {' '.join(f'{s:.4g}' for s in low.target_spacing)} "
-        f"(patch {' x '.join(map(str, low.net.patch))}, batch {low.net.batch}, {100 * low.coverage:.2g}% of the median case "
+        f"(patch {' x '.join(map(str, low.net.patch))}, batch {low.net.batch}, {100 * low.coverage:.3g}% of the median case "
         f"of {' x '.join(f'{n:.3g}' for n in low.median_shape)} voxels)"
     )
 
