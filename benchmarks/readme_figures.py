@@ -10,7 +10,9 @@ Two kinds of places in the README are rewritten:
 - the table between ``<!-- benchmarks:begin -->`` and ``<!-- benchmarks:end -->``: every
   benchmark's headline rows (``run_all.summarize``), each with the report it comes from;
 - inline figures, ``<!-- figure benchmark.key.path -->0.855<!-- /figure -->``: the value at that
-  path in the benchmark's result (``inference.ratio``, ``cache.slices_per_second.cache``).
+  path in the benchmark's result (``inference.ratio``, ``cache.slices_per_second.cache``), or in a
+  single script's result file, ``results/<name>.json``, for the scripts that run alone
+  (``STANDALONE``: ``real_size.targets.fit_outside_share.value``).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ README = REPO / "README.md"
 TABLE = re.compile(r"(<!-- benchmarks:begin -->\n).*?(<!-- benchmarks:end -->)", re.S)
 FIGURE = re.compile(r"(<!-- figure ([\w.]+) -->)(.*?)(<!-- /figure -->)")
 SUITE = re.compile(r".+-\d{4}-\d{2}-\d{2}(-\d{6})?\.json$")  # <machine>-<date>[-<hhmmss>].json
+STANDALONE = ("real_size", "real_size_memory", "surface_metrics", "chaos")  # not in make bench
 
 
 def newest_results(folder: Path) -> dict[str, tuple[str, dict]]:
@@ -59,14 +62,27 @@ def figure(results: dict[str, tuple[str, dict]], path: str) -> str:
     return f"{value:,.0f}" if abs(value) >= 100 else f"{value:.3g}"
 
 
-def rewrite(text: str, results: dict[str, tuple[str, dict]]) -> str:
-    """``text`` with its benchmark table and inline figures filled from ``results``."""
+def rewrite(
+    text: str, results: dict[str, tuple[str, dict]], alone: dict[str, tuple[str, dict]] | None = None
+) -> str:
+    """``text`` with its benchmark table filled from the suite's ``results`` and its inline
+    figures from those and the single scripts' results ``alone``."""
     order = {bench: i for i, bench in enumerate(BENCHMARKS)}  # make bench's order, whatever ran last
     ordered = sorted(results.items(), key=lambda item: order.get(item[0], len(order)))
     rows = [(*row, f"`{name}`") for bench, (name, result) in ordered for row in summarize(bench, result)]
     table = markdown_table((*HEADER, "recorded in"), rows)
     text = TABLE.sub(lambda m: m.group(1) + table + m.group(2), text)
-    return FIGURE.sub(lambda m: m.group(1) + figure(results, m.group(2)) + m.group(4), text)
+    figures = {**(alone or {}), **results}
+    return FIGURE.sub(lambda m: m.group(1) + figure(figures, m.group(2)) + m.group(4), text)
+
+
+def standalone_results(folder: Path) -> dict[str, tuple[str, dict]]:
+    """name -> (file name, result) of the single scripts' result files that exist."""
+    return {
+        name: (f"{name}.json", json.loads((folder / f"{name}.json").read_text()))
+        for name in STANDALONE
+        if (folder / f"{name}.json").is_file()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -76,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--results", type=Path, default=RESULTS)
     opts = parser.parse_args(argv)
     text = opts.readme.read_text()
-    new = rewrite(text, newest_results(opts.results))
+    new = rewrite(text, newest_results(opts.results), standalone_results(opts.results))
     if opts.check:
         if new != text:
             print(f"{opts.readme} is out of date: run python benchmarks/readme_figures.py")

@@ -238,3 +238,19 @@ def test_benchmarks_readme_figures_come_from_the_newest_run_of_each_benchmark(tm
 
 def test_benchmarks_readme_figures_match_the_recorded_results() -> None:
     assert readme_figures(["--check"]) == 0, "run python benchmarks/readme_figures.py"
+
+
+def test_benchmarks_readme_figures_read_the_scripts_that_run_alone(tmp_path: Path) -> None:
+    # real_size.py and the other single scripts write results/<name>.json, outside make bench's
+    # suite reports: their inline figures come from there, and the table is left to the suite
+    write_json(tmp_path / "real_size.json", {"targets": {"fit_outside_share": {"value": 0.1234}}})
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "outside <!-- figure real_size.targets.fit_outside_share.value -->0.5<!-- /figure -->\n"
+    )
+    args = ["--readme", str(readme), "--results", str(tmp_path)]
+    assert readme_figures(["--check", *args]) == 1
+    assert readme_figures(args) == 0
+    assert "outside <!-- figure real_size.targets.fit_outside_share.value -->0.123<!-- /figure -->" in (
+        readme.read_text()
+    )
