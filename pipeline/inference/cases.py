@@ -190,6 +190,7 @@ def load_case(case: InputCase, prep: Preprocessing) -> dict:
             f"not a supported input (files ending {', '.join(supported_endings())}, or a DICOM series folder)",
         )
     geometry, spacing, warning = None, None, None
+    shape: tuple[int, ...]  # stored spatial shape: (X, Y, Z) of a volume, (H, W) of an image
     if case.is_volume:
         volume, _ = load_volume_case(Case(case.name, case.paths, None), prep.class_names)
         _check_channels(case, volume.array.shape[-1], prep)

@@ -24,6 +24,7 @@ keeps one seeded generator (and resamples with the same ``grid_sample``).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -36,6 +37,9 @@ from pipeline.data.augment.voxel_grid import (
     sample_linear,
 )
 from pipeline.data.normalization import IntensityStats, standardize, to_unit
+
+if TYPE_CHECKING:  # used in annotations only
+    from pipeline.data.cache.store import MappedArray
 
 Shape3 = tuple[int, int, int]
 
@@ -88,8 +92,8 @@ class PatchAugmenter3D:
 
     def __call__(
         self,
-        image: np.ndarray,
-        mask: np.ndarray,
+        image: np.ndarray | MappedArray,
+        mask: np.ndarray | MappedArray,
         stats: IntensityStats,
         patch_size: Sequence[int],
         center: Sequence[int] | None = None,
@@ -187,7 +191,12 @@ class PatchAugmenter3D:
         return voxel - matrix @ landing - shift
 
     def _crop(
-        self, image: np.ndarray, mask: np.ndarray, stats: IntensityStats, patch: Shape3, centre: np.ndarray
+        self,
+        image: np.ndarray | MappedArray,
+        mask: np.ndarray | MappedArray,
+        stats: IntensityStats,
+        patch: Shape3,
+        centre: np.ndarray,
     ) -> tuple[np.ndarray, np.ndarray]:
         """Unit-range image (C, *patch) and mask (*patch) of the box around ``centre``, 0 outside."""
         start = centre - np.array(patch) // 2
@@ -206,8 +215,8 @@ class PatchAugmenter3D:
 
     def _resample(
         self,
-        image: np.ndarray,
-        mask: np.ndarray,
+        image: np.ndarray | MappedArray,
+        mask: np.ndarray | MappedArray,
         stats: IntensityStats,
         patch: Shape3,
         centre: np.ndarray,

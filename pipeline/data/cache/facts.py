@@ -29,6 +29,7 @@ import functools
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict, cast
 
 import numpy as np
 
@@ -39,6 +40,26 @@ from pipeline.data.reading.volumes import load_volume_case
 
 SAMPLE = 10_000  # foreground intensities per case; voxels per class per case for foreground patches
 FACT_FILES = ("label", "foreground_sample")
+
+
+class FactsEntry(TypedDict):
+    """A case's facts in ``<cache>/manifest.json``; ``store.refresh`` adds the case's ``inputs``.
+
+    Attributes:
+        spacing: voxel size along X, Y, Z of the RAS+ array, mm.
+        shape: voxels along X, Y, Z.
+        channels: image channels.
+        label: the own-grid labels' file, relative to the cache folder; None for an unlabelled case.
+        foreground_sample: the foreground intensities' file, likewise.
+        class_voxels: class index (a string: JSON keys) -> voxels; absent classes omitted.
+    """
+
+    spacing: list[float]
+    shape: list[int]
+    channels: int
+    label: str | None
+    foreground_sample: str | None
+    class_voxels: dict[str, int]
 
 
 def case_rng(case_id: str) -> np.random.Generator:
@@ -55,10 +76,12 @@ def sample_foreground(image: np.ndarray, mask: np.ndarray, case_id: str) -> np.n
     return foreground.astype(np.float32)
 
 
-def _facts_entry(case: Case, cache_dir: Path, class_names, label_map) -> dict:
+def _facts_entry(
+    case: Case, cache_dir: Path, class_names: Sequence[str], label_map: dict[int, int] | None
+) -> FactsEntry:
     """Decode one case; write its own-grid labels and foreground sample; return its facts entry."""
     volume, mask = load_volume_case(case, class_names, label_map)
-    entry = {
+    entry: FactsEntry = {
         "spacing": list(volume.spacing),
         "shape": list(volume.array.shape[:3]),
         "channels": int(volume.array.shape[-1]),
@@ -67,12 +90,10 @@ def _facts_entry(case: Case, cache_dir: Path, class_names, label_map) -> dict:
         "class_voxels": {},
     }
     if mask is not None:
-        entry["label"] = f"cases/{case.case_id}.label.npy"
-        entry["foreground_sample"] = f"cases/{case.case_id}.fg.npy"
-        save_array(cache_dir / entry["label"], np.ascontiguousarray(mask))
-        save_array(
-            cache_dir / entry["foreground_sample"], sample_foreground(volume.array, mask, case.case_id)
-        )
+        label, sample = f"cases/{case.case_id}.label.npy", f"cases/{case.case_id}.fg.npy"
+        entry["label"], entry["foreground_sample"] = label, sample
+        save_array(cache_dir / label, np.ascontiguousarray(mask))
+        save_array(cache_dir / sample, sample_foreground(volume.array, mask, case.case_id))
         counts = np.bincount(mask.ravel(order="K"), minlength=len(class_names))  # uint8: no sort
         entry["class_voxels"] = {str(k): int(n) for k, n in enumerate(counts) if n}
     return entry
@@ -86,7 +107,7 @@ def prepare_facts(
     layout: str = "",
     workers: int = 1,
     progress: bool = False,
-) -> dict[str, dict]:
+) -> dict[str, FactsEntry]:
     """Bring the facts of ``cases`` up to date; returns the entry of each case (by case id).
 
     Raises:
@@ -106,13 +127,17 @@ def prepare_facts(
     )  # fmt: skip
 
 
-def case_facts(case_id: str, entry: dict) -> CaseFacts:
+def case_facts(case_id: str, entry: FactsEntry) -> CaseFacts:
     """A facts entry as the planner's ``CaseFacts``."""
     voxels = {int(k): int(v) for k, v in entry["class_voxels"].items()}
-    return CaseFacts(case_id, tuple(entry["spacing"]), tuple(entry["shape"]), voxels)
+    spacing, shape = tuple(entry["spacing"]), tuple(entry["shape"])
+    # three values each: _facts_entry writes the volume's X, Y, Z
+    return CaseFacts(
+        case_id, cast(tuple[float, float, float], spacing), cast(tuple[int, int, int], shape), voxels
+    )
 
 
-def foreground_sample(cache_dir: str | Path, entries: Sequence[dict]) -> np.ndarray | None:
+def foreground_sample(cache_dir: str | Path, entries: Sequence[FactsEntry]) -> np.ndarray | None:
     """(N, C) foreground intensities of the given cases, concatenated; None when none has any."""
     parts = [np.load(Path(cache_dir) / e["foreground_sample"]) for e in entries if e["foreground_sample"]]
     return np.concatenate(parts) if parts else None

@@ -14,11 +14,12 @@ import logging
 import zlib
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TypedDict, cast
 
 import numpy as np
 
 from pipeline.data.augment.transforms3d import class_locations
-from pipeline.data.cache.facts import SAMPLE
+from pipeline.data.cache.facts import SAMPLE, FactsEntry
 from pipeline.data.cache.resample import onto_training_grid, resample_labels
 from pipeline.data.cache.slicing import to_slices
 from pipeline.data.cache.store import CACHE_VERSION, MappedArray, cache_folder, refresh, save_array
@@ -29,6 +30,26 @@ from pipeline.data.reading.volumes import load_volume_case
 
 log = logging.getLogger(__name__)
 GRID_FILES = ("image", "mask", "where")
+
+
+class GridEntry(TypedDict):
+    """A case's entry in ``<cache>/grids/<key>/manifest.json``; ``store.refresh`` adds its ``inputs``.
+
+    Attributes:
+        image: the (S, H, W, C) intensities' file, relative to the grid's folder.
+        mask: the (S, H, W) labels' file, likewise; None for an unlabelled case.
+        where: the (N, 4) class voxels' file, likewise; None for an unlabelled case.
+        shape: (S, H, W, C) of the image.
+        moments: per-channel intensity moments (``intensity_moments``).
+        class_slices: foreground class (a string: JSON keys) -> slices that show it.
+    """
+
+    image: str
+    mask: str | None
+    where: str | None
+    shape: list[int]
+    moments: dict[str, list[float]]
+    class_slices: dict[str, list[int]]
 
 
 def class_voxels(mask: np.ndarray, case_id: str) -> np.ndarray:
@@ -50,11 +71,18 @@ def grid_key(target_spacing: Sequence[float], slice_axis: int) -> str:
     return f"axis{slice_axis}_" + "x".join(f"{s:.5g}" for s in target_spacing)
 
 
-def _grid_entry(case: Case, folder: Path, target, axis, class_names, label_map) -> dict:
+def _grid_entry(
+    case: Case,
+    folder: Path,
+    target: Sequence[float],
+    axis: int,
+    class_names: Sequence[str],
+    label_map: dict[int, int] | None,
+) -> GridEntry:
     """Decode, resample and cut one case onto the grid; return its grid entry."""
     volume, mask = load_volume_case(case, class_names, label_map)
     image = onto_training_grid(volume.array, volume.spacing, target, axis)
-    entry = {
+    entry: GridEntry = {
         "image": f"{case.case_id}.image.npy",
         "mask": None,
         "where": None,
@@ -65,9 +93,10 @@ def _grid_entry(case: Case, folder: Path, target, axis, class_names, label_map) 
     save_array(folder / entry["image"], image)
     if mask is not None:
         labels = resample_labels(to_slices(mask, axis), len(class_names), image.shape[:3])
-        entry["mask"], entry["where"] = f"{case.case_id}.mask.npy", f"{case.case_id}.where.npy"
-        save_array(folder / entry["mask"], labels)
-        save_array(folder / entry["where"], class_voxels(labels, case.case_id))
+        mask_file, where_file = f"{case.case_id}.mask.npy", f"{case.case_id}.where.npy"
+        entry["mask"], entry["where"] = mask_file, where_file
+        save_array(folder / mask_file, labels)
+        save_array(folder / where_file, class_voxels(labels, case.case_id))
         entry["class_slices"] = {str(k): found for k, found in slices_per_class(labels).items()}
     return entry
 
@@ -81,7 +110,7 @@ def prepare_grid(
     label_map: dict[int, int] | None = None,
     workers: int = 1,
     progress: bool = False,
-) -> tuple[str, dict[str, dict]]:
+) -> tuple[str, dict[str, GridEntry]]:
     """Bring the cases' arrays on the grid (``target_spacing`` RAS mm, ``slice_axis``) up to date.
 
     Returns:
@@ -112,8 +141,8 @@ def open_case(
     cache_dir: str | Path,
     key: str,
     case_id: str,
-    facts: dict,
-    grid: dict,
+    facts: FactsEntry,
+    grid: GridEntry,
     norms: Sequence[Normalization],
     slice_axis: int,
 ) -> CaseArrays:
@@ -127,7 +156,8 @@ def open_case(
     original = None
     if facts["label"]:
         labels = MappedArray(cache_dir / facts["label"], facts["shape"])
-        original = OriginalGrid(labels, tuple(facts["spacing"]), slice_axis)
+        spacing = cast(tuple[float, float, float], tuple(facts["spacing"]))  # X, Y, Z (facts._facts_entry)
+        original = OriginalGrid(labels, spacing, slice_axis)
     stats = case_stats(image.open(), norms, grid["moments"])
     class_slices = {int(label): slices for label, slices in grid["class_slices"].items()}
     return CaseArrays(

@@ -41,8 +41,9 @@ def resampled_shape(
     return tuple(max(1, round(n * s / t)) for n, s, t in zip(shape, spacing, target, strict=True))
 
 
-def _interpolate(volume: torch.Tensor, size: tuple[int, int, int], cubic_in_plane: bool) -> torch.Tensor:
-    """(N, S, H, W) float -> (N, *size): bicubic or bilinear in plane, then linear across slices."""
+def _interpolate(volume: torch.Tensor, size: tuple[int, ...], cubic_in_plane: bool) -> torch.Tensor:
+    """(N, S, H, W) float -> (N, *size), ``size`` (S', H', W'): bicubic or bilinear in plane, then
+    linear across slices."""
     n, s, h, w = volume.shape
     if (h, w) != size[1:]:
         volume = F.interpolate(
@@ -81,7 +82,7 @@ def resample_image(image: np.ndarray, spacing: Sequence[float], target: Sequence
 
 
 def _argmax_resampled(
-    score: Callable[[int], torch.Tensor], num_classes: int, size: tuple[int, int, int], device: torch.device
+    score: Callable[[int], torch.Tensor], num_classes: int, size: tuple[int, ...], device: torch.device
 ) -> torch.Tensor:
     """uint8 (*size): the arg max over classes of ``score(k)`` (1, S', H', W') resampled linearly,
     one class at a time (the first class wins ties, as ``argmax`` does)."""

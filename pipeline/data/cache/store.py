@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from types import EllipsisType
+from typing import Any, TypeVar, cast
 
 import numpy as np
 
@@ -23,6 +25,8 @@ from pipeline.parallel import map_with_progress
 log = logging.getLogger(__name__)
 CACHE_VERSION = 3  # 3: facts and resampled grids (2: slices per class)
 MANIFEST = "manifest.json"
+Index = int | slice | EllipsisType | tuple[int | slice | EllipsisType, ...]  # what MappedArray takes
+Entry = TypeVar("Entry", bound=Mapping[str, Any])  # a manifest's entry for one case (a JSON object)
 
 
 def default_cache_dir(root: str | Path) -> Path:
@@ -46,13 +50,13 @@ class MappedArray:
             self._array = np.load(self.path, mmap_mode="r")
         return self._array
 
-    def __getitem__(self, index) -> np.ndarray:
+    def __getitem__(self, index: Index) -> np.ndarray:
         return self.open()[index]
 
     def __len__(self) -> int:
         return self.shape[0]
 
-    def __getstate__(self) -> dict:
+    def __getstate__(self) -> dict[str, Any]:
         return {**self.__dict__, "_array": None}
 
 
@@ -92,7 +96,12 @@ def cache_folder(cache_dir: str | Path) -> Path:
     return cache_dir
 
 
-def _fresh_entries(entries: dict, folder: Path, inputs: dict[str, dict], files: Sequence[str]) -> dict:
+def _fresh_entries(
+    entries: dict[str, dict[str, Any]],
+    folder: Path,
+    inputs: dict[str, dict[str, list[int]]],
+    files: Sequence[str],
+) -> dict[str, dict[str, Any]]:
     """The entries whose inputs are unchanged and whose files all exist."""
     return {
         cid: entry
@@ -102,7 +111,9 @@ def _fresh_entries(entries: dict, folder: Path, inputs: dict[str, dict], files: 
     }
 
 
-def _drop_gone(old: dict, new: dict, folder: Path, files: Sequence[str]) -> None:
+def _drop_gone(
+    old: dict[str, dict[str, Any]], new: dict[str, dict[str, Any]], folder: Path, files: Sequence[str]
+) -> None:
     """Delete the files of the entries of ``old`` that ``new`` no longer has."""
     for gone in set(old) - set(new):
         for key in files:
@@ -110,23 +121,25 @@ def _drop_gone(old: dict, new: dict, folder: Path, files: Sequence[str]) -> None
                 (folder / old[gone][key]).unlink(missing_ok=True)
 
 
-def _made_entry(item: tuple[Case, dict], make: Callable[[Case], dict]) -> dict:
+def _made_entry(
+    item: tuple[Case, dict[str, list[int]]], make: Callable[[Case], Mapping[str, Any]]
+) -> dict[str, Any]:
     case, inputs = item
     return {"inputs": inputs, **make(case)}
 
 
 def refresh(
     folder: Path,
-    settings: dict,
+    settings: dict[str, Any],
     cases: Sequence[Case],
-    make: Callable[[Case], dict],
+    make: Callable[[Case], Entry],
     files: Sequence[str],
     workers: int = 1,
     description: str = "",
     progress: bool = False,
     keep_others: bool = False,
-    extra: dict | None = None,
-) -> dict[str, dict]:
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Entry]:
     """Bring ``folder``'s manifest up to date for ``cases``; returns their entries by case id.
 
     An entry is reused when the manifest's settings equal ``settings`` and the case's inputs and
@@ -152,4 +165,6 @@ def refresh(
     manifest = {"settings": settings, **(extra or {}), "cases": entries}
     if manifest != old:
         write_json(folder / MANIFEST, manifest, indent=1)
-    return {case.case_id: entries[case.case_id] for case in cases}
+    # make's entries with their inputs, or such entries read back from a manifest made with these
+    # settings (the cache version among them)
+    return {case.case_id: cast(Entry, entries[case.case_id]) for case in cases}

@@ -54,8 +54,9 @@ class CaseArrays:
 
     Attributes:
         case_id: the case's name.
-        image: (S, H, W, C) raw intensities, S slices (1 for a 2D image).
-        mask: (S, H, W) uint8 class indices, or None for unlabelled cases.
+        image: (S, H, W, C) raw intensities, S slices (1 for a 2D image); an array, or a
+            memory-mapped one (the volume cache's).
+        mask: (S, H, W) uint8 class indices (likewise), or None for unlabelled cases.
         stats: intensity statistics of the whole case (see ``pipeline.data.normalization``).
         is_volume: False for 2D images (their ``slice_index`` is -1).
         class_slices: foreground class -> indices of the slices that show it (from the cache
@@ -65,13 +66,13 @@ class CaseArrays:
     """
 
     case_id: str
-    image: np.ndarray
-    mask: np.ndarray | None
+    image: np.ndarray | MappedArray
+    mask: np.ndarray | MappedArray | None
     stats: IntensityStats
     is_volume: bool = False
     class_slices: dict[int, list[int]] | None = None
     original: OriginalGrid | None = None
-    where: np.ndarray | None = None
+    where: np.ndarray | MappedArray | None = None
 
 
 def slices_per_class(mask: np.ndarray) -> dict[int, list[int]]:

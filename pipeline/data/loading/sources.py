@@ -86,13 +86,13 @@ class VolumeSource:
         self.cases = {case.case_id: case for case in cases}
         self.class_names, self.label_map = list(class_names), label_map
         self.cache_dir, self.layout, self.workers = Path(cache_dir), layout, workers
-        self._facts: dict[str, dict] | None = None
+        self._facts: dict[str, cache.FactsEntry] | None = None
         self.grid: str | None = None  # the key of the last grid loaded
 
     def channels(self) -> int:
         return probe(next(iter(self.cases.values())))[1]
 
-    def facts_entries(self) -> dict[str, dict]:
+    def facts_entries(self) -> dict[str, cache.FactsEntry]:
         """Every case's cache facts, after bringing them up to date (once per source)."""
         if self._facts is None:
             self._facts = cache.prepare_facts(
