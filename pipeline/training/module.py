@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Protocol, cast
 
 import pytorch_lightning as pl
 import torch
 from monai.losses import DiceCELoss
+from pytorch_lightning.utilities.types import OptimizerLRSchedulerConfig
 from torch import Tensor, nn
 from torchmetrics import MaxMetric
 
@@ -33,6 +35,25 @@ from pipeline.training.schedule import WarmupCosine, planned_steps
 CHECKPOINT_KEY = "medseg"
 STAGES = ("val", "test")
 MAX_SLICES = 1 << 20  # slice ids of a case: case index x MAX_SLICES + slice
+
+
+class Settings(Protocol):
+    """``SegmentationModule.hparams`` as the module reads it: ``save_hyperparameters`` keeps every
+    ``__init__`` argument but ``net`` and ``loss`` in an ``AttributeDict`` (typed a mapping)."""
+
+    class_names: Sequence[str]
+    lr: float
+    weight_decay: float
+    warmup_epochs: float
+    min_lr_ratio: float
+    patch_size: Sequence[int] | None
+    sw_overlap: float
+    sw_batch_size: int
+    hd95: bool
+    surface_tolerance: float
+    channels_last: bool
+    channels_last_on_cpu: bool
+    compile: bool
 
 
 class SegmentationModule(pl.LightningModule):
@@ -103,6 +124,21 @@ class SegmentationModule(pl.LightningModule):
         if compile:
             self.net.compile()  # compiled on first call, after configure_model has set the memory format
 
+    @property
+    def _settings(self) -> Settings:
+        # an AttributeDict of the __init__ arguments (save_hyperparameters); read live, so a value
+        # set on hparams later (Lightning's learning-rate finder sets hparams.lr) is the one used
+        return cast(Settings, self.hparams)
+
+    def _metrics(self, stage: str) -> SegmentationMetrics:
+        return cast(SegmentationMetrics, self.metrics[stage])  # __init__ puts one in every stage
+
+    def _slice_metrics(self, stage: str) -> SegmentationMetrics:
+        return cast(SegmentationMetrics, self.slice_metrics[stage])  # __init__ puts one in every stage
+
+    def _eval_loss(self, stage: str) -> BatchMeanOnce:
+        return cast(BatchMeanOnce, self.eval_loss[stage])  # __init__ puts one in every stage
+
     def forward(self, x: Tensor) -> Tensor:
         """(B, C_in, *spatial) -> logits (B, num_classes, *spatial)."""
         return self.net(x)
@@ -111,22 +147,27 @@ class SegmentationModule(pl.LightningModule):
         # Lightning calls this before it moves the module, wraps it in DDP and builds the optimiser.
         self._set_memory_format(self.trainer.strategy.root_device)
 
-    def _set_memory_format(self, device: torch.device) -> None:
-        """Channels-last weights for ``device`` when configured (once; in place, so references hold)."""
+    def _set_memory_format(self, device: torch.device) -> torch.memory_format:
+        """Channels-last weights for ``device`` when configured (once; in place, so references hold).
+
+        Returns:
+            the weights' memory format, the one decided first.
+        """
         if self.memory_format is not None:
-            return
-        wanted = self.hparams.channels_last and (device.type == "cuda" or self.hparams.channels_last_on_cpu)
+            return self.memory_format
+        h = self._settings
+        wanted = h.channels_last and (device.type == "cuda" or h.channels_last_on_cpu)
         self.memory_format = channels_last_format(self.net) if wanted else torch.contiguous_format
         if wanted:
             self.net.to(memory_format=self.memory_format)
+        return self.memory_format
 
     def _prepare(self, x: Tensor) -> Tensor:
         """``x`` in the weights' memory format; outside a Trainer (inference) it is set on first use."""
-        if self.memory_format is None:
-            self._set_memory_format(x.device)
-        if self.memory_format == torch.contiguous_format:
+        memory_format = self._set_memory_format(x.device)  # the one set before, when there is one
+        if memory_format == torch.contiguous_format:
             return x
-        return x.contiguous(memory_format=self.memory_format)
+        return x.contiguous(memory_format=memory_format)
 
     def on_train_start(self) -> None:
         # after Lightning restored a resumed optimiser state, which keeps the layout it was saved with
@@ -135,7 +176,7 @@ class SegmentationModule(pl.LightningModule):
 
     def predict_logits(self, x: Tensor, progress: Progress | None = None) -> Tensor:
         """(B, C, *spatial) -> logits; sliding windows where the input exceeds ``patch_size``."""
-        h = self.hparams
+        h = self._settings
         return window_logits(
             self.net, self._prepare(x), self.patch_size, h.sw_batch_size, h.sw_overlap, progress
         )
@@ -159,14 +200,15 @@ class SegmentationModule(pl.LightningModule):
         Returns:
             labels uint8 (S0, H0, W0) and the probabilities (K, S, H, W) they come from.
         """
-        chunk = chunk or self.hparams.sw_batch_size
+        chunk = chunk or self._settings.sw_batch_size
         probs = volume_probabilities(self.predict_logits, image, self.spatial_dims, chunk, tta, progress)
         return labels_from_probabilities(probs, size or probs.shape[1:]), probs
 
     def on_train_epoch_start(self) -> None:
         # Networks with a schedule of their own (ResNetUNet's encoder freezing) follow the epoch.
-        if hasattr(self.net, "set_epoch"):
-            self.net.set_epoch(self.current_epoch)
+        set_epoch = getattr(self.net, "set_epoch", None)
+        if set_epoch is not None:
+            set_epoch(self.current_epoch)
         if self.schedule is not None:
             self.schedule.total = planned_steps(self.trainer)
 
@@ -183,24 +225,24 @@ class SegmentationModule(pl.LightningModule):
             return
         logits = self.predict_logits(batch["image"])
         # index: an image (and a batch) that DDP padding repeats counts once
-        self.eval_loss[stage].update(
+        self._eval_loss(stage).update(
             self.loss(logits, batch["mask"][:, None]), len(logits), batch.get("index")
         )
-        self.metrics[stage].update(logits.argmax(1), batch["mask"], batch.get("index"))
+        self._metrics(stage).update(logits.argmax(1), batch["mask"], batch.get("index"))
 
     def _eval_case(self, batch: dict, stage: str) -> None:
         """``CaseDataset`` sample: loss on the training grid; metrics in 3D on the case's own grid
         (mm), and per slice (``<stage>/dice_slice``)."""
-        chunk = self.hparams.sw_batch_size
+        chunk = self._settings.sw_batch_size
         logits = volume_logits(self.predict_logits, batch["image"], self.spatial_dims, chunk)
         index = torch.as_tensor([batch["index"]], device=logits.device)
         loss = self.loss(logits[None], batch["mask"][None, None].long())  # uint8 whole-case labels
-        self.eval_loss[stage].update(loss, 1, index)
+        self._eval_loss(stage).update(loss, 1, index)
         target = batch["target"]
         labels = labels_from_probabilities(softmax_(logits.float()), target.shape)
-        self.metrics[stage].update(labels[None], target[None], index, batch["spacing"].tolist())
+        self._metrics(stage).update(labels[None], target[None], index, batch["spacing"].tolist())
         slices = index * MAX_SLICES + torch.arange(len(target), device=index.device)  # a repeat counts once
-        self.slice_metrics[stage].update(labels, target, slices)
+        self._slice_metrics(stage).update(labels, target, slices)
 
     def validation_step(self, batch: dict, batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -209,12 +251,13 @@ class SegmentationModule(pl.LightningModule):
         self._eval_step(batch, "test")
 
     def _log_metrics(self, stage: str) -> dict[str, Tensor]:
-        self.log(f"{stage}/loss", self.eval_loss[stage].compute(), prog_bar=stage == "val")
-        self.eval_loss[stage].reset()
-        values = self.metrics[stage].compute()
+        eval_loss = self._eval_loss(stage)
+        self.log(f"{stage}/loss", eval_loss.compute(), prog_bar=stage == "val")
+        eval_loss.reset()
+        values = self._metrics(stage).compute()
         self.log(f"{stage}/dice", values["dice"], prog_bar=True)
         self.log_dict({f"{stage}/{k}": v for k, v in values.items() if k != "dice"})
-        slices = self.slice_metrics[stage]
+        slices = self._slice_metrics(stage)
         if slices.update_count:
             self.log(f"{stage}/dice_slice", slices.compute()["dice"])
         slices.reset()
@@ -222,7 +265,7 @@ class SegmentationModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         values = self._log_metrics("val")
-        self.metrics["val"].reset()
+        self._metrics("val").reset()
         if not self.trainer.sanity_checking and not torch.isnan(values["dice"]):
             self.val_dice_best.update(values["dice"])
             self.log("val/dice_best", self.val_dice_best.compute())
@@ -231,32 +274,34 @@ class SegmentationModule(pl.LightningModule):
         self._log_metrics("test")
 
     def on_test_epoch_start(self) -> None:
-        self.metrics["test"].reset()
+        self._metrics("test").reset()
 
     @property
     def test_metrics(self) -> SegmentationMetrics:
         """The test stage's per-item scores (read by ``pipeline.monitors.report.TestReport``)."""
-        return self.metrics["test"]
+        return self._metrics("test")
 
-    def configure_optimizers(self) -> dict:
-        decay, no_decay = [], []
+    def configure_optimizers(self) -> OptimizerLRSchedulerConfig:
+        h = self._settings
+        decay: list[nn.Parameter] = []
+        no_decay: list[nn.Parameter] = []
         for p in self.net.parameters():
             (no_decay if p.ndim <= 1 else decay).append(p)  # no decay on biases and norm weights
         optimizer = torch.optim.AdamW(
             [
-                {"params": decay, "weight_decay": self.hparams.weight_decay},
+                {"params": decay, "weight_decay": h.weight_decay},
                 {"params": no_decay, "weight_decay": 0.0},
             ],
-            lr=self.hparams.lr,
+            lr=h.lr,
         )
         total = float(self.trainer.estimated_stepping_batches)
         if math.isfinite(total):
             epochs = max(1, self.trainer.max_epochs or 1)
-            warmup = min(int(total) - 1, int(self.hparams.warmup_epochs * total / epochs))
+            warmup = min(int(total) - 1, int(h.warmup_epochs * total / epochs))
         else:  # only a time budget: warm up for warmup_epochs epochs of steps
             per_epoch = math.ceil(self.trainer.num_training_batches / self.trainer.accumulate_grad_batches)
-            warmup = int(self.hparams.warmup_epochs * per_epoch)
-        self.schedule = WarmupCosine(max(0, warmup), total, self.hparams.min_lr_ratio)
+            warmup = int(h.warmup_epochs * per_epoch)
+        self.schedule = WarmupCosine(max(0, warmup), total, h.min_lr_ratio)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.schedule)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
@@ -267,6 +312,6 @@ class SegmentationModule(pl.LightningModule):
             "net": net_spec(self.net),
             "class_names": self.class_names,
             "preprocessing": datamodule.preprocessing().to_checkpoint()
-            if hasattr(datamodule, "preprocessing")
+            if datamodule is not None and hasattr(datamodule, "preprocessing")
             else None,
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections.abc import Callable, Sequence
+from typing import Protocol, cast
 
 from monai.inferers import sliding_window_inference
 from torch import Tensor
@@ -23,6 +24,13 @@ def mirrorings(spatial_dims: int) -> list[tuple[int, ...]]:
 
 
 Progress = Callable[[float], None]  # told the fraction of a case done
+
+
+class Predict(Protocol):
+    """(B, C, *spatial) -> logits, telling ``progress`` (where given) the fraction done, as
+    ``SegmentationModule.predict_logits``."""
+
+    def __call__(self, x: Tensor, progress: Progress | None = None, /) -> Tensor: ...
 
 
 def count_windows(size: Sequence[int], patch: Sequence[int], overlap: float) -> int:
@@ -60,13 +68,14 @@ def window_logits(
             progress(min(1.0, done[0] / total))
             return logits
 
-    return sliding_window_inference(
+    windowed = sliding_window_inference(
         x, tuple(patch), sw_batch_size=sw_batch_size, predictor=predictor, overlap=overlap, mode="gaussian"
     )
+    return cast(Tensor, windowed)  # as the predictor returns (MONAI's type also allows tuples and dicts)
 
 
 def volume_logits(
-    predict: Callable[[Tensor], Tensor],
+    predict: Predict,
     image: Tensor,
     spatial_dims: int,
     chunk: int,
@@ -100,7 +109,7 @@ def softmax_(logits: Tensor) -> Tensor:
 
 
 def volume_probabilities(
-    predict: Callable[[Tensor], Tensor],
+    predict: Predict,
     image: Tensor,
     spatial_dims: int,
     chunk: int,
