@@ -32,17 +32,23 @@ RESULTS = Path(__file__).resolve().parent / "results"
 T = TypeVar("T")
 
 
-def alternate(arms: dict[str, Callable[[], T]], repeats: int) -> dict[str, list[T]]:
+def alternate(
+    arms: dict[str, Callable[[], T]], repeats: int, stop: Callable[[], bool] | None = None
+) -> dict[str, list[T]]:
     """Run every arm ``repeats`` times, in turn: A B C, C B A, A B C, ...
 
     Reversing the order on every other round cancels a linear drift (load, temperature) between
     arms, and no arm always runs first after a pause. Returns each arm's results in run order.
+    ``stop()``, asked before every round after the first, ends the rounds early when true (a time
+    budget spent): every arm still has the same number of results.
     """
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
     names = list(arms)
     results: dict[str, list[T]] = {name: [] for name in names}
     for round_ in range(repeats):
+        if round_ and stop is not None and stop():
+            break
         for name in names if round_ % 2 == 0 else reversed(names):
             results[name].append(arms[name]())
     return results

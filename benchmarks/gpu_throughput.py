@@ -10,8 +10,9 @@ for every entry of ``MODEL_CASES`` (the 2D UNet, and the 3D UNet at the patch an
 Without a CUDA GPU it prints that it skipped and records ``{"skipped": ...}`` (exit status 0).
 
 The UNet at its full width (``features`` 32..512, as ``pipeline.models.UNet`` defaults) trains on
-preloaded 256x256 batches (random data: speed does not depend on it) with AdamW and MONAI's
-DiceCE loss, in four arms, alternating over ``repeats`` rounds (medians reported):
+256x256 batches preloaded on the GPU (random data: speed does not depend on it; no arm copies from
+the host) with AdamW and MONAI's DiceCE loss, in four arms, alternating over ``repeats`` rounds
+(medians reported; an arm that fails is reported in ``errors``, the others still run):
 
 - ``fp32``: float32 (with PyTorch's defaults, as ``precision: 32-true``: cuDNN may use TF32 for
   convolutions on Ampere and newer GPUs, matrix products stay float32);
@@ -30,7 +31,9 @@ DiceCE loss, in four arms, alternating over ``repeats`` rounds (medians reported
 - ``wait_fraction``: a bf16 + channels-last training loop fed by the real training loader
   (phantoms of the same size, default augmentation, pinned memory, persistent workers) with the
   default worker count (``data.num_workers: null``: one per CPU core, at most 16) and with 2:
-  the share of step time spent waiting for data.
+  the share of step time spent waiting for data, in the steady state (an epoch longer than the
+  loop, its first steps left out: ``data_wait``). Unlike the arms above, these steps include
+  the copy of each batch from pinned host memory to the GPU, as in ``medseg fit``.
 """
 
 from __future__ import annotations
@@ -173,11 +176,35 @@ def images_per_second(
     return steps * len(batch["image"]) / (time.perf_counter() - start)
 
 
+def short_error(err: BaseException, limit: int = 2000) -> str:
+    """``Type: message`` of an error, cut to ``limit`` characters (compiler errors run to pages)."""
+    text = f"{type(err).__name__}: {err}"
+    return text if len(text) <= limit else text[:limit] + " ..."
+
+
+def free_device_memory(device: torch.device) -> None:
+    """Return the cached blocks of a failed arm (an out-of-memory error) before the next one."""
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
 def measure_case(
-    case: ModelCase, device: torch.device, steps: int, warmup: int, repeats: int, arms: Sequence[str]
+    case: ModelCase,
+    device: torch.device,
+    steps: int,
+    warmup: int,
+    repeats: int,
+    arms: Sequence[str],
+    stop: Callable[[], bool] | None = None,
 ) -> dict:
-    """Images/s of ``case`` in each arm (medians over alternating rounds), FLOPs per image, peak
-    memory; an arm that fails to start (``torch.compile`` on some setups) is reported in ``errors``."""
+    """Images/s of ``case`` in each arm (medians over alternating rounds), FLOPs per image, peak memory.
+
+    Every arm trains on the same batch, preloaded on ``device``: no arm includes a host-to-device
+    copy. An arm that fails, in its warm-up (``torch.compile`` on some setups) or in a timed round
+    (out of memory), leaves the timing and is reported in ``errors`` (``Type: message``); the
+    others go on. ``stop()`` (a time budget spent), asked before each arm's warm-up and before each
+    round after the first, leaves the arms not yet warmed up out (``not_run``) and ends the rounds.
+    """
     cuda = device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     classes = len(CLASS_NAMES)
@@ -186,29 +213,43 @@ def measure_case(
         "image": torch.randn(case.batch_size, 1, *case.spatial, generator=generator).to(device),
         "mask": torch.randint(classes, (case.batch_size, *case.spatial), generator=generator).to(device),
     }
-    steps_of, errors = {}, {}
+    steps_of: dict[str, Callable[[dict], None]] = {}
+    errors: dict[str, str] = {}
+    not_run: dict[str, str] = {}
     for name in arms:
-        torch.manual_seed(0)
-        step = arm_step(name, case.build(1, classes).to(device), device)
-        try:
+        if stop is not None and stop():
+            not_run[name] = "time budget spent before its warm-up"
+            continue
+        try:  # the compiler runs in the first steps: a failure to compile shows here
+            torch.manual_seed(0)
+            step = arm_step(name, case.build(1, classes).to(device), device)
             for _ in range(warmup * (3 if ARMS[name][2] else 1)):
                 step(batch)
             sync()
             steps_of[name] = step
-        except Exception as err:  # torch.compile can fail on some setups: report, keep the others
-            errors[name] = f"{type(err).__name__}: {err}"
+        except Exception as err:  # report, keep the others
+            errors[name] = short_error(err)
+            free_device_memory(device)
     peaks: dict[str, float] = {}
 
-    def run(name: str) -> float:
-        if cuda:
-            torch.cuda.reset_peak_memory_stats()
-        rate = images_per_second(steps_of[name], batch, steps, sync)
-        if cuda:
-            peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
-        return rate
+    def run(name: str) -> float | None:
+        if name in errors:  # failed in an earlier round
+            return None
+        try:
+            if cuda:
+                torch.cuda.reset_peak_memory_stats()
+            rate = images_per_second(steps_of[name], batch, steps, sync)
+            if cuda:
+                peaks[name] = max(peaks.get(name, 0.0), torch.cuda.max_memory_allocated() / 2**30)
+            return rate
+        except Exception as err:
+            errors[name] = short_error(err)
+            steps_of.pop(name)  # its network and optimiser state go with it
+            free_device_memory(device)
+            return None
 
-    runs = alternate({name: lambda name=name: run(name) for name in steps_of}, repeats)
-    rates = {name: median(r) for name, r in runs.items()}
+    runs = alternate({name: lambda name=name: run(name) for name in steps_of}, repeats, stop)
+    rates = {name: median(r for r in rs if r is not None) for name, rs in runs.items() if name not in errors}
     flops = train_flops(case.build(1, classes).to(device), batch["image"], batch["mask"]) / case.batch_size
     return {
         "images_per_s": {k: round(v, 2) for k, v in rates.items()},
@@ -217,25 +258,52 @@ def measure_case(
         "achieved_tflops": {k: round(flops * v / 1e12, 2) for k, v in rates.items()},
         "peak_memory_gib": {k: round(v, 2) for k, v in peaks.items()},
         "errors": errors,
+        "not_run": not_run,
+        "rounds": max((len(r) for r in runs.values()), default=0),
         "runs": runs,
         "input": {"spatial": list(case.spatial), "batch_size": case.batch_size, "about": case.about},
+        "host_to_device": "none: every arm trains on one batch preloaded on the device",
     }
 
 
 def data_wait(
-    case: ModelCase, workers: Sequence[int], images: int, steps: int, device: torch.device
+    case: ModelCase,
+    workers: Sequence[int],
+    images: int,
+    steps: int,
+    device: torch.device,
+    stop: Callable[[], bool] | None = None,
 ) -> dict[str, dict]:
     """Per worker count: the share of step time a bf16 + channels-last loop of the 2D ``case``, fed
-    by the real training loader (phantoms of its size, default augmentation), waits for data."""
+    by the real training loader (``images`` phantoms of its size, default augmentation, pinned
+    memory on CUDA, persistent workers), waits for data. Each step copies its batch from the
+    loader's (pinned) host memory to ``device``, as ``medseg fit`` does.
+
+    The figure is of the steady state: the loader's epoch holds every step of the loop
+    (``iterations_per_epoch``), so no epoch restart falls inside it, and the first 2 x workers + 2
+    steps are left out (``warmup_steps``): the workers' start and the first fill of their prefetch
+    queues (2 batches each), which either wait for set-up or hand over batches made before the
+    loop began. ``stop()`` (a time budget spent), asked before each worker count, leaves the
+    remaining counts out (``{"not_run": ...}``).
+    """
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    waits = {}
+    waits: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         root = generate_dataset(Path(tmp) / "data", num_images=images, size=case.spatial[-1])
         for count in workers:
-            data = datamodule(root, case.batch_size, count)
+            if stop is not None and stop():
+                waits[str(count)] = {"not_run": "time budget spent before it started"}
+                continue
+            warmup = 2 * count + 2
+            data = datamodule(root, case.batch_size, count, iterations_per_epoch=warmup + steps + 1)
             torch.manual_seed(0)
             step = arm_step("bf16_cl", case.build(data.in_channels, data.num_classes).to(device), device)
-            waits[str(count)] = wait_fraction(data.train_dataloader(), step, steps, 3, sync)
+            loader = data.train_dataloader()
+            waits[str(count)] = wait_fraction(loader, step, steps, warmup, sync) | {
+                "warmup_steps": warmup,
+                "steps": steps,
+                "batches_per_epoch": len(loader),
+            }
     return waits
 
 
@@ -249,7 +317,12 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=3, help="rounds over the arms (default: %(default)s)")
     parser.add_argument("--no-compile", action="store_true", help="leave out the torch.compile arm")
     parser.add_argument("--matmul-size", type=int, default=8192, help="side of the bf16 matmul benchmark")
-    parser.add_argument("--images", type=int, default=64, help="phantoms for the data-wait measurement")
+    parser.add_argument(
+        "--images",
+        type=int,
+        default=160,
+        help="phantoms for the data-wait measurement (default: %(default)s)",
+    )
     parser.add_argument(
         "--wait-workers", type=int, nargs="+", default=None, help="default: 2 and the config's"
     )

@@ -49,6 +49,12 @@ BENCHMARKS: dict[str, tuple[str, str, str]] = {
 }
 
 
+def error_cell(error: str, limit: int = 300) -> str:
+    """The first line of an arm's ``Type: message`` error, short and safe in a markdown table."""
+    line = next((line for line in error.strip().splitlines() if line.strip()), "")
+    return line[:limit].replace("|", "\\|")
+
+
 def summarize(name: str, r: dict) -> list[tuple]:
     """The headline rows of benchmark ``name``'s result ``r``."""
     row = functools.partial(headline_row, name)
@@ -150,12 +156,18 @@ def summarize(name: str, r: dict) -> list[tuple]:
             )
         return rows
     if name == "gpu":
-        ips, default = r["images_per_s"], str(r["wait_fraction_default_workers"])
+        ips, default = r["images_per_s"], str(r.get("wait_fraction_default_workers"))
         speedup, tflops, matmul = r["speedup_vs_fp32"], r["achieved_tflops"], r["matmul_tflops"]
         rows = [
             row(f"{arm} vs fp32 (img/s)", rate, ips["fp32"], speedup[arm], ">= 2" if arm == "bf16_cl" else "")
-            for arm, rate in ips.items() if arm != "fp32"
+            for arm, rate in ips.items() if arm != "fp32" and arm in speedup
         ]  # fmt: skip
+        # an arm that failed (torch.compile, memory) or that a time budget left out: a row each
+        rows += [
+            (name, f"{arm} failed", error_cell(error), "", "", "", "NO")
+            for arm, error in r.get("errors", {}).items()
+        ]
+        rows += [(name, f"{arm} not run", why, "", "", "", "") for arm, why in r.get("not_run", {}).items()]
         rows += [
             row(f"{arm}: model TFLOP/s vs bf16 matmul", tflops[arm], matmul, r["fraction_of_matmul"][arm])
             for arm in ips
@@ -163,7 +175,7 @@ def summarize(name: str, r: dict) -> list[tuple]:
         rows += [
             row(f"share of step time waiting for data, {w} workers", share, "", share,
                 "<= 0.1" if w == default else "")
-            for w, share in r["wait_fraction"].items()
+            for w, share in r.get("wait_fraction", {}).items()  # gpu_check measures it apart
         ]  # fmt: skip
         return rows
     return []

@@ -13,6 +13,7 @@ import pytest
 import torch
 from torch import nn
 
+from benchmarks import gpu_throughput
 from benchmarks.common import alternate, machine_slug, markdown_table, median, ratio, train_flops, write_json
 from benchmarks.gpu_throughput import main as gpu_main
 from benchmarks.inference_speed import bare_pass, infer_device
@@ -32,6 +33,9 @@ def test_benchmarks_alternate_reverses_every_other_round() -> None:
     results = alternate(arms, repeats=3)
     assert calls == list("abccbaabc")
     assert results == {"a": [1, 6, 7], "b": [2, 5, 8], "c": [3, 4, 9]}
+    asked: list[int] = []
+    stopped = alternate(arms, repeats=5, stop=lambda: asked.append(len(calls)) or len(asked) == 2)
+    assert asked == [12, 15] and stopped == {"a": [10, 15], "b": [11, 14], "c": [12, 13]}  # whole rounds
     with pytest.raises(ValueError, match="repeats"):
         alternate(arms, repeats=0)
 
@@ -191,6 +195,36 @@ def test_benchmarks_gpu_throughput_dry_run_on_cpu(tmp_path: Path) -> None:
     assert result["flops_per_image"] > 0
     assert 0 <= result["wait_fraction"]["0"] <= 1
     assert not result["errors"]
+
+
+def test_benchmarks_gpu_arm_that_fails_is_reported_with_its_row_and_the_others_still_run(monkeypatch) -> None:
+    real = gpu_throughput.arm_step
+
+    def arm_step(name: str, net: nn.Module, device: torch.device):
+        step, calls = real(name, net, device), []
+
+        def failing(batch: dict) -> None:  # bf16 fails in its warm-up (a compiler), bf16_cl in a timed round
+            calls.append(1)
+            if name == "bf16" or len(calls) > 1:
+                raise RuntimeError(f"{name}: no kernel | here\nand a second line")
+            step(batch)
+
+        return failing if name != "fp32" else step
+
+    monkeypatch.setattr(gpu_throughput, "arm_step", arm_step)
+    case = gpu_throughput.unet2d(16, 2, (4, 8))
+    result = gpu_throughput.measure_case(case, torch.device("cpu"), 1, 1, 2, ["fp32", "bf16", "bf16_cl"])
+    assert set(result["images_per_s"]) == {"fp32"} and set(result["errors"]) == {"bf16", "bf16_cl"}
+    assert result["errors"]["bf16"].startswith("RuntimeError: bf16: no kernel")
+    rows = summarize("gpu", result | {"matmul_tflops": 1.0, "fraction_of_matmul": {"fp32": 0.0}})
+    for arm in ("bf16", "bf16_cl"):  # the first line, its pipe escaped for the markdown table
+        assert ("gpu", f"{arm} failed", f"RuntimeError: {arm}: no kernel \\| here", "", "", "", "NO") in rows
+    stopped = gpu_throughput.measure_case(case, torch.device("cpu"), 1, 1, 3, ["fp32", "bf16"], lambda: True)
+    assert stopped["not_run"] == dict.fromkeys(["fp32", "bf16"], "time budget spent before its warm-up")
+    stopped |= {"matmul_tflops": 1.0, "fraction_of_matmul": {}}
+    assert ("gpu", "bf16 not run", "time budget spent before its warm-up", "", "", "", "") in summarize(
+        "gpu", stopped
+    )
 
 
 def test_benchmarks_inference_bare_loop_runs_where_and_as_infer_does(monkeypatch) -> None:
