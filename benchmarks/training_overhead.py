@@ -29,6 +29,10 @@ figure per image is per patch.
   backward, ``torch.utils.flop_counter``) states it, and ``ours_vs_monai_flop_rate`` compares
   the FLOP/s each achieves.
 
+Every arm starts its step from the same batch in pinned host memory and copies it to the GPU
+(asynchronously, ``non_blocking``) inside its timed step: Lightning does so for the pipeline, each
+bare step for itself (``host_to_device`` in the result says so; on a CPU there is no copy).
+
 The arms are interleaved step by step, so a burst of load from other jobs on a shared machine hits
 them alike: before every pipeline step, a callback runs one bare step of each baseline network on
 the same batch, timing each; the pipeline step is timed from the end of that callback to its next
@@ -68,6 +72,11 @@ from pipeline.data.synthesis.phantoms_3d import generate_volumes  # noqa: E402
 from pipeline.models import UNet  # noqa: E402
 from pipeline.training.precision import autocast_dtype  # noqa: E402
 
+HOST_TO_DEVICE = {  # what every arm's timed step includes, by device
+    "cuda": "every arm copies its batch from pinned host memory to the GPU within its timed step",
+    "cpu": "no copy: the batches are in the memory the CPU trains in",
+}
+
 
 def bare_step(
     net: nn.Module,
@@ -76,10 +85,13 @@ def bare_step(
     total: int,
     dtype: torch.dtype | None,
     memory_format: torch.memory_format = torch.contiguous_format,
+    device: torch.device | None = None,
 ) -> Callable[[dict], None]:
     """One hand-written training step of ``net``: DiceCE, AdamW (no decay on biases and norms),
     linear warm-up then cosine over ``total`` steps, global-norm clipping at ``clip``; weights and
-    inputs in ``memory_format``, autocast to ``dtype`` if given."""
+    inputs in ``memory_format``, autocast to ``dtype`` if given. With ``device``, the step first
+    copies the batch there (``non_blocking``, as Lightning moves a batch: asynchronous from pinned
+    memory); a batch already there is not copied."""
     loss_fn = DiceCELoss(include_background=False, to_onehot_y=True, softmax=True, batch=True)
     decay = [p for p in net.parameters() if p.ndim > 1]
     no_decay = [p for p in net.parameters() if p.ndim <= 1]
@@ -93,9 +105,12 @@ def bare_step(
     net.train()
 
     def step(batch: dict) -> None:
-        with torch.autocast(batch["image"].device.type, dtype=dtype, enabled=dtype is not None):
-            logits = net(batch["image"].contiguous(memory_format=memory_format))
-            loss = loss_fn(logits, batch["mask"][:, None])
+        image, mask = batch["image"], batch["mask"]
+        if device is not None:
+            image, mask = image.to(device, non_blocking=True), mask.to(device, non_blocking=True)
+        with torch.autocast(image.device.type, dtype=dtype, enabled=dtype is not None):
+            logits = net(image.contiguous(memory_format=memory_format))
+            loss = loss_fn(logits, mask[:, None])
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(net.parameters(), clip)
@@ -111,14 +126,25 @@ class PairedSteps(pl.Callback):
     Args:
         baselines: name -> a function building the baseline network (on the CPU).
         lr, clip: the pipeline's learning rate and gradient clipping.
+        host_batches: the fit's batches in host memory, in the order it trains on them (one
+            epoch). Given, each baseline step starts from batch k's host copy and moves it to the
+            device itself, inside its timed step, as the pipeline's step includes Lightning's
+            copy of the next batch; without them the baselines get the batch Lightning already
+            moved (no copy: the same on a CPU, not on a GPU).
 
     ``seconds[name]`` and ``cpu[name]`` hold per-step wall and process CPU seconds for every
     baseline and for ``pipeline`` (its step k runs from the end of this hook at batch k to its
     start at batch k + 1).
     """
 
-    def __init__(self, baselines: dict[str, Callable[[], nn.Module]], lr: float, clip: float) -> None:
-        self.baselines, self.lr, self.clip = baselines, lr, clip
+    def __init__(
+        self,
+        baselines: dict[str, Callable[[], nn.Module]],
+        lr: float,
+        clip: float,
+        host_batches: list[dict] | None = None,
+    ) -> None:
+        self.baselines, self.lr, self.clip, self.host_batches = baselines, lr, clip, host_batches
         self.steps: dict[str, Callable[[dict], None]] = {}
         self.seconds: dict[str, list[float]] = {name: [] for name in ["pipeline", *baselines]}
         self.cpu: dict[str, list[float]] = {name: [] for name in self.seconds}
@@ -133,7 +159,9 @@ class PairedSteps(pl.Callback):
             torch.manual_seed(0)
             net = build().to(pl_module.device)
             # the memory format SegmentationModule chose for this device
-            self.steps[name] = bare_step(net, self.lr, self.clip, total, dtype, pl_module.memory_format)
+            self.steps[name] = bare_step(
+                net, self.lr, self.clip, total, dtype, pl_module.memory_format, pl_module.device
+            )
         self._sync = torch.cuda.synchronize if cuda else (lambda: None)
 
     def _mark(self) -> tuple[float, float]:
@@ -146,6 +174,8 @@ class PairedSteps(pl.Callback):
             self.seconds["pipeline"].append(start[0] - self._end[0])
             self.cpu["pipeline"].append(start[1] - self._end[1])
         names = list(self.steps) if batch_idx % 2 == 0 else list(reversed(self.steps))  # no arm always first
+        if self.host_batches is not None:
+            batch = self.host_batches[batch_idx]
         for name in names:
             self.steps[name](batch)
             end = self._mark()
@@ -184,9 +214,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--repeats", type=int, default=5, help="fits (default: %(default)s)")
     parser.add_argument("--features", type=int, nargs="+", default=None, help="default: the model config's")
     parser.add_argument("--no-monai", action="store_true", help="leave out the MONAI BasicUNet arm")
+    parser.add_argument(
+        "--budget", type=float, default=None, help="seconds: start no further fit after this (>= 1 fit)"
+    )
     parser.add_argument("--output", type=Path, default=RESULTS / "training_overhead.json")
     # the other arguments go to medseg fit (e.g. --trainer.accelerator cpu)
     opts, extra = parser.parse_known_args(argv)
+    began = time.perf_counter()  # of the budget: data and batches included
     quiet()  # W&B offline; Lightning's set-up lines and known warnings off
     configs = CONFIGS_OF[opts.dims]
     init_args = model_init_args(configs[0]) | ({"features": opts.features} if opts.features else {})
@@ -218,7 +252,9 @@ def main(argv: list[str] | None = None) -> dict:
                 opts.dims, channels, classes, (*features, features[0]), act="relu", norm="batch"
             )
         for _ in range(opts.repeats):
-            paired = PairedSteps(baselines, lr, clip)
+            if runs and opts.budget is not None and time.perf_counter() - began > opts.budget:
+                break
+            paired = PairedSteps(baselines, lr, clip, host_batches=batches)
             preloaded_fit(work, root, batches, [paired], extra, configs)
             runs.append(paired.rates(opts.warmup, opts.steps, batch_size))
             window = slice(opts.warmup, opts.warmup + opts.steps)
@@ -240,6 +276,9 @@ def main(argv: list[str] | None = None) -> dict:
         "cpu_s_per_step": {k: round(v, 4) for k, v in cpu.items()},
         "flops_per_image": flops,
         "runs": runs,
+        "fits": len(runs),
+        "stopped_at_budget": len(runs) < opts.repeats,
+        "host_to_device": HOST_TO_DEVICE["cuda" if torch.cuda.is_available() else "cpu"],
         "settings": {k: v for k, v in vars(opts).items() if k != "output"}
         | {"features": features, "batch_size": batch_size, "input": shape, **planned},
         "machine": machine_info(),
@@ -260,7 +299,9 @@ def main(argv: list[str] | None = None) -> dict:
             if "monai" in rates
             else ""
         )
-        + f" ({'x'.join(map(str, shape))}, batch {batch_size}, {opts.steps} steps x {opts.repeats} fits)"
+        + f" ({'x'.join(map(str, shape))}, batch {batch_size}, {opts.steps} steps x {len(runs)} fits"
+        + (f", stopped at the {opts.budget:g} s budget" if result["stopped_at_budget"] else "")
+        + f"; {result['host_to_device']})"
     )
     write_json(opts.output, result)
     return result

@@ -49,13 +49,16 @@ def test_benchmarks_median_and_ratio() -> None:
 
 
 def test_benchmarks_paired_steps_time_baselines_and_pipeline_alike() -> None:
-    paired = PairedSteps({"bare": lambda: UNet(1, 2, features=(4, 8))}, lr=1e-3, clip=1.0)
+    batches = [{"image": torch.randn(2, 1, 16, 16), "mask": torch.randint(2, (2, 16, 16))} for _ in range(3)]
+    # the baselines start from the host batches and copy them themselves, as the pipeline's step does
+    paired = PairedSteps(
+        {"bare": lambda: UNet(1, 2, features=(4, 8))}, lr=1e-3, clip=1.0, host_batches=batches
+    )
     trainer = SimpleNamespace(precision="32-true", estimated_stepping_batches=3)
     module = SimpleNamespace(device=torch.device("cpu"), memory_format=torch.contiguous_format)
     paired.on_train_start(trainer, module)
-    batch = {"image": torch.randn(2, 1, 16, 16), "mask": torch.randint(2, (2, 16, 16))}
     for index in range(3):
-        paired.on_train_batch_start(trainer, module, batch, index)
+        paired.on_train_batch_start(trainer, module, {"moved": "by Lightning, not used"}, index)
     assert [len(paired.seconds[k]) for k in ("bare", "pipeline")] == [3, 2]  # pipeline: between calls
     paired.seconds = {"pipeline": [9.0, 1.0, 3.0], "bare": [9.0, 2.0, 2.0]}
     paired.cpu = {"pipeline": [9.0, 1.0, 1.0], "bare": [9.0, 3.0, 1.0]}
