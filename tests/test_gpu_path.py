@@ -4,6 +4,9 @@ at a GPU's cadence (flags read every N steps), DDP with channels-last, and torch
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,11 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader
 
+from benchmarks import gpu_check as gpu_check_module
+from benchmarks import user_runs
+from benchmarks.gpu_check import SECTIONS
 from benchmarks.gpu_check import main as gpu_check
+from benchmarks.gpu_throughput import ARMS
 from benchmarks.host_syncs import count_fit
 from pipeline.cli import main
 from pipeline.models import UNet
@@ -193,24 +200,93 @@ def test_fit_compiled_network_with_the_monitors_on(phantom_dir, tmp_path):
 
 @pytest.mark.slow
 def test_gpu_check_dry_run_on_the_cpu_writes_its_report(tmp_path):
-    assert gpu_check(["--cpu", "--output", str(tmp_path)]) == 0
+    # every section and every arm, torch.compile's too (it runs on CPUs), within a small budget
+    assert gpu_check(["--cpu", "--budget", "300", "--output", str(tmp_path)]) == 0
     (json_file,) = tmp_path.glob("gpu_check-*.json")
     report = json.loads(json_file.read_text())
     sections = report["sections"]
-    assert report["dry_run"] and set(sections) == {
-        "environment", "throughput", "train", "infer", "train3d", "infer3d", "overhead"
+    assert report["dry_run"] and set(sections) == set(SECTIONS) == {
+        "environment", "throughput", "data_wait", "train", "infer", "train3d", "infer3d", "overhead"
     }  # fmt: skip
     assert not [name for name, result in sections.items() if "error" in result]
+    assert set(report["budget_s"]) == set(report["seconds"]) == set(sections)
+    assert not any(report["stopped_at_budget"].values()), report["seconds"]
+    table = json_file.with_suffix(".md").read_text()
     for case in ("unet2d", "unet3d"):
-        assert set(sections["throughput"][case]["images_per_s"]) == {"fp32", "bf16", "bf16_cl"}, case
+        result = sections["throughput"][case]
+        assert set(result["images_per_s"]) | set(result["errors"]) == set(ARMS), case
+        assert set(result["errors"]) <= {"bf16_cl_compile"} and not result["not_run"], result["errors"]
+        if result["errors"]:  # a compiler that fails on this CPU: its row says so
+            assert f"| {case} | bf16_cl_compile failed |" in table
+        else:
+            assert f"| {case} | bf16_cl_compile vs fp32 (img/s) |" in table
     assert len(sections["throughput"]["unet3d"]["input"]["spatial"]) == 3  # a planned 3D patch
+    wait = sections["data_wait"]["runs"]["0"]
+    assert (
+        0 <= wait["wait_fraction"] <= 1 and wait["batches_per_epoch"] > wait["warmup_steps"] + wait["steps"]
+    )
     for name in ("train", "train3d"):  # the 3D fit's weights channels-last-3d, as on a GPU
         train = sections[name]
         assert train["exit"] == 0 and train["status"] == "completed" and train["stride_warnings"] == 0
         assert train["bf16"] and train["channels_last_weights"] == train["conv_weights"] > 0, name
     for name in ("infer", "infer3d"):
         assert sections[name]["exit"] == 0 and sections[name]["ok"] == sections[name]["cases"], name
-    assert sections["overhead"]["host_syncs"]["median"] == 0  # at a GPU's cadence
-    table = json_file.with_suffix(".md").read_text()
+    overhead = sections["overhead"]
+    assert overhead["host_syncs"]["median"] == 0 and not overhead["not_run"]  # at a GPU's cadence
+    assert set(overhead["ms_per_step"]) == {"pipeline", "monitors", "guards"}
     assert "| train | medseg fit: exit status + stride-mismatch warnings | 0 |" in table
     assert "| train3d | medseg fit: exit status + stride-mismatch warnings | 0 |" in table
+    assert "| data_wait | unet2d: share of step time waiting for data, 0 workers (steady state) |" in table
+    assert "| budget | all sections: seconds vs budget |" in table and "Host-to-device copies" in table
+
+
+def test_gpu_check_sections_stop_at_a_spent_budget_and_say_so(tmp_path):
+    sections = ["throughput", "data_wait", "overhead"]
+    assert gpu_check(["--cpu", "--only", *sections, "--budget", "0", "--output", str(tmp_path)]) == 0
+    (json_file,) = tmp_path.glob("gpu_check-*.json")
+    report = json.loads(json_file.read_text())
+    assert report["stopped_at_budget"] == dict.fromkeys(sections, True)
+    throughput = report["sections"]["throughput"]
+    assert all(set(throughput[case]["not_run"]) == set(ARMS) for case in ("unet2d", "unet3d"))
+    assert set(report["sections"]["data_wait"]["not_run"]) == {"0"}
+    assert set(report["sections"]["overhead"]["not_run"]) == {
+        "all", "no_monitors", "no_monitors_no_guards", "host_syncs"
+    }  # fmt: skip
+    table = json_file.with_suffix(".md").read_text()
+    assert "| unet2d | bf16_cl_compile not run | time budget spent before its warm-up |" in table
+    assert "| budget | overhead: seconds vs budget (stopped at its budget) |" in table
+
+
+def test_gpu_check_nvidia_smi_missing_or_failing_is_recorded_as_unavailable(monkeypatch):
+    monkeypatch.setattr(gpu_check_module.shutil, "which", lambda name: None)
+    assert gpu_check_module.nvidia_smi() == "unavailable: nvidia-smi not found"
+    monkeypatch.setattr(gpu_check_module.shutil, "which", lambda name: "/usr/bin/nvidia-smi")
+
+    def broken(*args, **kwargs):
+        raise OSError("Exec format error")
+
+    monkeypatch.setattr(gpu_check_module.subprocess, "run", broken)
+    assert gpu_check_module.nvidia_smi() == "unavailable: OSError: Exec format error"
+    failed = subprocess.CompletedProcess([], 9, "", "NVIDIA-SMI has failed: no driver")
+    monkeypatch.setattr(gpu_check_module.subprocess, "run", lambda *args, **kwargs: failed)
+    assert gpu_check_module.nvidia_smi() == "unavailable: exit status 9: NVIDIA-SMI has failed: no driver"
+
+
+def test_gpu_check_child_runs_are_killed_at_their_time_limit(tmp_path):
+    synth = ["data", "synth", "--output", str(tmp_path / "data"), "--num-images", "100000"]  # minutes
+    code, seconds, _ = user_runs.medseg(synth, tmp_path / "log", timeout=1.0)
+    assert code == user_runs.TIMED_OUT and seconds < 10
+
+
+def test_gpu_check_runs_as_a_script_without_make(tmp_path):
+    script = Path(gpu_check_module.__file__)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}  # the script finds the repository itself
+    done = subprocess.run(
+        [sys.executable, str(script), "--help"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0 and "--budget" in done.stdout, done.stderr[-2000:]
