@@ -53,8 +53,9 @@ compare: install ## compare the runs in RUNS (default runs/ablation): REPORT/rep
 bench: install ## every benchmark (GPU ones on a GPU) -> benchmarks/results/<machine>-<date>.{json,md}; ARGS=--quick
 	$(BIN)/python benchmarks/run_all.py $(ARGS)
 
-gpu-check: install ## the CUDA path on one GPU, <8 min -> benchmarks/results/gpu_check-<machine>-<date>.{json,md}; ARGS=--cpu: dry run
-	$(BIN)/python benchmarks/gpu_check.py $(ARGS)
+# no install step: a GPU machine may be offline; the venv's python if there is one, else $(PYTHON)
+gpu-check: ## the CUDA path on one GPU, <8 min -> benchmarks/results/gpu_check-<machine>-<date>.{json,md}; ARGS=--cpu: dry run
+	$(if $(wildcard $(BIN)/python),$(BIN)/python,$(PYTHON)) benchmarks/gpu_check.py $(ARGS)
 
 test: install ## run the test suite (CPU, a few minutes)
 	$(BIN)/pytest -q $(PYTEST_ARGS)
