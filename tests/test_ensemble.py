@@ -65,7 +65,10 @@ def test_ensemble_infer_two_checkpoints_writes_the_mean_probabilities(checkpoint
     ensemble = tmp_path / "ensemble"
     main(["infer", "--checkpoint", *map(str, checkpoints[:2]), "--input", images, "--output", str(ensemble),
           "--save-probabilities", "--num-workers", "0"])  # fmt: skip
-    for case in (ensemble / "probabilities").glob("*.npz"):
+    written = sorted((ensemble / "probabilities").glob("*.npz"))
+    cases = sorted(p.stem for p in (phantom_dir / "images").iterdir())
+    assert [p.stem for p in written] == cases  # one file per case: an empty folder fails here
+    for case in written:
         got = np.load(case)["probabilities"].astype(np.float32)
         mean = (
             sum(np.load(s / "probabilities" / case.name)["probabilities"].astype(np.float32) for s in singles)
