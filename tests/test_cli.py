@@ -6,10 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
+from monai.networks.nets import BasicUNet
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from pipeline.cli import COMMANDS, main
+from pipeline.inference.cases import find_inputs, load_case
+from pipeline.training.checkpoint import load_model
 from tests.conftest import fit_args, run_path
 
 HELP_PROBE = "import sys; from pipeline.cli import main\ntry:\n    main(['--help'])\nexcept SystemExit:\n    pass\nprint('torch' in sys.modules)"
@@ -77,6 +83,21 @@ def test_cli_a_monai_network_from_the_config_trains_checkpoints_and_infers(phant
     )
     masks = sorted(Path(tmp_path / "out").glob("*.png"))
     assert len(masks) == len(list(images.iterdir()))
+    module, prep = load_model(checkpoint)  # the BasicUNet of the config, with its trained weights
+    assert isinstance(module.net, BasicUNet) and list(prep.class_names) == [
+        "background",
+        "organ",
+        "lesion",
+        "vessel",
+    ]
+    foreground = 0
+    for case in find_inputs([images]):
+        with torch.no_grad():
+            labels, _ = module.predict_case(load_case(case, prep)["image"])
+        written = np.array(Image.open(tmp_path / "out" / f"{case.name}.png"))
+        assert np.array_equal(written, labels[0].numpy()), case.name  # infer wrote what the network predicts
+        foreground += int((written > 0).sum())
+    assert foreground > 0
 
 
 def test_cli_default_config_names_every_always_on_callback(tmp_path):
