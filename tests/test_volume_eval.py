@@ -1,5 +1,6 @@
 """Volumes end to end: per-case 3D scores in mm equal an independent computation on the masks
-`medseg infer` writes, and a 3D network's inference equals what validation scored, voxel for voxel."""
+`medseg infer` writes, a 3D network's inference equals what validation scored, voxel for voxel, and
+val/dice is the mean per-case 3D Dice that picks best.ckpt."""
 
 from __future__ import annotations
 
@@ -86,3 +87,79 @@ def test_volume_eval_3d_network_inference_equals_validation(mixed_volume_dir, tm
             read_nifti([out / f"{case}.nii.gz"]).array[..., 0], stored["preprocessing"]["slice_axis"]
         )
         assert np.array_equal(labels, expected), case
+
+
+def case_dice(pred: torch.Tensor, truth: torch.Tensor, num_classes: int) -> list[float]:
+    """Per foreground class, the 3D Dice of one case; NaN where the truth lacks the class."""
+    return [
+        (2 * ((pred == k) & (truth == k)).sum() / ((pred == k).sum() + (truth == k).sum())).item()
+        if (truth == k).any()
+        else float("nan")
+        for k in range(1, num_classes)
+    ]
+
+
+def test_volume_eval_val_dice_is_the_mean_case_dice_and_best_ckpt_follows_it(
+    volume_dir, tmp_path, monkeypatch
+):
+    # Validation predictions scripted from the truth: epoch 0 misses the organ in its smallest slice
+    # (a slice Dice of 0, little volume), epoch 1 misses every fifth organ voxel (each slice 0.89).
+    # Per case in 3D epoch 0 scores higher, per slice epoch 1: best.ckpt must be epoch 0.
+    import pipeline.training.module as module_code
+    from pipeline.training.module import SegmentationModule
+
+    seen: dict = {}
+    scored: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {0: [], 1: []}
+    validation_step = SegmentationModule.validation_step
+
+    def remember(self, batch, batch_idx):
+        seen.update(batch=batch, epoch=self.current_epoch, classes=len(self.class_names))
+        return validation_step(self, batch, batch_idx)
+
+    def scripted(predict, image, spatial_dims, chunk, progress=None):
+        batch, epoch = seen["batch"], seen["epoch"]
+        truth = batch["target"].long()
+        assert torch.equal(batch["mask"].long(), truth)  # the training grid is the case's own grid
+        organ, pred = truth == 1, truth.clone()
+        if epoch == 0:
+            area = organ.flatten(1).sum(1)
+            smallest = int(torch.where(area > 0, area, area.max() + 1).argmin())
+            pred[smallest][organ[smallest]] = 0
+        else:
+            pred[tuple(organ.nonzero()[::5].T)] = 0
+        scored[epoch].append((pred, truth))
+        return torch.nn.functional.one_hot(pred, seen["classes"]).movedim(-1, 0).float() * 20
+
+    monkeypatch.setattr(SegmentationModule, "validation_step", remember)
+    monkeypatch.setattr(module_code, "volume_logits", scripted)
+    run = fit_volumes(volume_dir, tmp_path / "runs", "unet", "--data.cache_dir", str(tmp_path / "cache"))
+    monkeypatch.undo()
+
+    def mean_case_dice(cases):
+        per_case = np.array([case_dice(pred, truth, seen["classes"]) for pred, truth in cases])
+        return float(np.nanmean(np.nanmean(per_case, axis=0)))
+
+    def mean_slice_dice(cases):
+        per_slice = [
+            case_dice(p, t, seen["classes"])
+            for pred, truth in cases
+            for p, t in zip(pred, truth, strict=True)
+        ]
+        return float(np.nanmean(np.nanmean(np.array(per_slice), axis=0)))
+
+    with open(run / "metrics.csv") as f:
+        logged = {int(r["epoch"]): r for r in csv.DictReader(f) if r.get("val/dice")}
+    assert sorted(logged) == [0, 1] and all(len(scored[e]) == len(scored[0]) > 0 for e in (0, 1))
+    expected = {epoch: mean_case_dice(scored[epoch]) for epoch in (0, 1)}
+    for epoch in (0, 1):
+        assert float(logged[epoch]["val/dice"]) == pytest.approx(expected[epoch], rel=1e-5), epoch
+    # the scores disagree on the best epoch, the module's per-slice one too
+    assert expected[0] > expected[1] + 0.02
+    assert mean_slice_dice(scored[1]) > mean_slice_dice(scored[0]) + 0.05
+    assert float(logged[1]["val/dice_slice"]) > float(logged[0]["val/dice_slice"]) + 0.05
+    best = torch.load(run / "checkpoints" / "best.ckpt", weights_only=False)
+    assert best["epoch"] == 0
+    (state,) = [v for v in best["callbacks"].values() if str(v.get("best_model_path")).endswith("best.ckpt")]
+    assert state["monitor"] == "val/dice" and float(state["best_model_score"]) == pytest.approx(
+        expected[0], rel=1e-5
+    )
