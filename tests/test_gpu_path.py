@@ -40,11 +40,21 @@ def conv_weights(state: dict) -> dict[str, torch.Tensor]:
     return {k: v for k, v in state.items() if v.ndim == 4 and v.shape[1] > 1 and v.shape[-1] > 1}
 
 
-class LayoutAtFitStart(pl.Callback):
-    """Records whether every convolution weight is channels-last when training starts."""
+class LayoutAtStrategySetup(pl.Callback):
+    """Records whether every convolution weight is channels-last when the strategy's ``setup``
+    begins: after ``configure_model``, before the strategy moves the module, wraps it in DDP and
+    builds the optimiser (``on_fit_start`` runs after all of that)."""
 
-    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.weights = all(map(channels_last, conv_weights(pl_module.net.state_dict()).values()))
+    weights: bool | None = None
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        strategy_setup = trainer.strategy.setup  # Lightning calls it after this hook
+
+        def record_then_setup(trainer: pl.Trainer) -> None:
+            self.weights = all(map(channels_last, conv_weights(pl_module.net.state_dict()).values()))
+            strategy_setup(trainer)
+
+        trainer.strategy.setup = record_then_setup  # type: ignore[method-assign]
 
 
 def tiny_fit(
@@ -68,9 +78,9 @@ def tiny_fit(
 
 def test_module_channels_last_weights_are_set_before_training_starts(tmp_path):
     module = SegmentationModule(UNet(1, 3, features=(4, 8)), hd95=False, channels_last_on_cpu=True)
-    seen = LayoutAtFitStart()
+    seen = LayoutAtStrategySetup()
     trainer = tiny_fit(module, tmp_path, None, seen)
-    assert seen.weights  # before DDP or the optimiser could see them, not at the first batch
+    assert seen.weights is True  # before DDP or the optimiser could see them, not at the first batch
     assert module.memory_format == torch.channels_last
     state = trainer.optimizers[0].state
     moments = [state[p]["exp_avg"] for p in module.net.parameters() if p.ndim == 4 and min(p.shape[1:]) > 1]
@@ -91,8 +101,19 @@ def test_module_resumed_optimizer_state_takes_the_weights_layout(tmp_path):
         assert state[param]["exp_avg_sq"].stride() == param.stride()
 
 
-def test_fit_bf16_mixed_with_channels_last_and_checks_every_2_steps(phantom_dir, tmp_path):
+def test_fit_bf16_mixed_with_channels_last_and_checks_every_2_steps(phantom_dir, tmp_path, monkeypatch):
     runs = tmp_path / "runs"
+    dtypes: list[torch.dtype] = []  # of the network's output in each training step
+    training_step = SegmentationModule.training_step
+
+    def recording_step(self, batch, batch_idx):
+        hook = self.net.register_forward_hook(lambda net, args, out: dtypes.append(out.dtype))
+        try:
+            return training_step(self, batch, batch_idx)
+        finally:
+            hook.remove()
+
+    monkeypatch.setattr(SegmentationModule, "training_step", recording_step)
     cuda_path = ("--trainer.precision", "bf16-mixed", "--model.channels_last_on_cpu", "true")
     cuda_path += (
         "--run.sync_every_n_steps",
@@ -106,6 +127,7 @@ def test_fit_bf16_mixed_with_channels_last_and_checks_every_2_steps(phantom_dir,
     run = run_path(runs, "bf16", phantom_dir, "unet-relu-kaiming-d3-s0")
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3
+    assert dtypes == [torch.bfloat16] * 3  # the forward ran under bf16 autocast
     assert 0.0 <= summary["final"]["val/dice"] <= 1.0 and not summary["DivergenceGuard"]["diverged"]
     weights = conv_weights(load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"])
     assert weights and all(map(channels_last, weights.values()))  # the layout trained in
