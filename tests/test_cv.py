@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from pipeline.cli import main
 from pipeline.data.loading.split import make_split
@@ -38,10 +39,19 @@ def cross_validation(phantom_dir: Path, tmp_path_factory: pytest.TempPathFactory
     assert code == -9, err[-3000:]
     runs = folder / "runs" / "default" / dataset_name(phantom_dir)
     states = {p.name: sorted(q.name for q in (p / "checkpoints").glob("*.ckpt")) for p in runs.glob("*-f*")}
+    fold_0 = runs / f"{VARIANT}-f0-s0"
+    finished = {
+        p: (p.stat().st_mtime_ns, p.read_bytes()) for p in [*fold_0.rglob("*.ckpt"), fold_0 / "summary.json"]
+    }
+    last_1 = runs / f"{VARIANT}-f1-s0" / "checkpoints" / "last.ckpt"
+    last_step = torch.load(last_1, weights_only=False)["global_step"]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         main(args)
     return {
+        "fold_0_files": finished,  # (mtime, bytes) of fold 0's checkpoints and summary after the kill
+        "fold_1_last_step": last_step,  # of the last.ckpt the kill left in fold 1
+        "starts": [json.loads(line) for line in (folder / "train_starts.jsonl").read_text().splitlines()],
         "runs": runs,
         "cv": runs / f"{VARIANT}-cv3-s0",
         "killed": states,
@@ -60,6 +70,13 @@ def test_cv_killed_in_fold_1_resumes_it_and_skips_fold_0(cross_validation):
     assert f"[1/3] {VARIANT}-f0-s0: skipped (completed)" in out
     assert f"[2/3] {VARIANT}-f1-s0: training (resuming from last.ckpt)" in out
     assert f"[3/3] {VARIANT}-f2-s0: training\n" in out
+    # what the files say: fold 0 untouched, fold 1 went on from its last.ckpt (epoch 0's 2 steps)
+    assert len(cross_validation["fold_0_files"]) == 3
+    for path, (mtime, content) in cross_validation["fold_0_files"].items():
+        assert path.stat().st_mtime_ns == mtime and path.read_bytes() == content, path
+    assert cross_validation["fold_1_last_step"] == 2
+    starts = [(s["fold"], s["global_step"], s["after_kill"]) for s in cross_validation["starts"]]
+    assert starts == [(0, 0, False), (1, 0, False), (1, 2, True), (2, 0, True)]
     for fold in range(3):
         summary = json.loads(
             (cross_validation["runs"] / f"{VARIANT}-f{fold}-s0" / "summary.json").read_text()

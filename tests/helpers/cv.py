@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from pathlib import Path
@@ -37,15 +38,35 @@ class KillFoldOnce(pl.Callback):
             os.kill(os.getpid(), signal.SIGKILL)
 
 
+class RecordTrainStart(pl.Callback):
+    """Appends ``{"fold", "global_step", "after_kill"}`` to ``path`` (JSON lines) as each fold's
+    training starts: where a fold began (0, or a resumed checkpoint's step), and in which attempt
+    (``after_kill``: the ``KillFoldOnce`` marker existed)."""
+
+    def __init__(self, path: str, marker: str) -> None:
+        self.path, self.marker = Path(path), Path(marker)
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        start = {"fold": trainer.datamodule.fold, "global_step": trainer.global_step}
+        with self.path.open("a") as f:
+            f.write(json.dumps({**start, "after_kill": self.marker.exists()}) + "\n")
+
+
 def cv_args(data: Path, folder: Path) -> list[str]:
     """``medseg cv`` arguments: 3 folds of 2 epochs of 2 steps; fold 1 is killed in step 3 (its
-    second epoch, after epoch 0's last.ckpt) the first time it runs."""
+    second epoch, after epoch 0's last.ckpt) the first time it runs. Each fold's start is recorded
+    in ``folder/train_starts.jsonl``."""
     config = folder / "callbacks.yaml"
     kill = {
         "class_path": "tests.helpers.cv.KillFoldOnce",
         "init_args": {"fold": 1, "step": 3, "marker": str(folder / "killed")},
     }
-    config.write_text(yaml.safe_dump({"trainer": {"callbacks": [BEST, last_every(0), kill]}}))
+    starts = {
+        "class_path": "tests.helpers.cv.RecordTrainStart",
+        "init_args": {"path": str(folder / "train_starts.jsonl"), "marker": str(folder / "killed")},
+    }
+    callbacks = [BEST, last_every(0), kill, starts]
+    config.write_text(yaml.safe_dump({"trainer": {"callbacks": callbacks}}))
     fit = fit_args(
         data, folder / "runs", "-c", str(config), "--trainer.max_epochs", "2", "--run.wandb", "false"
     )
