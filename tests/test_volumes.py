@@ -104,9 +104,15 @@ def test_volumes_ct_uses_foreground_percentiles_of_the_training_cases(volume_dir
 
 
 def test_volumes_statistics_and_plan_ignore_the_validation_and_test_cases(volume_dir, tmp_path):
+    # 2 training, 2 validation and 2 test cases: the 4 held out, changed below, are a majority of
+    # what a planner that leaked them would see, so its medians (spacing, patch) would move
     def learned(root):
         dm = SegmentationDataModule(
-            root=str(root), test_fraction=0.2, cache_dir=str(root / "cache"), num_workers=0
+            root=str(root),
+            val_fraction=0.34,
+            test_fraction=0.34,
+            cache_dir=str(root / "cache"),
+            num_workers=0,
         )
         plan = dm.resolve_plan()
         return dm.split, dm.preprocessing().normalization, plan.target_spacing, plan.net_2d
@@ -114,6 +120,7 @@ def test_volumes_statistics_and_plan_ignore_the_validation_and_test_cases(volume
     root = tmp_path / "msd"
     shutil.copytree(volume_dir, root)
     split, norms, spacing, net = learned(root)
+    assert [len(split[k]) for k in ("train", "val", "test")] == [2, 2, 2]
     for case in (*split["val"], *split["test"]):  # brighter, and at another spacing
         path = root / "imagesTr" / f"{case}.nii.gz"
         image = nib.load(path)
