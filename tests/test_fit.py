@@ -5,6 +5,7 @@ import torch
 
 from pipeline.cli import main
 from tests.conftest import fit_args, run_path
+from tests.helpers.scores import assert_scores_agree
 
 
 def test_one_epoch_fit_writes_the_run_directory(phantom_dir, tmp_path):
@@ -19,8 +20,8 @@ def test_one_epoch_fit_writes_the_run_directory(phantom_dir, tmp_path):
     assert summary["status"] == "completed" and summary["epochs"] == 1
     assert summary["params"] > 0 and summary["seconds_per_epoch"] > 0
     assert summary["variant"]["arch"] == "unet" and summary["variant"]["depth"] == 3
-    for key in ("val/dice", "val/dice_organ", "val/dice_lesion", "val/dice_vessel", "val/iou"):
-        assert 0.0 <= summary["best"][key] <= 1.0, key
+    assert_scores_agree(summary["best"], ("organ", "lesion", "vessel"))
+    assert summary["best"]["val/dice"] > 0.05  # seed 0, 2 steps: 0.11 (all background scores 0)
     split = json.loads((run / "split.json").read_text())
     assert len(split["train"]) + len(split["val"]) == 12
 

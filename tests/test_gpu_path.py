@@ -26,6 +26,7 @@ from pipeline.training.checkpoint import load_checkpoint
 from pipeline.training.module import SegmentationModule
 from tests.conftest import fit_args, run_path
 from tests.helpers.resume import BEST, finish, kill_at, last_every, run_args, start_fit
+from tests.helpers.scores import assert_scores_agree
 
 RUN = "unet-relu-kaiming-d3-s0"  # of experiment "resume"
 STRIDE_WARNING = "Grad strides do not match bucket view strides"
@@ -128,7 +129,9 @@ def test_fit_bf16_mixed_with_channels_last_and_checks_every_2_steps(phantom_dir,
     summary = json.loads((run / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["steps"] == 3
     assert dtypes == [torch.bfloat16] * 3  # the forward ran under bf16 autocast
-    assert 0.0 <= summary["final"]["val/dice"] <= 1.0 and not summary["DivergenceGuard"]["diverged"]
+    assert not summary["DivergenceGuard"]["diverged"]
+    assert_scores_agree(summary["final"], ("organ", "lesion", "vessel"))
+    assert summary["final"]["val/dice"] > 0.05  # seed 0, 3 steps in bf16: 0.10 (all background scores 0)
     weights = conv_weights(load_checkpoint(run / "checkpoints" / "last.ckpt")["state_dict"])
     assert weights and all(map(channels_last, weights.values()))  # the layout trained in
     assert all(torch.isfinite(w).all() for w in weights.values())

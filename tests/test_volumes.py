@@ -12,6 +12,7 @@ from pipeline.data.cache.slicing import to_slices
 from pipeline.data.datamodule import SegmentationDataModule
 from pipeline.data.normalization import Normalization, fit_intensity
 from tests.conftest import fit_args, run_path
+from tests.helpers.scores import assert_scores_agree
 
 SHAPE = (6, 8, 5)  # stored voxels; distinct sides, so a wrong axis shows in the sample shape
 SPACING = (1.5, 1.0, 3.0)
@@ -151,7 +152,9 @@ def test_volumes_one_epoch_fit_through_the_cli(volume_dir, tmp_path):
     main(args)
     run = run_path(tmp_path / "runs", "vol", volume_dir, "unet-relu-kaiming-d2-s0")
     summary = json.loads((run / "summary.json").read_text())
-    assert summary["status"] == "completed" and 0.0 <= summary["final"]["val/dice"] <= 1.0
+    assert summary["status"] == "completed"
+    assert_scores_agree(summary["final"], ("organ", "lesion"))  # per case in 3D
+    assert summary["final"]["val/dice"] > 0.01  # seed 0, 2 steps: 0.037 (all background scores 0)
     pre = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["medseg"]["preprocessing"]
     assert pre["layout"] == "msd" and pre["slice_axis"] == 2 and pre["volumetric"]
     assert pre["channel_normalization"][0]["mode"] == "ct" and pre["patch_size"] == [32, 32]
