@@ -119,7 +119,14 @@ def test_real_data_quick_run_writes_scores_inside_the_fov(tmp_path):
     assert all(0.0 <= written["test"][key] <= 1.0 for key in KEYS if key != "auc")
     assert written["test"]["pixels"] == 2 * np.count_nonzero(disc((150, 144), 144 / 2 - 4))
     assert written == report
-    assert len(list(csv.DictReader((run_dir / "per_image.csv").open()))) == 2
+    per_image = list(csv.DictReader((run_dir / "per_image.csv").open()))
+    assert len(per_image) == 2
+    # the scores agree with each other, as any network's must (a range check fails only on NaN):
+    # the mean Dice is the images', the pooled Dice the harmonic mean of pooled precision and recall
+    test = written["test"]
+    assert test["dice_mean"] == pytest.approx(np.mean([float(row["dice"]) for row in per_image]), rel=1e-6)
+    precision, recall = test["precision"], test["sensitivity"]
+    assert test["dice_global"] == pytest.approx(2 * precision * recall / (precision + recall), rel=1e-6)
     assert {p.name for p in (run_dir / "predictions").iterdir()} == {"01.png", "02.png"}
 
     # the benchmark's own data path: a prediction wrong only outside the FOV scores perfectly
