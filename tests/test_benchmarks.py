@@ -291,3 +291,45 @@ def test_benchmarks_readme_figures_read_the_scripts_that_run_alone(tmp_path: Pat
     assert "outside <!-- figure real_size.targets.fit_outside_share.value -->0.123<!-- /figure -->" in (
         readme.read_text()
     )
+
+
+def test_benchmarks_readme_figures_write_the_quickstart_transcript_and_ablation_means(tmp_path: Path) -> None:
+    # the README's console transcript is what benchmarks/quickstart.py recorded, long commands
+    # wrapped before an option; ablation figures are means over seeds of the ablation's runs.csv
+    step = {"comment": "what it does", "lines": ["OK: 2 cases", "..."], "seconds": 1.0}
+    plan = (
+        "medseg plan " + " ".join(["-c configs/a_rather_long_config_name.yaml"] * 3) + " --data.root data/T"
+    )
+    write_json(tmp_path / "quickstart.json", {"transcript": {"best_dice": 0.81, "best_step": 40, "steps": [
+        {**step, "command": "medseg data check data/T"},
+        {**step, "command": plan},
+        {**step, "command": "medseg fit --data.root data/T", "lines": ["wrote summary.json"]},
+    ]}, "train": {"minutes": 7.25, "best_dice": 0.9123}})  # fmt: skip
+    runs = tmp_path / "runs.csv"
+    runs.write_text("run,variant,seed,dice,dice_organ,dice_lesion,dice_vessel,hd95\n"
+                    "a-s0,unet,0,0.6,1,1,1,1\na-s1,unet,1,0.8,1,1,1,1\n")  # fmt: skip
+    readme = tmp_path / "README.md"
+    readme.write_text(
+        "took <!-- figure quickstart.train.minutes -->0<!-- /figure --> min, Dice "
+        "<!-- figure quickstart.train.best_dice -->0<!-- /figure -->; skips "
+        "<!-- figure ablation.unet.dice -->0<!-- /figure -->\n"
+        "<!-- transcript:begin -->\nstale\n<!-- transcript:end -->\n"
+    )
+    args = ["--readme", str(readme), "--results", str(tmp_path), "--ablation", str(runs)]
+    assert readme_figures(args) == 0
+    text = readme.read_text()
+    assert (
+        "minutes -->7.25<" in text and "best_dice -->0.912<" in text and "ablation.unet.dice -->0.7<" in text
+    )
+    block = text.split("<!-- transcript:begin -->\n")[1].split("<!-- transcript:end -->")[0]
+    assert "stale" not in block and block.startswith(
+        "```console\n$ medseg data check data/T    # what it does\n"
+    )
+    plan_lines = block.split("\n\n")[1].splitlines()
+    command = [line for line in plan_lines if not line.startswith("OK") and line != "..."]
+    assert len(command) > 1 and all(line.endswith(" \\") for line in command[:-1])
+    assert command[-1].endswith(" --data.root data/T    # what it does")
+    assert all(len(line) <= 100 for line in command[:-1])
+    assert " ".join(line.rstrip(" \\").strip() for line in command).startswith("$ " + plan)
+    assert "wrote summary.json\n# best val/dice 0.81 at step 40\n```" in block
+    assert readme_figures(["--check", *args]) == 0
