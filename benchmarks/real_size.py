@@ -156,12 +156,13 @@ def configured_share() -> float:
 
 def projected_share(breakdown: dict, minutes: float, steps_per_epoch: int, max_share: float) -> dict:
     """The outside-steps share at a ``minutes`` budget, from the measured costs: medseg's own
-    ``ValidationBudget`` driven through a run on a clock that the measured step and validation
-    times advance. A model, not a measurement: it assumes those times hold.
+        ``ValidationBudget`` driven through a run on a clock that the measured step and validation
+        times advance. A model, not a measurement: it assumes those times hold.
 
-    Lightning's ``Timer`` counts from the start of training, validation included, and checks the
-    time only after a training step, so an epoch that starts runs at least one step, even when the
-    previous validation used the budget up; an epoch the ``Timer`` stops is validated if it was due.
+        Lightning's ``Timer`` counts from the start of training, validation included, and checks the
+        time only after a training step, so an epoch that starts runs at least one step, even when the
+        previous validation used the budget up; the epoch the ``Timer`` stops is validated (the
+    callback's own per-step rule), unless it began with the budget already spent.
     """
     seconds = breakdown["seconds"]
     step = breakdown["seconds_per_step"] + seconds["waiting_for_batches"] / max(breakdown["steps"], 1)
@@ -169,7 +170,9 @@ def projected_share(breakdown: dict, minutes: float, steps_per_epoch: int, max_s
     budget, clock, validations, training = minutes * 60, [0.0], 0, 0.0
     callback, timer = ValidationBudget(max_share), Timer(duration=timedelta(minutes=minutes))
     timer.time_remaining = lambda stage=None: budget - clock[0]  # type: ignore[method-assign]
-    trainer = SimpleNamespace(max_epochs=None, current_epoch=0, callbacks=[timer], sanity_checking=False)
+    trainer = SimpleNamespace(
+        max_epochs=None, current_epoch=0, callbacks=[timer], sanity_checking=False, should_stop=False
+    )
     trainer.strategy = SimpleNamespace(broadcast=lambda value: value)
     original = validation_budget.time.monotonic
     validation_budget.time.monotonic = lambda: clock[0]
@@ -179,6 +182,8 @@ def projected_share(breakdown: dict, minutes: float, steps_per_epoch: int, max_s
             run = min(epoch, max(step, budget - clock[0]))  # at least one step, at most an epoch
             clock[0] += run
             training += run
+            trainer.should_stop = clock[0] >= budget  # the Timer stops the run at this step
+            callback.on_train_batch_end(trainer, None, None, None, 0)  # which then validates it
             if trainer.check_val_every_n_epoch == 1:
                 callback.on_validation_start(trainer, None)
                 clock[0] += validation

@@ -71,8 +71,38 @@ def test_validation_budget_refuses_a_share_outside_0_1():
         ValidationBudget(0.0)
 
 
-def test_validation_budget_validates_before_a_time_budget_runs_out(monkeypatch):
-    # no validation due by the share, but the Timer says this epoch (+ its validation) ends the run
+def test_validation_budget_validates_the_epoch_a_time_budget_cuts_however_long_it_took(tmp_path, monkeypatch):
+    # epochs of 2 s, validation 10 s, a 15 s budget: epoch 1 starts with 3 s left, more than an
+    # epoch takes, so it is not due; its steps then slow to 3 s and the Timer stops the run in its
+    # second step: those last weights must still be validated (a 30-minute real-size fit lost its
+    # last 25 minutes this way), and only once
+    from datetime import timedelta
+
+    from pytorch_lightning.callbacks import timer as lightning_timer
+
+    clock = Clock()
+    monkeypatch.setattr(validation_budget.time, "monotonic", clock)
+    monkeypatch.setattr(lightning_timer.time, "monotonic", clock)
+
+    class SlowingModel(TimedModel):
+        def training_step(self, batch, batch_idx):
+            self.clock.now += 2.0 if self.current_epoch > 0 else 0.0  # 1 s, then 3 s a step
+            return super().training_step(batch, batch_idx)
+
+    model = SlowingModel(clock, 10.0)
+    trainer = pl.Trainer(
+        max_time=timedelta(seconds=15), max_epochs=10, limit_train_batches=2, limit_val_batches=1,
+        callbacks=[ValidationBudget(0.1)], default_root_dir=tmp_path, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        accelerator="cpu", num_sanity_val_steps=0,
+    )  # fmt: skip
+    trainer.fit(model)
+    assert model.validated == [0, 1]
+
+
+def test_validation_budget_does_not_validate_again_an_epoch_begun_after_the_budget(monkeypatch):
+    # the budget ran out during the last validation: Lightning starts an epoch and stops after one
+    # step; validating that step again would cost a whole validation for nothing
     from types import SimpleNamespace
 
     from pytorch_lightning.callbacks import Timer
@@ -83,12 +113,5 @@ def test_validation_budget_validates_before_a_time_budget_runs_out(monkeypatch):
     trainer = SimpleNamespace(max_epochs=None, current_epoch=3, callbacks=[timer])
     monkeypatch.setattr(timer, "time_remaining", lambda stage: 100.0)
     assert not budget.due(trainer)
-    # an epoch (2 s) and its validation (10 s) still fit: this epoch is not the last, the next one is
-    monkeypatch.setattr(timer, "time_remaining", lambda stage: 11.0)
-    assert not budget.due(trainer)
-    monkeypatch.setattr(timer, "time_remaining", lambda stage: 1.5)  # the Timer cuts this epoch short
-    assert budget.due(trainer)
-    # the budget ran out during the last validation: Lightning starts an epoch and stops after one
-    # step; validating that step again would cost a whole validation for nothing
     monkeypatch.setattr(timer, "time_remaining", lambda stage: -3.0)
     assert not budget.due(trainer)

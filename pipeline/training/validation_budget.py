@@ -7,11 +7,13 @@ costs (``v`` seconds) and what an epoch of training costs (``t``); an epoch ends
 when the training time since the last one, this epoch included, is at least ``v / max_share``.
 Small data sets, whose validation is cheap, are still validated after every epoch. The first
 epoch is always validated (nothing is measured yet), and so is the last one, whether the run
-ends by ``max_epochs`` or by ``max_time``: an epoch that starts with less time left than an epoch
-takes is the one the ``Timer`` cuts short (Lightning validates it as it stops), so the best and
-the last checkpoints are scored, once; an epoch started after the budget ran out (Lightning
-starts one and stops after its first step) is not validated again. Rank zero decides, for every
-DDP process.
+ends by ``max_epochs`` or by ``max_time``: after every training step of an epoch not yet due, the
+callback asks whether the ``Timer`` is about to stop the run (``trainer.should_stop``, or under
+``STOP_MARGIN`` seconds left) and, if so, lets Lightning validate as it stops, so the best and
+the last checkpoints are scored however long the cut epoch took (a slow epoch must not leave the
+last half hour of a run unscored); an epoch started after the budget ran out (Lightning starts
+one and stops after its first step) is not validated again. Rank zero decides, for every DDP
+process.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import pytorch_lightning as pl
 from pytorch_lightning.callbacks import Callback, Timer
 
 SKIP = 2**31 - 1  # check_val_every_n_epoch that no epoch of a run reaches
+STOP_MARGIN = 1.0  # seconds: a Timer with less left stops the run at this step or the next
 
 
 class ValidationBudget(Callback):
@@ -40,6 +43,7 @@ class ValidationBudget(Callback):
         self.since_validation = 0.0  # training seconds since the last validation
         self._epoch_start = self._validation_start = 0.0
         self._validated = 0.0  # validation seconds within the current epoch
+        self._watch_stop = False  # whether this epoch's steps ask if the Timer is about to stop
         self.active = True
 
     def state_dict(self) -> dict:
@@ -58,22 +62,47 @@ class ValidationBudget(Callback):
             return True
         if trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs - 1:
             return True
-        # Lightning's callback connector sets trainer.callbacks; the Trainer class does not declare it
-        callbacks = trainer.callbacks  # type: ignore[attr-defined]
-        timer = next((c for c in callbacks if isinstance(c, Timer)), None)
-        remaining = timer.time_remaining("train") if timer is not None else None
+        remaining = self._time_remaining(trainer)
         if remaining is not None and remaining <= 0:
             return False  # the budget ran out during the last validation: Lightning stops after a step
-        if remaining is not None and remaining < self.epoch_seconds:
-            return True  # the Timer will cut this epoch short: the run's last weights are scored
         training = self.since_validation + self.epoch_seconds
         return training * self.max_share >= self.validation_seconds
 
+    @staticmethod
+    def _time_remaining(trainer: pl.Trainer) -> float | None:
+        """Seconds the ``Timer`` leaves the run (None without one, or without a time limit)."""
+        # Lightning's callback connector sets trainer.callbacks; the Trainer class does not declare it
+        callbacks = trainer.callbacks  # type: ignore[attr-defined]
+        timer = next((c for c in callbacks if isinstance(c, Timer)), None)
+        return timer.time_remaining("train") if timer is not None else None
+
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._watch_stop = False
         if self.active:
-            validate = bool(trainer.strategy.broadcast(self.due(trainer)))
+            remaining = self._time_remaining(trainer)
+            # an epoch begun with the budget spent ends after one step, its weights already scored
+            time_left = remaining is not None and remaining > 0
+            validate, time_left = trainer.strategy.broadcast((self.due(trainer), time_left))
             trainer.check_val_every_n_epoch = 1 if validate else SKIP
+            self._watch_stop = not validate and time_left
         self._epoch_start, self._validated = time.monotonic(), 0.0
+
+    def on_train_batch_end(
+        self,
+        trainer: pl.Trainer,
+        pl_module: pl.LightningModule,
+        outputs: object,
+        batch: object,
+        batch_idx: int,
+    ) -> None:
+        # runs before the Timer's own hook (Lightning appends the Timer after the configured
+        # callbacks): validate if the Timer stops the run at this step or soon after
+        if not self._watch_stop:
+            return
+        remaining = self._time_remaining(trainer)
+        stopping = trainer.should_stop or (remaining is not None and remaining <= STOP_MARGIN)
+        if trainer.strategy.broadcast(stopping):
+            trainer.check_val_every_n_epoch, self._watch_stop = 1, False
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._validation_start = time.monotonic()
