@@ -19,6 +19,12 @@ from scipy import ndimage
 from torch import Tensor
 
 QUANTILE_MAX = 2**24  # torch.quantile's input size limit in older torch releases
+# Above one edge voxel per EDT_SHARE^-1 voxels of the box, a distance transform of the box beats
+# MONAI's k-d tree: on a 512 x 512 x 120 box the transform took 9-10 s whatever the edges, the
+# tree 0.3 s for a clean organ's 150,000 edge voxels and 43 s for a speckled prediction's 2.9
+# million (about 15 us a query against 0.3 us a box voxel); an untrained network's speckle made
+# `medseg test` of one real-size CT take 13 minutes. Both give the exact Euclidean distances.
+EDT_SHARE = 1 / 50
 
 
 def _crop_box(a: tuple[slice, ...], b: tuple[slice, ...], shape: Sequence[int]) -> tuple[slice, ...]:
@@ -40,10 +46,17 @@ def _surface_distances(
     The box is already cropped, so MONAI's own crop (a bounding box over the box again) is skipped.
     """
     edges_pred, edges_gt = get_mask_edges(pred, target, crop=False)
-    return (
-        torch.from_numpy(get_surface_distance(edges_pred, edges_gt, "euclidean", spacing)),
-        torch.from_numpy(get_surface_distance(edges_gt, edges_pred, "euclidean", spacing)),
-    )
+    return _directed(edges_pred, edges_gt, spacing), _directed(edges_gt, edges_pred, spacing)
+
+
+def _directed(source: np.ndarray, to: np.ndarray, spacing: Sequence[float] | None) -> Tensor:
+    """(*box) edge masks -> the distance from every ``source`` edge voxel to the nearest ``to``
+    edge voxel: MONAI's k-d tree for few edge voxels, a distance transform of the box for many
+    (``EDT_SHARE``)."""
+    if np.count_nonzero(source) > source.size * EDT_SHARE:
+        distances = ndimage.distance_transform_edt(~to, sampling=spacing)[source]
+        return torch.from_numpy(distances.astype(np.float32))  # as MONAI's
+    return torch.from_numpy(get_surface_distance(source, to, "euclidean", spacing))
 
 
 def surface_scores_per_image(

@@ -332,6 +332,34 @@ def test_surface_scores_crop_a_large_volume_to_each_object(monkeypatch):
     assert (scores["hd95"][0, 1:] > 0).all() and (scores["surface_dice"][0, 1:] < 1).all()
 
 
+def test_surface_scores_of_a_speckled_prediction_come_from_a_distance_transform(monkeypatch):
+    # an untrained network's speckle: more edge voxels than EDT_SHARE of the box, where a k-d tree
+    # query per edge voxel is slower than one distance transform; the scores stay MONAI's
+    from pipeline.surface_distances import EDT_SHARE
+
+    rng = np.random.default_rng(0)
+    z, y, x = np.ogrid[:48, :64, :64]
+    target = np.zeros((48, 64, 64), dtype=np.int64)
+    target[((z - 24) / 9) ** 2 + ((y - 32) / 14) ** 2 + ((x - 32) / 14) ** 2 <= 1] = 1
+    pred = target.copy()
+    pred[rng.random(pred.shape) < 0.05] = 1
+    pred[rng.random(pred.shape) < 0.02] = 0
+    edges, _ = metrics_module.get_mask_edges(pred == 1, target == 1, crop=False)
+    assert edges.sum() > edges.size * EDT_SHARE  # the branch this test is about
+    trees = []
+    surface_distance = metrics_module.get_surface_distance
+    monkeypatch.setattr(
+        metrics_module, "get_surface_distance", lambda *a: trees.append(1) or surface_distance(*a)
+    )
+    pred, target = torch.from_numpy(pred)[None], torch.from_numpy(target)[None]
+    scores = surface_scores_per_image(pred, target, 2, list(SPACING), TOLERANCE)
+    assert len(trees) == 1  # the clean ground truth's few edges still query a k-d tree
+    monai_hd, monai_nsd = monai_scores(pred, target, 2)
+    torch.testing.assert_close(scores["hd95"][:, 1:], monai_hd, rtol=0, atol=1e-5)
+    torch.testing.assert_close(scores["surface_dice"][:, 1:], monai_nsd, rtol=0, atol=1e-6)
+    assert scores["hd95"][0, 1] > 1 and scores["surface_dice"][0, 1] < 0.9
+
+
 def test_metrics_hd95_percentile_takes_more_distances_than_torch_quantile_allows():
     # a salt-and-pepper prediction on a real-size CT has tens of millions of surface voxels: torch
     # before 2.x refuses over 2**24 values in quantile; percentile_95 must equal its interpolation
