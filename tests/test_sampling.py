@@ -1,5 +1,6 @@
 import numpy as np
 import pytest
+import torch
 
 from pipeline.data.augment.transforms2d import Augmentation, build_eval_transform, build_train_transform
 from pipeline.data.loading.datasets import CaseArrays, SliceDataset
@@ -116,3 +117,21 @@ def test_sampling_3d_patches_are_class_first_and_hold_the_drawn_class(mixed_volu
     for index, label in sampler:
         sample = train[(index, label)]
         assert sample["image"].shape == (1, *dm.patch_size) and (sample["mask"] == label).any()
+
+
+def test_sampling_whole_case_items_are_writable_uint8_without_warnings(mixed_volume_dir, tmp_path):
+    # validation reads whole cases from the cache's read-only memory maps: each item is its own
+    # array (torch warns on a tensor over a read-only one, once per run, in every volume fit)
+    import warnings
+
+    from pipeline.data.datamodule import SegmentationDataModule
+    from pipeline.data.planning.planner import NetworkRequest
+
+    dm = SegmentationDataModule(root=str(mixed_volume_dir), cache_dir=str(tmp_path), num_workers=0)
+    dm.resolve_plan(NetworkRequest(spatial_dims=3))
+    dm.setup("fit")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        item = dm.datasets["val"][0]
+    assert item["mask"].dtype == torch.uint8 and item["mask"].numpy().flags.writeable
+    assert item["mask"].shape == item["image"].shape[1:]

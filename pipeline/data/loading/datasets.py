@@ -278,7 +278,8 @@ class CaseDataset(Dataset):
         assert case.mask is not None and case.original is not None  # checked in __init__
         return {
             "image": torch.from_numpy(standardized_volume(case)),
-            "mask": torch.from_numpy(np.asarray(case.mask[...], dtype=np.uint8)),
+            # a copy: the cache's uint8 grid is a read-only memory map (torch warns on those)
+            "mask": torch.from_numpy(np.array(case.mask[...], dtype=np.uint8)),
             "target": torch.from_numpy(np.ascontiguousarray(case.original.labels_in_slice_order(), np.uint8)),
             "spacing": torch.tensor(case.original.spacing_in_slice_order(), dtype=torch.float64),
             "case_id": case.case_id,
