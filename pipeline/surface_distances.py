@@ -22,8 +22,8 @@ QUANTILE_MAX = 2**24  # torch.quantile's input size limit in older torch release
 # Above one edge voxel per EDT_SHARE^-1 voxels of the box, a distance transform of the box beats
 # MONAI's k-d tree: on a 512 x 512 x 120 box the transform took 9-10 s whatever the edges, the
 # tree 0.3 s for a clean organ's 150,000 edge voxels and 43 s for a speckled prediction's 2.9
-# million (about 15 us a query against 0.3 us a box voxel); an untrained network's speckle made
-# `medseg test` of one real-size CT take 13 minutes. Both give the exact Euclidean distances.
+# million (about 15 us a query against 0.3 us a box voxel), the likely cause of a 13-minute
+# `medseg test` of one real-size CT scored with an epoch-0 checkpoint. Both are exact distances.
 EDT_SHARE = 1 / 50
 
 
