@@ -15,6 +15,9 @@ per case in 3D on their own grid (Dice per class, from the written NIfTI masks):
   slices, batch 32 (the hand-set values that worked on a task of this slice size), no resampling;
   it predicts whole slices with MONAI's sliding windows.
 - ``planned_3d``: ``configs/model/unet3d.yaml`` with the plan's 3D patch.
+- ``auto``: ``medseg auto`` on the training and validation cases with the arm's time as its whole
+  budget (planning, every run, out-of-fold prediction, choice), then its model folder (one
+  network or an ensemble, with its postprocessing) on the test cases.
 
 Also, for the planned 2D model: each held-out scan resampled to another spacing (in-plane 1.5x
 coarser, slices 2x finer, written with its true affine) against the scan at its own spacing, and
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import time
@@ -57,7 +61,7 @@ from pipeline.run.naming import dataset_name  # noqa: E402
 
 CONFIGS = REPO / "configs"
 LOOP_STEP_VOXELS = 32 * 64 * 64  # the plain loop's voxels a step (batch x patch x patch)
-ARMS = ("planned_2d", "template_256", "basicunet_loop", "planned_3d")
+ARMS = ("planned_2d", "template_256", "basicunet_loop", "planned_3d", "auto")
 
 
 def medseg(*args: str) -> None:
@@ -120,6 +124,49 @@ def fit_medseg(
     medseg(*args)
     run = runs / "default" / dataset_name(data) / name
     return run / "checkpoints" / "best.ckpt", json.loads((run / "summary.json").read_text())["steps"]
+
+
+def training_view(work: Path, data: Path, split: dict) -> Path:
+    """The data set without its test cases: an MSD folder of links (named as ``data``), so that
+    ``medseg auto`` never sees a test case."""
+    view = work / "auto_data" / data.name
+    if view.exists():
+        shutil.rmtree(view)
+    kept = sorted(split["train"] + split["val"])
+    for folder in ("imagesTr", "labelsTr"):
+        (view / folder).mkdir(parents=True)
+        for case in kept:
+            (view / folder / f"{case}.nii.gz").symlink_to((data / folder / f"{case}.nii.gz").resolve())
+    dataset = json.loads((data / "dataset.json").read_text())
+    dataset["training"] = [
+        {"image": f"./imagesTr/{c}.nii.gz", "label": f"./labelsTr/{c}.nii.gz"} for c in kept
+    ]
+    dataset["numTraining"] = len(kept)
+    (view / "dataset.json").write_text(json.dumps(dataset, indent=2))
+    return view
+
+
+def auto_arm(work: Path, data: Path, split: dict, minutes: float) -> tuple[Path, int, dict]:
+    """``medseg auto`` on the training and validation cases with the arm's whole time as its budget,
+    then its model folder on the test cases; returns (predictions, optimiser steps of all its runs,
+    what it chose and the budget it used)."""
+    view = training_view(work, data, split)
+    runs = work / "runs"
+    folder = runs / "auto" / dataset_name(view)
+    if folder.exists():
+        shutil.rmtree(folder)  # a re-run of the benchmark measures again
+    seconds = round(minutes * 60)
+    budget = f"{seconds // 3600:02d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+    medseg("auto", str(view), "--budget", budget, "--runs-root", str(runs), "--",
+           "--run.wandb", "false", "--trainer.enable_progress_bar", "false",
+           "--data.cache_dir", str(work / "cache" / "auto"))  # fmt: skip
+    summary = json.loads((folder / "auto_summary.json").read_text())
+    output = work / "predictions" / "auto"
+    medseg("infer", "--model-dir", str(folder), "--input", *(str(data / "imagesTr" / f"{c}.nii.gz") for c in split["test"]),
+           "--output", str(output), "--overwrite")  # fmt: skip
+    steps = sum(run.get("steps") or 0 for run in summary["runs"])
+    chosen = {k: summary[k] for k in ("choice", "used_s", "used_share", "phases_s", "folds_trained", "runs")}
+    return output, steps, chosen
 
 
 def zscore(volume: np.ndarray) -> np.ndarray:
@@ -306,10 +353,13 @@ def main(argv: list[str] | None = None) -> dict:
     model = {"planned_3d": "unet3d"}
     for arm in opts.arms:
         start = time.perf_counter()
+        details = None
         if arm == "basicunet_loop":
             predictions, steps = plain_loop(
                 opts.work, data, split, opts.minutes, opts.seed, opts.loop_patch, len(classes)
             )
+        elif arm == "auto":
+            predictions, steps, details = auto_arm(opts.work, data, split, opts.minutes)
         else:
             checkpoint, steps = fit_medseg(
                 opts.work, data, arm, opts.minutes, model.get(arm, "unet"), *extra.get(arm, ())
@@ -321,6 +371,7 @@ def main(argv: list[str] | None = None) -> dict:
             "per_case": scores,
             "steps": steps,
             "seconds": time.perf_counter() - start,
+            **({"auto": details} if details else {}),
         }
         print(arm, result["arms"][arm]["dice"], flush=True)
     if "planned_2d" in opts.arms and opts.data is None:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import time
 from collections.abc import Sequence
 
 from pipeline.errors import DataError, TrainingDiverged
@@ -44,6 +45,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
         "pipeline.cli.cv:cv_command",
         "k-fold cross-validation: train every fold, out-of-fold scores, postprocessing",
     ),
+    "auto": (
+        "pipeline.cli.auto:auto_command",
+        "the best model a time budget buys: plan, 2D/3D in folds, choose, ensemble, postprocess",
+    ),
     "compare": ("pipeline.cli.compare:compare_command", "compare run directories: report and plots"),
     "export": (
         "pipeline.cli.export:export_command",
@@ -71,7 +76,13 @@ def usage() -> str:
     )
 
 
+STARTED = [
+    time.time()
+]  # when the running command began, before its imports (medseg auto's budget counts them)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
+    STARTED[0] = time.time()
     words = list(sys.argv[1:] if argv is None else argv)
     if not words or words[0] in ("-h", "--help", "help"):
         print(usage())

@@ -18,6 +18,7 @@ from jsonargparse import Namespace
 
 from pipeline.cli.lightning import MedsegCLI, run_lightning
 from pipeline.data.datamodule import SegmentationDataModule
+from pipeline.data.planning.rules import Plan
 from pipeline.models import build_net
 from pipeline.run.directory import RunConfig
 from pipeline.run.naming import FitRunner, FitSettings, variant_name
@@ -81,6 +82,14 @@ def fit_config(args: Sequence[str]) -> Namespace:
     return _parse(args).parsed
 
 
+def fit_plan(args: Sequence[str]) -> Plan | None:
+    """The plan ``medseg fit`` would train with for these arguments (None for 2D images)."""
+    from pipeline.cli.config_plan import plan_config
+
+    return plan_config(fit_config(args))[1]
+
+
 def fit_runner() -> FitRunner:
-    """``medseg fit`` for the experiments (ablation, cv): parsed by its own parser, run in-process."""
-    return FitRunner(fit_settings, run_lightning)
+    """``medseg fit`` for the experiments (ablation, cv, auto): parsed by its own parser, planned
+    by its own planning, run in-process."""
+    return FitRunner(fit_settings, run_lightning, fit_plan)

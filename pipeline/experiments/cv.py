@@ -14,9 +14,11 @@ variants compare on the same cases; ``splits.json`` stores them. Every fold plan
 from all cases outside the test split (``data.plan_cases: train_val``, as nnU-Net), so the folds
 share one preprocessing and their checkpoints ensemble.
 
-Then each fold's best checkpoint segments its validation cases with ``medseg infer`` (into
-``<fold run>/validation/``; ``validation_tta/`` with ``--tta``), those out-of-fold predictions are scored and choose the
-postprocessing (``pipeline.experiments.cv_scores``). The CV folder ``<variant>-cv<k>-s<seed>/``
+Then each fold's final checkpoint (``last.ckpt``) segments its validation cases with ``medseg
+infer`` (into ``<fold run>/validation_final/``; ``validation_final_tta/`` with ``--tta``), those
+out-of-fold predictions are scored and choose the postprocessing (``pipeline.experiments.cv_scores``).
+The final checkpoint, as nnU-Net: ``best.ckpt`` was chosen on these same cases, so its score
+would be optimistic; the folds' final checkpoints are also what ``--model-dir`` ensembles. The CV folder ``<variant>-cv<k>-s<seed>/``
 beside the fold runs holds ``splits.json``, ``folds.json`` (each fold's outcome and time),
 ``postprocessing.json``, ``cv_summary.json`` and ``cv_report.md``.
 """
@@ -114,26 +116,36 @@ def write_splits(cv: CrossValidation) -> None:
     write_json(path, {"seed": cv.settings.data["seed"], "folds": cv.splits})
 
 
-def _predicted(table: Path, inputs: set[str], checkpoint: Path) -> bool:
-    """Whether ``table`` lists every input as segmented, after ``checkpoint`` was written."""
-    if not table.is_file() or table.stat().st_mtime_ns < checkpoint.stat().st_mtime_ns:
+def _predicted(table: Path, inputs: set[str], checkpoints: Sequence[Path]) -> bool:
+    """Whether ``table`` lists every input as segmented, after every checkpoint was written."""
+    written = max(path.stat().st_mtime_ns for path in checkpoints)
+    if not table.is_file() or table.stat().st_mtime_ns < written:
         return False
     with table.open(newline="") as f:
         return {row["input"] for row in csv.DictReader(f) if row["status"] == "ok"} == inputs
 
 
-def predict_fold(checkpoint: Path, cases: Sequence[Case], folder: Path, tta: bool) -> list[tuple[Case, Path]]:
-    """Segment ``cases`` with ``checkpoint`` into ``folder`` (skipped when done after the checkpoint
-    was written); returns each case with its predicted mask."""
+def predict_fold(
+    checkpoint: Path | Sequence[Path],
+    cases: Sequence[Case],
+    folder: Path,
+    tta: bool = False,
+    largest_component: Sequence[str] = (),
+) -> list[tuple[Case, Path]]:
+    """Segment ``cases`` with ``checkpoint`` (several: their ensemble) into ``folder`` (skipped when
+    done after the checkpoints were written), keeping the largest component of the classes named;
+    returns each case with its predicted mask."""
+    checkpoints = [checkpoint] if isinstance(checkpoint, Path) else list(checkpoint)
     by_input = {";".join(map(str, case.images)): case for case in cases}
     table = folder / "predictions.csv"
-    if not _predicted(table, set(by_input), checkpoint):
+    if not _predicted(table, set(by_input), checkpoints):
         result = infer(
-            checkpoint,
+            checkpoints,
             [p for case in cases for p in case.images],
             folder,
             tta=tta,
             overwrite=True,
+            largest_component=list(largest_component),
             progress_bar=False,
         )
         if result.failed:
@@ -152,23 +164,52 @@ def fold_preprocessing(checkpoint: Path) -> Preprocessing:
     return Preprocessing.from_checkpoint(load_checkpoint(checkpoint)[CHECKPOINT_KEY]["preprocessing"])
 
 
+CHECKPOINT_RULE = (
+    "each fold's final checkpoint (last.ckpt) predicts its validation cases and forms the ensemble: "
+    "best.ckpt was chosen on those same cases, so its out-of-fold score would be optimistic"
+)
+FINAL = "last.ckpt"  # a completed run's last.ckpt holds its final weights
+
+
+def final_checkpoint(run_dir: Path) -> Path:
+    """The final checkpoint of a completed run (``checkpoints/last.ckpt``)."""
+    return run_dir / "checkpoints" / FINAL
+
+
+def score_fold(
+    checkpoint: Path | Sequence[Path], cases: Sequence[Case], folder: Path, fold: int, tta: bool = False
+) -> tuple[list[CaseResult], Preprocessing]:
+    """Segment a fold's validation ``cases`` with ``checkpoint`` (several: their ensemble) into
+    ``folder`` and score each."""
+    prep = fold_preprocessing(checkpoint if isinstance(checkpoint, Path) else checkpoint[0])
+    results = [
+        evaluate_case(case, mask, fold, prep.class_names, dict(prep.label_map))
+        for case, mask in predict_fold(checkpoint, cases, folder, tta)
+    ]
+    return results, prep
+
+
 def out_of_fold(cv: CrossValidation, tta: bool = False) -> tuple[list[CaseResult], list[Preprocessing]]:
-    """Predict and score every fold's validation cases with its best checkpoint."""
+    """Predict and score every fold's validation cases with its final checkpoint."""
     data = cv.settings.data
     cases = {case.case_id: case for case in describe(data["root"], data["layout"]).cases}
     results, preps = [], []
     for fold, run in enumerate(cv.runs):
         if read_json(run.directory / "split.json") != cv.splits[fold]:
             raise DataError(run.directory / "split.json", f"is not fold {fold} of {cv.folder / SPLITS}")
-        checkpoint = run.directory / "checkpoints" / "best.ckpt"
-        prep = fold_preprocessing(checkpoint)
-        preps.append(prep)
         val = [cases[i] for i in cv.splits[fold]["val"]]
-        folder = run.directory / ("validation_tta" if tta else "validation")
-        for case, mask in predict_fold(checkpoint, val, folder, tta):
-            results.append(evaluate_case(case, mask, fold, prep.class_names, dict(prep.label_map)))
+        folder = run.directory / ("validation_final_tta" if tta else "validation_final")
+        scored, prep = score_fold(final_checkpoint(run.directory), val, folder, fold, tta)
+        results += scored
+        preps.append(prep)
         log.info("fold %d: %d out-of-fold cases scored", fold, len(val))
     return results, preps
+
+
+def final_and_best(run_dir: Path) -> dict:
+    """A fold run's ``final`` (last validation) and ``best`` metrics from its ``summary.json``."""
+    summary = read_json(run_dir / "summary.json")
+    return {"final": summary.get("final", {}), "best": summary.get("best", {})}
 
 
 def cross_validate(
@@ -199,7 +240,7 @@ def cross_validate(
         problem = f"fold run(s) {', '.join(unfinished)} did not complete (see above); run medseg cv again: "
         raise DataError(cv.folder, problem + "completed folds are kept, interrupted ones resume")
     results, preps = out_of_fold(cv, tta)
-    checkpoints = [run.directory / "checkpoints" / "best.ckpt" for run in cv.runs]
+    checkpoints = [final_checkpoint(run.directory) for run in cv.runs]
     check_shared(checkpoints, preps)
     class_names = preps[0].class_names
     summary = summarise(results, len(cv.runs), class_names)
@@ -215,9 +256,9 @@ def cross_validate(
         "volumetric": preps[0].volumetric,
         "tta": tta,
         "checkpoints": [os.path.relpath(path, cv.folder) for path in checkpoints],
+        "checkpoint_rule": CHECKPOINT_RULE,
         "runs": [
-            {"fold": f, "run": run.name, "best": read_json(run.directory / "summary.json").get("best", {})}
-            for f, run in enumerate(cv.runs)
+            {"fold": f, "run": run.name, **final_and_best(run.directory)} for f, run in enumerate(cv.runs)
         ],
         **summary,
     }

@@ -39,10 +39,11 @@ def report_lines(summary: dict) -> list[str]:
         "",
         f"`{summary['command']}`",
         "",
-        "Out-of-fold scores: each fold's best checkpoint segments its validation cases (`medseg infer`"
+        "Out-of-fold scores: each fold's final checkpoint segments its validation cases (`medseg infer`"
         f"{', with TTA' if summary['tta'] else ''}), scored "
         + ("per case in 3D on its own grid" if summary["volumetric"] else "per image")
-        + f"; HD95 in {unit}. A class's mean leaves out cases whose ground truth lacks it.",
+        + f"; HD95 in {unit}. A class's mean leaves out cases whose ground truth lacks it. "
+        f"Checkpoint: {summary['checkpoint_rule']}.",
         "",
         "## Per fold, and mean ± sd over folds",
         "",
@@ -51,16 +52,17 @@ def report_lines(summary: dict) -> list[str]:
         [
             str(fold["fold"]),
             str(fold["cases"]),
+            _number(run["final"].get("val/dice")),
             _number(run["best"].get("val/dice")),
             *(_number(fold["scores"].get(k)) for k in keys),
         ]
         for fold, run in zip(summary["folds"], summary["runs"], strict=True)
     ]
-    rows.append(["mean ± sd", "", "", *(mean_sd_text(summary["mean_sd"].get(k, {})) for k in keys)])
+    rows.append(["mean ± sd", "", "", "", *(mean_sd_text(summary["mean_sd"].get(k, {})) for k in keys)])
     rows.append(
-        ["all cases", str(len(summary["cases"])), "", *(_number(summary["pooled"].get(k)) for k in keys)]
+        ["all cases", str(len(summary["cases"])), "", "", *(_number(summary["pooled"].get(k)) for k in keys)]
     )
-    lines += _table(["fold", "cases", "best val/dice", *keys], rows)
+    lines += _table(["fold", "cases", "final val/dice", "best val/dice", *keys], rows)
     decision = summary["postprocessing"]
     lines += [
         "",

@@ -2,8 +2,8 @@
 ``--model-dir`` of a ``medseg cv`` folder), nnU-Net's ensembling of cross-validation folds.
 
 The members must share one preprocessing (classes, channels, per-channel normalisation with its
-statistics, target spacing, slice axis, dimensions): then one resampled, normalised input serves
-them all. Each member's softmax on the training grid (averaged over the mirrorings with TTA, as
+statistics, target spacing, slice axis): then one resampled, normalised input serves them all,
+2D and 3D networks alike (each predicts it slice by slice or window by window, as it trained). Each member's softmax on the training grid (averaged over the mirrorings with TTA, as
 ``SegmentationModule.predict_case`` does) is summed, divided by the number of members, brought
 back to the case's own grid, and the arg max is taken once.
 """
@@ -28,14 +28,14 @@ from pipeline.training.prediction import Progress, volume_probabilities
 SHARED = (
     "class_names",
     "in_channels",
-    "spatial_dims",
     "volumetric",
     "slice_axis",
     "target_spacing",
     "normalization",
 )
 CV_SUMMARY = "cv_summary.json"  # written by medseg cv: "checkpoints", relative to the CV folder
-POSTPROCESSING = "postprocessing.json"  # written by medseg cv: "largest_component", class names
+AUTO_SUMMARY = "auto_summary.json"  # written by medseg auto: the same "checkpoints" of its choice
+POSTPROCESSING = "postprocessing.json"  # written by medseg cv and auto: "largest_component", class names
 
 
 class Ensemble(nn.Module):
@@ -114,20 +114,25 @@ def load_models(paths: Sequence[str | os.PathLike]) -> tuple[SegmentationModule 
 
 
 def read_model_dir(folder: str | os.PathLike) -> tuple[list[Path], list[str]]:
-    """The folds' best checkpoints of a ``medseg cv`` folder and the classes whose largest connected
-    component is kept (the postprocessing chosen on the folds' validation).
+    """The checkpoints of a ``medseg cv`` folder (its folds' final checkpoints) or a ``medseg auto``
+    folder (those of its choice), and the classes whose largest connected component is kept (the
+    postprocessing chosen on the out-of-fold predictions).
 
     Raises:
-        DataError: the folder is no finished cross-validation, or a checkpoint it lists is gone.
+        DataError: the folder is no finished cross-validation or auto run, or a checkpoint it lists is gone.
     """
     folder = Path(folder)
-    summary = read_json(folder / CV_SUMMARY)
+    name = AUTO_SUMMARY if (folder / AUTO_SUMMARY).is_file() else CV_SUMMARY
+    summary = read_json(folder / name)
     if not summary.get("checkpoints"):
-        raise DataError(folder, f"not a finished cross-validation (no {CV_SUMMARY}): run medseg cv first")
+        raise DataError(
+            folder,
+            f"not a finished cross-validation or auto run (no {name}): run medseg cv or medseg auto first",
+        )
     checkpoints = [folder / path for path in summary["checkpoints"]]
     for path in checkpoints:
         if not path.is_file():
-            raise CheckpointError(path, f"listed in {folder / CV_SUMMARY} but not found")
+            raise CheckpointError(path, f"listed in {folder / name} but not found")
     decision = read_json(folder / POSTPROCESSING)
     if "largest_component" not in decision:
         raise DataError(folder / POSTPROCESSING, "missing or unreadable: run medseg cv again to write it")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from torch import nn
 
+from pipeline.data.planning.rules import Plan
 from pipeline.models import Network, net_knobs
 from pipeline.run.directory import RunConfig
 
@@ -105,13 +106,16 @@ class FitSettings:
 
 @dataclass(frozen=True)
 class FitRunner:
-    """How the experiments (ablation, cv) run ``medseg fit`` without importing the CLI, which
-    builds this and hands it over.
+    """How the experiments (ablation, cv, auto) run ``medseg fit`` without importing the CLI,
+    which builds this and hands it over.
 
     Attributes:
         settings: parses ``medseg fit`` arguments (``["fit", ...]``) as ``medseg fit`` would.
         fit: runs one ``medseg fit`` (arguments ``["fit", ...]``).
+        plan: the plan that fit would train with (``pipeline.data.planning.rules.Plan``; None
+            for 2D images), as ``medseg plan`` prints it.
     """
 
     settings: Callable[[Sequence[str]], FitSettings]
     fit: Callable[[Sequence[str]], None]
+    plan: Callable[[Sequence[str]], Plan | None] | None = None
