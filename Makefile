@@ -11,12 +11,13 @@ INPUT ?=
 OUTPUT ?=
 RUNS ?= runs/ablation
 REPORT ?= report
+BUDGET ?= 00:30:00
 PYTEST_ARGS ?=
 CONFIGS := -c configs/default.yaml -c configs/model/$(MODEL).yaml -c configs/data/$(DATA).yaml
 PIP_QUIET := --quiet --disable-pip-version-check
 
 .DEFAULT_GOAL := help
-.PHONY: help install data train infer cv ablation compare bench gpu-check test test-slow lint typecheck clean
+.PHONY: help install data train auto infer cv ablation compare bench gpu-check test test-slow lint typecheck clean
 
 help: ## list the targets
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}'
@@ -36,6 +37,14 @@ data: data/synthetic/classes.json ## generate the default phantom data set in da
 
 train: install data ## train MODEL (configs/model/*.yaml) on DATA (configs/data/*.yaml); ARGS= adds CLI flags
 	$(BIN)/medseg fit $(CONFIGS) $(ARGS)
+
+data/synthetic_volumes/dataset.json: | $(VENV)/.installed
+	$(BIN)/medseg data synth --volumes --output data/synthetic_volumes
+
+# DATA is a task folder here (MSD or nnU-Net raw layout); the default trains on generated volumes
+AUTO_DATA := $(if $(filter synthetic,$(DATA)),data/synthetic_volumes,$(DATA))
+auto: install $(if $(filter synthetic,$(DATA)),data/synthetic_volumes/dataset.json) ## the best model BUDGET buys on DATA: make auto DATA=/data/Task09_Spleen BUDGET=02:00:00 (ARGS= adds flags)
+	$(BIN)/medseg auto $(AUTO_DATA) --budget $(BUDGET) $(ARGS)
 
 infer: install ## segment new scans: make infer CKPT=<run>/checkpoints/best.ckpt INPUT=scans/ OUTPUT=masks/ (ARGS= adds flags)
 	@test -n "$(CKPT)" -a -n "$(INPUT)" -a -n "$(OUTPUT)" || { echo "usage: make infer CKPT=best.ckpt INPUT=scans/ OUTPUT=masks/ [ARGS=--tta]"; exit 2; }

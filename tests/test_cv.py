@@ -115,7 +115,8 @@ def test_cv_writes_splits_summary_and_report(cross_validation):
     assert all(case_id in report for case_id in ids)
     for fold in range(3):
         assert (
-            len(list((cross_validation["runs"] / f"{VARIANT}-f{fold}-s0" / "validation_final").glob("*.png"))) == 4
+            len(list((cross_validation["runs"] / f"{VARIANT}-f{fold}-s0" / "validation_final").glob("*.png")))
+            == 4
         )
 
 
@@ -146,7 +147,9 @@ def test_cv_scores_out_of_fold_with_final_checkpoints_not_best(cross_validation,
     capsys.readouterr()
     after = json.loads((folder / f"{VARIANT}-cv3-s0" / "cv_summary.json").read_text())
     assert [f["scores"] for f in after["folds"]] == [f["scores"] for f in before["folds"]]
-    assert all((folder / f"{VARIANT}-f{f}-s0" / "validation_final" / "predictions.csv").is_file() for f in range(3))
+    assert all(
+        (folder / f"{VARIANT}-f{f}-s0" / "validation_final" / "predictions.csv").is_file() for f in range(3)
+    )
 
 
 def case_result(predicted: np.ndarray, truth: np.ndarray) -> CaseResult:

@@ -35,7 +35,7 @@ from pipeline.data.reading.volumes import is_volume_case
 from pipeline.errors import DataError
 from pipeline.experiments import auto_schedule as rule
 from pipeline.experiments.auto_choice import choose, mean_dice, test_scores
-from pipeline.experiments.auto_report import write_outputs
+from pipeline.experiments.auto_report import log_to_wandb, write_outputs
 from pipeline.experiments.cv import final_checkpoint, score_fold
 from pipeline.files import read_json, write_json
 from pipeline.inference.ensemble import AUTO_SUMMARY
@@ -112,6 +112,11 @@ def minutes(seconds: float) -> str:
     return f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
 
 
+def wandb_group(settings: AutoSettings) -> str:
+    """The W&B group of every run and of the report: ``<dataset>/<experiment>``."""
+    return f"{dataset_name(settings.root)}/{settings.experiment}"
+
+
 def fit_args(settings: AutoSettings, volumes: bool, candidate: rule.Candidate, fold: int) -> list[str]:
     """The ``medseg fit`` arguments of one run (without its time limit)."""
     data = "msd" if volumes else "synthetic"
@@ -124,7 +129,7 @@ def fit_args(settings: AutoSettings, volumes: bool, candidate: rule.Candidate, f
     args += ["--data.plan_cases", "train_val", "--data.test_fraction", str(settings.test_fraction)]
     args += ["--data.seed", str(settings.seed), "--seed_everything", str(settings.seed)]
     args += ["--run.root", settings.runs_root, "--run.experiment", settings.experiment]
-    args += ["--run.name", f"{candidate.name}-f{fold}", "--run.group", f"{dataset_name(settings.root)}/auto"]
+    args += ["--run.name", f"{candidate.name}-f{fold}", "--run.group", wandb_group(settings)]
     args += ["--trainer.max_epochs", "1000000", *candidate.flags]  # the time limit ends every run
     # no validation inside the runs: the out-of-fold prediction of the final checkpoint is it
     args += ["--trainer.check_val_every_n_epoch", str(NO_VALIDATION)]
@@ -225,11 +230,21 @@ class Auto:
         return statistics.fmean(costs) if costs else COST_GUESS * seconds
 
     def closing_reserve(self) -> float:
-        """Time kept for the choice (an ensemble's out-of-fold prediction), the test cases and the report."""
+        """Time kept for the choice (the finalists' ensemble predicting every trained fold's
+        validation cases, when there are two), the test cases and the report."""
         oof = [seg["oof_s"] for seg in self.state["segments"].values() if "oof_s" in seg]
-        per_fold = 2 * statistics.fmean(oof) if oof else 0.0
-        test = per_fold * len(self.split(0)["test"]) / max(1, len(self.split(0)["val"]))
-        return CLOSING_SHARE * self.settings.budget + per_fold * self.state["folds_trained"] + test
+        candidates = self.plan()
+        pair = len(self.state.get("finalists") or [None] * rule.expected_finalists(candidates)) > 1
+        members = 2 if pair else 1
+        per_fold = members * statistics.fmean(oof) if oof else 0.0
+        ensemble = per_fold * self.state["folds_trained"] if pair else 0.0
+        test = (
+            per_fold
+            * self.state["folds_trained"]
+            * len(self.split(0)["test"])
+            / max(1, len(self.split(0)["val"]))
+        )
+        return CLOSING_SHARE * self.settings.budget + ensemble + test
 
     def final_length(self) -> float:
         """L: the training time left (budget, less the closing reserve and each open segment's
@@ -368,8 +383,11 @@ class Auto:
         self.state["finished"] = True
         self.save()
         probe = fit_args(self.settings, self.volumes, rule.Candidate("2d", "unet"), 0)
-        wandb = self.runner.settings(probe).run.wandb and wandb_mode() != "disabled"
-        summary = write_outputs(self.folder, self.state, choice, test, self.budget.used, self.report, wandb)
+        run = self.runner.settings(probe).run
+        project = run.project if run.wandb and wandb_mode() != "disabled" else None
+        summary = write_outputs(self.folder, self.state, choice, test, self.budget.used, self.report)
+        if project:
+            log_to_wandb(self.folder, summary, project, wandb_group(self.settings))
         self.report(self.budget.line("done"))
         return summary
 

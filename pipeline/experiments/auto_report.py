@@ -120,41 +120,32 @@ def report_lines(summary: dict) -> list[str]:
     return lines
 
 
-def log_to_wandb(folder: Path, summary: dict, report: Path) -> None:
-    """One W&B run in the runs' group holding the summary and the report (offline without a key)."""
+def log_to_wandb(folder: Path, summary: dict, project: str, group: str) -> None:
+    """One W&B run in the runs' group holding the summary and ``auto_report.md`` (offline without a key)."""
     import wandb
 
     from pipeline.run.loggers import finish_wandb, wandb_mode
 
-    group = f"{folder.name}/auto"
     run = wandb.init(
-        project="medseg", group=group, name=f"{folder.name}/auto-report", job_type="auto",
+        project=project, group=group, name=f"{group}/report", job_type="auto",
         dir=str(folder), mode="offline" if wandb_mode() in ("offline", "dryrun") else "online",
         config=summary["settings"],
     )  # fmt: skip
     run.summary.update({"choice": summary["choice"]["model"], "oof_dice": summary["oof_dice_postprocessed"]})
     artifact = wandb.Artifact("auto_report", type="report")
-    artifact.add_file(str(report))
+    artifact.add_file(str(folder / "auto_report.md"))
     run.log_artifact(artifact)
     finish_wandb(failed=False)
 
 
 def write_outputs(
-    folder: Path,
-    state: dict,
-    choice: dict,
-    test: dict | None,
-    used: float,
-    report: Callable[[str], None],
-    wandb: bool,
+    folder: Path, state: dict, choice: dict, test: dict | None, used: float, report: Callable[[str], None]
 ) -> dict:
     """Write the model folder's files; returns ``auto_summary.json``'s content."""
     summary = summarise(state, choice, test, used)
     write_json(folder / POSTPROCESSING, choice["postprocessing"])
     write_json(folder / AUTO_SUMMARY, summary)
     write_text(folder / "auto_report.md", "\n".join(report_lines(summary)) + "\n")
-    if wandb:
-        log_to_wandb(folder, summary, folder / "auto_report.md")
     report(f"[auto] chose {choice['model']}: {choice['reason']}")
     report(
         f"[auto] model folder: {folder} (medseg infer --model-dir {folder}); report: {folder / 'auto_report.md'}"

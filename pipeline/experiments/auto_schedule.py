@@ -3,7 +3,7 @@ the rule that shares the time budget among them and their folds.
 
 The rule, successive halving on fold 0 and then folds: every candidate trains fold 0 for a
 screening run of a quarter of the final run length L; the finalists (the best by out-of-fold
-Dice of the final checkpoints, and the second when the two can form an ensemble) continue their
+Dice of the final checkpoints, and the best of the others that can form an ensemble with it) continue their
 fold-0 runs to L (resumed: the learning-rate schedule stretches to the new end) and train folds
 1..k-1 for L each, k being the most folds (up to ``--folds``) that leave L >= ``min_run``. L
 follows from the training time left, and is computed again before every run from the budget left
@@ -100,9 +100,10 @@ def candidates(plan: Plan | None, resnet: bool = False) -> list[Candidate]:
 
 def finalists(scores: dict[str, float | None], grids: dict[str, str]) -> list[str]:
     """The best candidate by out-of-fold Dice (an undefined score last; ties in the given order),
-    and the second best when it is on the best one's grid (so the two can ensemble)."""
+    and the best of the others on its grid (one it can ensemble with), if any."""
     order = sorted(scores, key=lambda name: -rank(scores[name]))
-    return order[:FINALISTS] if len(order) > 1 and grids[order[0]] == grids[order[1]] else order[:1]
+    partners = [name for name in order[1:] if grids[name] == grids[order[0]]]
+    return order[:1] + partners[: FINALISTS - 1]
 
 
 def expected_finalists(candidates: Sequence[Candidate]) -> int:

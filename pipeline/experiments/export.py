@@ -29,6 +29,7 @@ from torch import Tensor, nn
 from pipeline.data.preprocessing import Preprocessing
 from pipeline.errors import DataError
 from pipeline.files import atomic_write, write_json
+from pipeline.inference.ensemble import read_model_dir
 from pipeline.training.checkpoint import load_model
 from pipeline.training.module import SegmentationModule
 
@@ -207,3 +208,30 @@ def export(
     write_json(files[1], describe(prep, format, module, checks))
     log.info("exported %s -> %s", checkpoint, ", ".join(map(str, files)))
     return files
+
+
+def export_model_dir(
+    folder: str | os.PathLike, output: str | os.PathLike, format: str = "onnx", overwrite: bool = False
+) -> list[Path]:
+    """Export every member of a ``medseg cv`` or ``medseg auto`` model folder into
+    ``output/<run>/`` and write ``output/ensemble.json``: the members, how to combine them (the
+    mean of their softmax on the grid of their shared preprocessing) and the postprocessing.
+
+    Raises:
+        DataError: see ``export`` and ``pipeline.inference.ensemble.read_model_dir``.
+    """
+    checkpoints, largest = read_model_dir(folder)
+    files = []
+    for checkpoint in checkpoints:
+        files += export(checkpoint, Path(output) / checkpoint.parent.parent.name, format, overwrite)
+    index = Path(output) / "ensemble.json"
+    write_json(
+        index,
+        {
+            "members": [checkpoint.parent.parent.name for checkpoint in checkpoints],
+            "combine": "mean of the members' softmax probabilities, then the arg max",
+            "largest_component": largest,
+            "source": str(folder),
+        },
+    )
+    return [*files, index]
