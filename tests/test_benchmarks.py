@@ -125,6 +125,12 @@ def test_benchmarks_deep_supervision_trains_scores_and_tables_every_arm(
     table = (tmp_path / "ds.md").read_text()
     assert table.count("\n") == 6 and "| 3d_on | 2 |" in table
     assert json.loads((tmp_path / "ds.json").read_text())["arms"]["2d_on"]["deep_supervision"] is True
+    timed = deep_supervision(
+        [*args, "--output", str(tmp_path / "ds.json"), "--step-cost-only", "--step-repeats", "1"]
+    )
+    assert set(timed["step_cost"]) == {"2d", "3d"} and timed["arms"] == result["arms"]  # added, arms kept
+    assert timed["step_cost"]["3d"]["batch"] >= 1 and timed["step_cost"]["3d"]["seconds_on"] > 0
+    assert "on / off" in (tmp_path / "ds.md").read_text()
 
 
 def test_benchmarks_machine_slug_names_gpu_or_cpu() -> None:
