@@ -15,6 +15,7 @@ from torch import nn
 
 from benchmarks import gpu_throughput
 from benchmarks.common import alternate, machine_slug, markdown_table, median, ratio, train_flops, write_json
+from benchmarks.deep_supervision import main as deep_supervision
 from benchmarks.gpu_throughput import main as gpu_main
 from benchmarks.inference_speed import bare_pass, infer_device
 from benchmarks.memory import smaps_rollup
@@ -105,6 +106,31 @@ def test_benchmarks_training_overhead_3d_trains_fit_and_baselines_on_the_planned
     (first, *_) = summarize("training_3d", result)
     shape = "x".join(map(str, settings["input"]))
     assert first[1] == f"3D UNet, {shape} x {settings['batch_size']}: medseg fit vs bare loop (patches/s)"
+
+
+def test_benchmarks_deep_supervision_trains_scores_and_tables_every_arm(
+    volume_dir: Path, tmp_path: Path
+) -> None:
+    # unknown arguments go to every fit: 2 steps each, so the 30 s per arm is a bound, not the length
+    fit = "--trainer.max_steps 2 --data.iterations_per_epoch 2 --data.num_workers 0 --model.hd95 false"
+    args = ["--data", str(volume_dir), "--test-cases", "2", "--minutes", "0.5", "--work", str(tmp_path / "w")]
+    result = deep_supervision([*args, "--output", str(tmp_path / "ds.json"), *fit.split()])
+    arms = result["arms"]
+    assert list(arms) == ["2d_off", "2d_on", "3d_on", "3d_off"] and len(result["split"]["test"]) == 2
+    assert {arm: r["variant"]["deep_supervision"] for arm, r in arms.items()} == {
+        "2d_off": False, "2d_on": True, "3d_on": True, "3d_off": False,
+    }  # fmt: skip
+    assert all(r["steps"] == 2 and 0 <= r["dice"]["mean"] <= 1 and r["seconds"] > 0 for r in arms.values())
+    assert set(arms["3d_on"]["per_case"]) == set(result["split"]["test"])
+    table = (tmp_path / "ds.md").read_text()
+    assert table.count("\n") == 6 and "| 3d_on | 2 |" in table
+    assert json.loads((tmp_path / "ds.json").read_text())["arms"]["2d_on"]["deep_supervision"] is True
+    timed = deep_supervision(
+        [*args, "--output", str(tmp_path / "ds.json"), "--step-cost-only", "--step-repeats", "1"]
+    )
+    assert set(timed["step_cost"]) == {"2d", "3d"} and timed["arms"] == result["arms"]  # added, arms kept
+    assert timed["step_cost"]["3d"]["batch"] >= 1 and timed["step_cost"]["3d"]["seconds_on"] > 0
+    assert "on / off" in (tmp_path / "ds.md").read_text()
 
 
 def test_benchmarks_machine_slug_names_gpu_or_cpu() -> None:

@@ -202,7 +202,7 @@ def test_unet_run_names_add_3d_to_the_arch_and_keep_the_2d_names():
     assert variant_name(residual) == "unet3d-residual-relu-kaiming-d3"  # strides are no knob
     assert UNet(spatial_dims=3).knobs == {
         "arch": "unet", "dims": 3, "skips": True, "block": "plain", "act": "relu",
-        "init": "kaiming", "norm": "batch", "depth": 5,
+        "init": "kaiming", "norm": "batch", "depth": 5, "deep_supervision": False,
     }  # fmt: skip
     assert variant_name(ResNetUNet(encoder_name="resnet18", spatial_dims=3)) == (
         "resnet_unet3d-resnet18-relu-kaiming"

@@ -61,6 +61,10 @@ NORM = Knob(
     lambda net: net.init_args["norm"] or "none",
     lambda v: None if v == "batch" else f"{'no' if v == 'none' else v}norm",
 )
+# read with a default: a checkpoint from before the knob existed has no such init arg
+DEEP_SUPERVISION = Knob(
+    "deep_supervision", lambda net: bool(net.init_args.get("deep_supervision")), lambda v: "ds" if v else None
+)
 
 
 class Network(nn.Module):

@@ -5,7 +5,8 @@ transposed convolution whose kernel is that stride, crops to the size of the enc
 rejoins, concatenates that level's features when long skips are in use, and runs a block. "No
 skip" is a stage built with ``skip_channels=0``: it receives nothing from the encoder but the
 target size, so the UNet with and without skips differ in exactly the long skips. Stages are 2D
-or 3D (``spatial_dims``) with one code path.
+or 3D (``spatial_dims``) with one code path. ``DeepSupervisionHeads`` put 1x1 conv heads on the
+coarser stages' outputs for deep supervision (nnU-Net's auxiliary segmentation outputs).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.blocks import Size, make_block
-from pipeline.models.nd import CONV_TRANSPOSE, per_axis, per_level
+from pipeline.models.nd import CONV, CONV_TRANSPOSE, per_axis, per_level
+
+MAX_AUX_OUTPUTS = 3  # auxiliary outputs at most: a 4th would weigh 1/16 of the full one, before normalising
 
 
 class DecoderStage(nn.Module):
@@ -118,10 +121,55 @@ class UNetDecoder(nn.ModuleDict):
 
     def forward(self, features: Sequence[Tensor], out_size: Sequence[int]) -> Tensor:
         """Decode encoder ``features`` (shallow to deep) to (B, out_channels, *out_size)."""
+        return self.outputs(features, out_size)[-1]
+
+    def outputs(self, features: Sequence[Tensor], out_size: Sequence[int], last: int = 1) -> list[Tensor]:
+        """The outputs of the last ``last`` stages, coarsest first: the last one is ``forward``'s.
+
+        Stage outputs are (B, decoder_channels[i], *size_i), size_i the size of the encoder level
+        the stage rejoins (``out_size`` for stages beyond the skips). Only the kept ones are held.
+        """
         x = features[-1]
         skips = list(features[:-1])[::-1]
+        kept = []
         for i, stage in enumerate(self.values()):
             skip = skips[i] if i < len(skips) else None
             size = tuple(skip.shape[2:]) if skip is not None else tuple(out_size)
             x = stage(x, size, skip if stage.skip_channels else None)
-        return x
+            if i >= len(self) - last:
+                kept.append(x)
+        return kept
+
+
+class DeepSupervisionHeads(nn.ModuleList):
+    """1x1 conv heads on the decoder's coarser stages: deep supervision's auxiliary outputs.
+
+    Which stages: every stage but the full-resolution one (which has the network's own head) and
+    the deepest one, at most ``MAX_AUX_OUTPUTS``, the finest first. nnU-Net supervises every
+    decoder stage but gives the deepest (lowest-resolution) output weight 0, so it is left out
+    here rather than computed for nothing; beyond the third auxiliary output the halving weights
+    (1/16, 1/32, ...) add little, so deeper networks get three. The 5-level UNet thus gets outputs
+    at 1/2 and 1/4 of the input size (strides 2), the ResNet-UNet at 1/2, 1/4 and 1/8.
+
+    Args:
+        decoder_channels: the decoder stages' output channels, deep to shallow (at least 3 stages).
+        out_channels: classes including background.
+        spatial_dims: 2 or 3.
+    """
+
+    def __init__(self, decoder_channels: Sequence[int], out_channels: int, spatial_dims: int = 2) -> None:
+        coarse = list(decoder_channels[1:-1])[::-1][:MAX_AUX_OUTPUTS]  # finest first
+        if not coarse:
+            raise ValueError(
+                f"deep_supervision needs a decoder of at least 3 stages (a UNet of at least 4 levels in "
+                f"features), got {len(decoder_channels)}: add a level or turn deep_supervision off"
+            )
+        super().__init__(CONV[spatial_dims](c, out_channels, kernel_size=1) for c in coarse)
+
+    def forward(
+        self, decoder: UNetDecoder, head: nn.Module, features: Sequence[Tensor], out_size: Sequence[int]
+    ) -> list[Tensor]:
+        """Logits at full resolution through ``head``, then at each coarser stage, finest first:
+        [(B, K, *out_size), (B, K, *size_1), ...], size_i the i-th stage's size above full resolution."""
+        *coarse, fine = decoder.outputs(features, out_size, len(self) + 1)
+        return [head(fine), *(aux(x) for aux, x in zip(self, reversed(coarse), strict=True))]

@@ -15,9 +15,9 @@ from typing import Any
 
 from torch import Tensor
 
-from pipeline.models.base import ACT, BLOCK, DIMS, INIT, NORM, SKIPS, Knob, Network
+from pipeline.models.base import ACT, BLOCK, DEEP_SUPERVISION, DIMS, INIT, NORM, SKIPS, Knob, Network
 from pipeline.models.blocks import check_names, init_weights
-from pipeline.models.decoder import UNetDecoder
+from pipeline.models.decoder import DeepSupervisionHeads, UNetDecoder
 from pipeline.models.nd import CONV, check_input, check_spatial_dims
 from pipeline.models.resnet_encoder import (
     ENCODERS,
@@ -55,6 +55,9 @@ class ResNetUNet(Network):
         strides: the five downsampling steps (stem conv, max pool, layer2, layer3, layer4),
             each 1 or 2, an int or one per axis, e.g. (1, 2, 2) to keep the depth of a thin
             volume; the decoder upsamples by the same steps. None: 2 on every axis.
+        deep_supervision: as in ``UNet``: in training mode a list of logits, full resolution
+            first, then 1x1 conv heads on the decoder stages at 1/2, 1/4 and 1/8 of the input
+            (all but the deepest stage, at most three). Eval mode returns the one tensor.
 
     Example:
         >>> net = ResNetUNet(in_channels=1, out_channels=4, encoder_name="resnet18")
@@ -68,7 +71,7 @@ class ResNetUNet(Network):
         Knob("encoder", lambda net: net.init_args["encoder_name"]),
         Knob("weights", lambda net: net.weights_kind, lambda v: None if v == "none" else str(v)),
         Knob("freeze", lambda net: net.init_args["freeze_encoder_epochs"], lambda v: f"freeze{v}" if v else None),
-        SKIPS, BLOCK, ACT, INIT, NORM,
+        SKIPS, BLOCK, ACT, INIT, NORM, DEEP_SUPERVISION,
     )  # fmt: skip
 
     def __init__(
@@ -87,6 +90,7 @@ class ResNetUNet(Network):
         dropout: float = 0.0,
         spatial_dims: int = 2,
         strides: Sequence[int | Sequence[int]] | None = None,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         self.record_init_args(locals())
@@ -121,6 +125,10 @@ class ResNetUNet(Network):
             strides=steps[::-1],
             spatial_dims=spatial_dims,
         )
+        # before the head, so the head stays the last layer the monitors see (grad/first_last_ratio)
+        self.aux_heads = (
+            DeepSupervisionHeads(decoder_channels, out_channels, spatial_dims) if deep_supervision else None
+        )
         self.head = CONV[spatial_dims](decoder_channels[-1], out_channels, kernel_size=1)
         if encoder_weights is None:
             init_weights(self.encoder, init, act)
@@ -133,8 +141,9 @@ class ResNetUNet(Network):
             )
             self.encoder.load_rgb_state(state, source)
             log.info("loaded %s encoder weights from %s", encoder_name, source)
-        init_weights(self.decoder, init, act)
-        init_weights(self.head, init, act)
+        for part in (self.decoder, self.aux_heads, self.head):
+            if part is not None:
+                init_weights(part, init, act)
 
     @classmethod
     def level_widths(cls, init_args: Mapping[str, Any]) -> list[int]:
@@ -163,7 +172,11 @@ class ResNetUNet(Network):
             self.encoder.eval()
         return self
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_channels, *spatial) -> logits (B, out_channels, *spatial); spatial is (H, W) or (D, H, W)."""
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        """(B, in_channels, *spatial) -> logits (B, out_channels, *spatial); spatial is (H, W) or
+        (D, H, W). With ``deep_supervision`` in training mode: a list, as ``UNet``'s."""
         check_input(x, self.spatial_dims, type(self).__name__)
-        return self.head(self.decoder(self.encoder(x), tuple(x.shape[2:])))
+        features, size = self.encoder(x), tuple(x.shape[2:])
+        if self.aux_heads is not None and self.training:
+            return self.aux_heads(self.decoder, self.head, features, size)
+        return self.head(self.decoder(features, size))

@@ -5,6 +5,8 @@ encoder's feature sizes but none of its features. ``block="residual"`` adds shor
 inside every level, so long x short skips gives the four networks of Drozdzal et al. 2016.
 ``spatial_dims=3`` builds the same network for volumes, with per-level ``strides`` and
 ``kernel_sizes`` for anisotropic data (nnU-Net's in-plane-only pooling of the first levels).
+``deep_supervision=True`` adds auxiliary outputs at coarser decoder levels in training mode
+(``pipeline.models.decoder.DeepSupervisionHeads``).
 """
 
 from __future__ import annotations
@@ -13,9 +15,9 @@ from collections.abc import Sequence
 
 from torch import Tensor, nn
 
-from pipeline.models.base import ACT, BLOCK, DIMS, INIT, NORM, SKIPS, Knob, Network
+from pipeline.models.base import ACT, BLOCK, DEEP_SUPERVISION, DIMS, INIT, NORM, SKIPS, Knob, Network
 from pipeline.models.blocks import Size, check_names, init_weights, make_block
-from pipeline.models.decoder import UNetDecoder
+from pipeline.models.decoder import DeepSupervisionHeads, UNetDecoder
 from pipeline.models.nd import CONV, MAX_POOL, check_input, check_spatial_dims, per_level
 
 
@@ -82,6 +84,11 @@ class UNet(Network):
         kernel_sizes: one per level (``len(features)``), shallow to deep, each an int or one
             per axis, e.g. (1, 3, 3) for the first levels of anisotropic volumes; the decoder
             level of the same resolution uses the same kernel. None: 3 on every axis.
+        deep_supervision: in training mode, return a list of logits: full resolution first, then
+            1x1 conv heads on the coarser decoder levels (all but the deepest, at most three, finest
+            first; ``DeepSupervisionHeads``), for ``pipeline.training.deep_supervision``'s loss.
+            In eval mode (validation, inference, export) the output is the one tensor as without
+            it. Needs at least 4 levels in ``features``.
 
     Example:
         >>> net = UNet(in_channels=1, out_channels=4, features=(16, 32, 64, 128, 256))
@@ -96,6 +103,7 @@ class UNet(Network):
     KNOBS = (
         DIMS, SKIPS, BLOCK, ACT, INIT, NORM,
         Knob("depth", lambda net: len(net.init_args["features"]), lambda v: None if v == 5 else f"d{v}"),
+        DEEP_SUPERVISION,
     )  # fmt: skip
 
     def __init__(
@@ -112,6 +120,7 @@ class UNet(Network):
         spatial_dims: int = 2,
         strides: Sequence[Size] | None = None,
         kernel_sizes: Sequence[Size] | None = None,
+        deep_supervision: bool = False,
     ) -> None:
         super().__init__()
         self.record_init_args(locals())
@@ -147,11 +156,21 @@ class UNet(Network):
             kernel_sizes=kernel_sizes[:-1][::-1],
             spatial_dims=spatial_dims,
         )
+        # before the head, so the head stays the last layer the monitors see (grad/first_last_ratio)
+        self.aux_heads = (
+            DeepSupervisionHeads(list(features[:-1])[::-1], out_channels, spatial_dims)
+            if deep_supervision
+            else None
+        )
         self.head = CONV[spatial_dims](features[0], out_channels, kernel_size=1)
         init_weights(self, init, act)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """(B, in_channels, *spatial) -> logits (B, out_channels, *spatial); spatial is (H, W) or (D, H, W)."""
+    def forward(self, x: Tensor) -> Tensor | list[Tensor]:
+        """(B, in_channels, *spatial) -> logits (B, out_channels, *spatial); spatial is (H, W) or
+        (D, H, W). With ``deep_supervision`` in training mode: a list, those logits first, then
+        the auxiliary ones (B, out_channels, *coarser spatial), finest first."""
         check_input(x, self.spatial_dims, type(self).__name__)
-        features = self.encoder(x)
-        return self.head(self.decoder(features, tuple(x.shape[2:])))
+        features, size = self.encoder(x), tuple(x.shape[2:])
+        if self.aux_heads is not None and self.training:
+            return self.aux_heads(self.decoder, self.head, features, size)
+        return self.head(self.decoder(features, size))

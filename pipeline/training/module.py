@@ -22,6 +22,7 @@ from torchmetrics import MaxMetric
 from pipeline.data.cache.resample import labels_from_probabilities
 from pipeline.metrics import BatchMeanOnce, SegmentationMetrics
 from pipeline.models import net_spec, network_dims
+from pipeline.training.deep_supervision import deep_supervision_loss
 from pipeline.training.layout import channels_last_format, match_state_layout
 from pipeline.training.prediction import (
     Progress,
@@ -62,7 +63,9 @@ class SegmentationModule(pl.LightningModule):
     Args:
         net: the network (``pipeline.models``), built from the config and injected.
         loss: a loss on (logits, mask (B, 1, *spatial)); default Dice + cross-entropy (MONAI's
-            ``DiceCELoss``, background excluded from the Dice term, batch Dice).
+            ``DiceCELoss``, background excluded from the Dice term, batch Dice). A deeply
+            supervised network's outputs are each scored by it (``pipeline.training.deep_supervision``);
+            ``train/loss`` is then their weighted sum.
         class_names: class names, background first (linked from the data module).
         lr: peak learning rate of AdamW.
         weight_decay: AdamW weight decay.
@@ -213,10 +216,11 @@ class SegmentationModule(pl.LightningModule):
             self.schedule.total = planned_steps(self.trainer)
 
     def training_step(self, batch: dict, batch_idx: int) -> Tensor:
-        logits = self.net(self._prepare(batch["image"]))
-        loss = self.loss(logits, batch["mask"][:, None])
+        # a deeply supervised network returns a list here: full-resolution logits first, then coarser
+        outputs = self.net(self._prepare(batch["image"]))
+        loss = deep_supervision_loss(self.loss, outputs, batch["mask"][:, None])
         # not prog_bar: Lightning would copy it to the host after every batch; the bar reads it itself
-        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(logits))
+        self.log("train/loss", loss, on_step=True, on_epoch=True, batch_size=len(batch["mask"]))
         return loss
 
     def _eval_step(self, batch: dict, stage: str) -> None:
