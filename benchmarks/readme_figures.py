@@ -48,6 +48,9 @@ STANDALONE = (
     "chaos",
     "quickstart",
     "cv_ensemble",
+    "chaos_auto",
+    "volumes_auto",
+    "deep_supervision",
 )  # not in make bench
 ABLATION = REPO / "benchmarks" / "ablation" / "runs.csv"  # medseg compare's table of the CPU ablation
 SCORES = ("dice", "dice_organ", "dice_lesion", "dice_vessel", "hd95")  # ablation columns a figure may quote

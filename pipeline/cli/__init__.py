@@ -76,9 +76,16 @@ def usage() -> str:
     )
 
 
-STARTED = [
-    time.time()
-]  # when the running command began, before its imports (medseg auto's budget counts them)
+def split_passthrough(args: Sequence[str]) -> tuple[list[str], list[str]]:
+    """A command's own words and the ``medseg fit`` flags after ``--`` (for every run it starts)."""
+    words = list(args)
+    if "--" not in words:
+        return words, []
+    return words[: words.index("--")], words[words.index("--") + 1 :]
+
+
+# when the running command began, before its imports: medseg auto's budget counts them
+STARTED = [time.time()]
 
 
 def main(argv: Sequence[str] | None = None) -> None:

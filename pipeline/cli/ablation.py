@@ -14,6 +14,7 @@ import shlex
 from collections.abc import Sequence
 from pathlib import Path
 
+from pipeline.cli import split_passthrough
 from pipeline.cli.identity import fit_runner
 from pipeline.experiments.ablation import run_all
 from pipeline.experiments.suite import DEFAULT_SUITE, plan
@@ -22,9 +23,7 @@ from pipeline.run.directory import run_state
 
 def ablation_command(args: Sequence[str]) -> None:
     """``medseg ablation [options] [-- LightningCLI flags]``."""
-    words = list(args)
-    extra = words[words.index("--") + 1 :] if "--" in words else []
-    words = words[: words.index("--")] if "--" in words else words
+    words, extra = split_passthrough(args)
     parser = argparse.ArgumentParser(
         prog="medseg ablation",
         description="Train every variant of an ablation suite; completed runs are skipped.",

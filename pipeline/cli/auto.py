@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from collections.abc import Sequence
 
-from pipeline.cli import STARTED
+from pipeline.cli import STARTED, split_passthrough
 from pipeline.cli.identity import fit_runner
 from pipeline.experiments.auto import AutoSettings, auto
 from pipeline.experiments.auto_schedule import parse_budget
@@ -20,9 +20,7 @@ from pipeline.experiments.auto_schedule import parse_budget
 
 def auto_command(args: Sequence[str]) -> None:
     """``medseg auto ROOT --budget HH:MM:SS [options] [-- medseg fit flags]``."""
-    words = list(args)
-    extra = words[words.index("--") + 1 :] if "--" in words else []
-    words = words[: words.index("--")] if "--" in words else words
+    words, extra = split_passthrough(args)
     parser = argparse.ArgumentParser(
         prog="medseg auto",
         allow_abbrev=False,
