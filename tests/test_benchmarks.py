@@ -24,6 +24,7 @@ from benchmarks.readme_figures import main as readme_figures
 from benchmarks.run_all import summarize, write_report
 from benchmarks.training_overhead import PairedSteps
 from benchmarks.training_overhead import main as training_overhead
+from benchmarks.volume_plan import main as volume_plan
 from pipeline.models import UNet
 from pipeline.training.module import SegmentationModule
 
@@ -359,3 +360,20 @@ def test_benchmarks_readme_figures_write_the_quickstart_transcript_and_ablation_
     assert " ".join(line.rstrip(" \\").strip() for line in command).startswith("$ " + plan)
     assert "wrote summary.json\n# best val/dice 0.81 at step 40\n```" in block
     assert readme_figures(["--check", *args]) == 0
+
+
+@pytest.mark.slow
+def test_benchmarks_volume_plan_auto_arm_keeps_test_cases_out_and_scores_its_model_folder(
+    volume_dir: Path, tmp_path: Path
+) -> None:
+    result = volume_plan(
+        ["--data", str(volume_dir), "--test-cases", "2", "--minutes", "0.75", "--arms", "auto",
+         "--work", str(tmp_path / "w"), "--output", str(tmp_path / "auto.json")]
+    )  # fmt: skip
+    test = result["split"]["test"]
+    view = tmp_path / "w" / "auto_data" / volume_dir.name
+    seen = {p.name.removesuffix(".nii.gz") for p in (view / "imagesTr").iterdir()}
+    assert seen == set(result["split"]["train"]) | set(result["split"]["val"]) and not seen & set(test)
+    auto = result["arms"]["auto"]
+    assert set(auto["per_case"]) == set(test) and 0 <= auto["dice"]["mean"] <= 1
+    assert auto["auto"]["choice"]["model"] and 0 < auto["auto"]["used_share"] < 1.5

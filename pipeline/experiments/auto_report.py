@@ -76,7 +76,7 @@ def report_lines(summary: dict) -> list[str]:
         + f"; {summary['folds_trained']} of {settings['folds']} folds trained; finalists: "
         f"{', '.join(summary['finalists'])}.",
         "",
-        f"**Chosen: {choice['model']}** ({len(summary['checkpoints'])} checkpoints, folds "
+        f"**Chosen: {choice['model']}** ({len(summary['checkpoints'])} checkpoint(s), folds "
         f"{', '.join(map(str, choice['folds']))}): {choice['reason']}. Pair: {choice['pair']}. "
         f"Postprocessing (largest component kept): {', '.join(summary['postprocessing']['largest_component']) or 'none'}; "
         f"out-of-fold Dice with it {_number(summary['oof_dice_postprocessed'])}.",
