@@ -163,6 +163,16 @@ class Auto:
         info = describe(settings.root)
         self.cases = {case.case_id: case for case in info.cases}
         self.volumes = is_volume_case(info.cases[0])
+        in_folds = len(info.cases) - round(len(info.cases) * settings.test_fraction)
+        if in_folds < 2:
+            raise DataError(
+                settings.root, f"{in_folds} case(s) outside the test split: too few for two folds"
+            )
+        if settings.folds > in_folds:  # a fold per case at most: every fold needs a validation case
+            report(
+                f"[auto] {in_folds} cases outside the test split: {in_folds} folds instead of {settings.folds}"
+            )
+            self.settings = dataclasses.replace(settings, folds=in_folds)
 
     def save(self) -> None:
         self.state["used_s"] = round(self.budget.used, 1)
