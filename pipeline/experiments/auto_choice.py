@@ -12,7 +12,6 @@ does not.
 from __future__ import annotations
 
 import os
-import statistics
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,8 +25,7 @@ from pipeline.inference.ensemble import check_shared
 
 def mean_dice(results: list[CaseResult]) -> float | None:
     """Mean over cases of each case's foreground-mean Dice (undefined cases left out)."""
-    values = [dice for r in results if (dice := r.scores.get("dice")) is not None]
-    return statistics.fmean(values) if values else None
+    return mean_scores([r.scores for r in results]).get("dice")
 
 
 def scored_runs(state: dict, candidate: str) -> dict[int, list[CaseResult]]:

@@ -7,23 +7,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from pipeline.experiments.cv_report import number, table
 from pipeline.experiments.cv_scores import mean_scores, postprocessed_dice
 from pipeline.files import write_json, write_text
 from pipeline.inference.ensemble import AUTO_SUMMARY, POSTPROCESSING
 
 RUN_FIELDS = ("candidate", "fold", "limit_s", "fit_s", "oof_s", "steps", "screen_dice", "dice")
-
-
-def _number(value: float | None, digits: int = 4) -> str:
-    return "" if value is None else f"{value:.{digits}f}"
-
-
-def _table(header: list[str], rows: list[list[str]]) -> list[str]:
-    return [
-        "| " + " | ".join(header) + " |",
-        "|" + "---|" * len(header),
-        *("| " + " | ".join(r) + " |" for r in rows),
-    ]
 
 
 def summarise(state: dict, choice: dict, test: dict | None, used: float) -> dict:
@@ -79,7 +68,7 @@ def report_lines(summary: dict) -> list[str]:
         f"**Chosen: {choice['model']}** ({len(summary['checkpoints'])} checkpoint(s), folds "
         f"{', '.join(map(str, choice['folds']))}): {choice['reason']}. Pair: {choice['pair']}. "
         f"Postprocessing (largest component kept): {', '.join(summary['postprocessing']['largest_component']) or 'none'}; "
-        f"out-of-fold Dice with it {_number(summary['oof_dice_postprocessed'])}.",
+        f"out-of-fold Dice with it {number(summary['oof_dice_postprocessed'])}.",
         "",
         "Out-of-fold scores come from each run's final checkpoint (last.ckpt), never a checkpoint chosen "
         "on the same cases.",
@@ -92,31 +81,31 @@ def report_lines(summary: dict) -> list[str]:
         [
             r["run"],
             str(r.get("steps", "")),
-            _number(r.get("limit_s"), 0),
-            _number(r.get("fit_s"), 0),
-            _number(r.get("oof_s"), 0),
-            _number(r.get("screen_dice")),
-            _number(r.get("dice")),
-            *(_number(r.get(c)) for c in classes),
+            number(r.get("limit_s"), 0),
+            number(r.get("fit_s"), 0),
+            number(r.get("oof_s"), 0),
+            number(r.get("screen_dice")),
+            number(r.get("dice")),
+            *(number(r.get(c)) for c in classes),
         ]
         for r in summary["runs"]
     ]
     header = ["run", "steps", "limit s", "fit s", "oof s", "screening Dice", "oof Dice", *classes]
-    lines += _table(header, rows)
+    lines += table(header, rows)
     notes = [f"- {key}: {seg.get('skipped') or seg.get('error')}" for key, seg in summary["segments"].items()
              if seg.get("skipped") or seg.get("error")]  # fmt: skip
     lines += ["", "Not trained or failed:", "", *notes] if notes else []
     lines += ["", "## Time per phase (s)", ""]
-    lines += _table(list(summary["phases_s"]), [[_number(v, 1) for v in summary["phases_s"].values()]])
+    lines += table(list(summary["phases_s"]), [[number(v, 1) for v in summary["phases_s"].values()]])
     if summary["test"]:
         mean = summary["test"]["mean"]
         keys = ["dice", *(k for k in mean if k.startswith("dice_")), "hd95"]
         lines += ["", f"## Held-out test cases ({len(summary['test']['cases'])})", ""]
-        lines += _table(
+        lines += table(
             ["case", *keys],
-            [[c["case_id"], *(_number(c.get(k)) for k in keys)] for c in summary["test"]["cases"]],
+            [[c["case_id"], *(number(c.get(k)) for k in keys)] for c in summary["test"]["cases"]],
         )
-        lines += [f"| mean | {' | '.join(_number(mean.get(k)) for k in keys)} |"]
+        lines += [f"| mean | {' | '.join(number(mean.get(k)) for k in keys)} |"]
     return lines
 
 

@@ -10,7 +10,8 @@ from pipeline.files import write_text
 METRICS = ("dice", "iou", "precision", "recall", "hd95", "surface_dice")
 
 
-def _number(value: float | None, digits: int = 4) -> str:
+def number(value: float | None, digits: int = 4) -> str:
+    """A score for a Markdown table: ``digits`` decimals; empty when undefined."""
     return "" if value is None else f"{value:.{digits}f}"
 
 
@@ -20,7 +21,8 @@ def mean_sd_text(entry: dict) -> str:
     return "" if mean is None else f"{mean:.4f} ± {sd or 0:.4f}"
 
 
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    """A Markdown table's lines: the header, the rule, a line per row."""
     return [
         "| " + " | ".join(header) + " |",
         "|" + "---|" * len(header),
@@ -52,17 +54,17 @@ def report_lines(summary: dict) -> list[str]:
         [
             str(fold["fold"]),
             str(fold["cases"]),
-            _number(run["final"].get("val/dice")),
-            _number(run["best"].get("val/dice")),
-            *(_number(fold["scores"].get(k)) for k in keys),
+            number(run["final"].get("val/dice")),
+            number(run["best"].get("val/dice")),
+            *(number(fold["scores"].get(k)) for k in keys),
         ]
         for fold, run in zip(summary["folds"], summary["runs"], strict=True)
     ]
     rows.append(["mean ± sd", "", "", "", *(mean_sd_text(summary["mean_sd"].get(k, {})) for k in keys)])
     rows.append(
-        ["all cases", str(len(summary["cases"])), "", "", *(_number(summary["pooled"].get(k)) for k in keys)]
+        ["all cases", str(len(summary["cases"])), "", "", *(number(summary["pooled"].get(k)) for k in keys)]
     )
-    lines += _table(["fold", "cases", "final val/dice", "best val/dice", *keys], rows)
+    lines += table(["fold", "cases", "final val/dice", "best val/dice", *keys], rows)
     decision = summary["postprocessing"]
     lines += [
         "",
@@ -72,14 +74,14 @@ def report_lines(summary: dict) -> list[str]:
         f"{', '.join(decision['largest_component']) or 'no class'}.",
         "",
     ]
-    lines += _table(
+    lines += table(
         ["class", "cases", "Dice", "Dice, largest component only", "adopted"],
         [
             [
                 name,
                 str(c["cases"]),
-                _number(c["dice"]),
-                _number(c["dice_largest_component"]),
+                number(c["dice"]),
+                number(c["dice_largest_component"]),
                 str(c["adopted"]),
             ]
             for name, c in decision["classes"].items()
@@ -93,14 +95,14 @@ def report_lines(summary: dict) -> list[str]:
     ]
     lines += ["## Every case, out of fold", ""]
     case_keys = ["dice", *(f"dice_{c}" for c in classes), "hd95", "surface_dice"]
-    lines += _table(
+    lines += table(
         ["case", "fold", *case_keys, "dice postprocessed"],
         [
             [
                 case["case_id"],
                 str(case["fold"]),
-                *(_number(case.get(k)) for k in case_keys),
-                _number(case["postprocessed"]["dice"]),
+                *(number(case.get(k)) for k in case_keys),
+                number(case["postprocessed"]["dice"]),
             ]
             for case in summary["cases"]
         ],
